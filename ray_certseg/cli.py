@@ -1,0 +1,126 @@
+"""``ray-certseg`` command line: run the job, re-run the reducer, and the other tools.
+
+    ray-certseg run [--config configs/demo.yaml] [--output DIR] [--set key=value ...] [--overwrite]
+    ray-certseg reduce OUTPUT [--tau 0.75 ...] [--alpha 0.001 ...] [--correction holm ...]
+
+``python jobs/certify.py ...`` is ``ray-certseg run ...``. Run directly, the job starts a local Ray
+instance; under ``ray job submit`` (``RAY_ADDRESS`` set) it attaches to that cluster.
+
+Exit codes: 0 every row done; 1 some images failed (see ``<output>/errors.parquet``); 2 bad config or usage.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+log = logging.getLogger("ray_certseg")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Attach to ``address`` / ``RAY_ADDRESS`` when given, else start a private local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 logging_level="warning")
+
+
+def _configure_ray_data() -> None:
+    """Progress bars for a person at a terminal; periodic log lines (see pipeline.Progress) otherwise."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    interactive = sys.stderr.isatty() and not os.environ.get("RAY_JOB_ID") and \
+        os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
+    ctx.enable_progress_bars = interactive
+    ctx.print_on_execution_start = interactive
+
+
+def _resolve_config_path(path: str) -> str:
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO / p).exists():
+        return str(REPO / p)
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ray_certseg import pipeline, reduce
+    from ray_certseg.config import load_config
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(_resolve_config_path(args.config), overrides)
+    init_ray(cfg.ray.address)
+    _configure_ray_data()
+    interval = args.progress_interval if args.progress_interval is not None else \
+        (0.0 if sys.stderr.isatty() else 30.0)
+    pipeline.run_sampling(cfg, overwrite=args.overwrite, progress_interval=interval)
+    errors = pipeline.gather_errors(cfg)
+    result = reduce.reduce_output(cfg.output, storage_options=cfg.storage_options, errors=errors)
+    print(result.summary_markdown)
+    print(f"\nvotes:   {cfg.output}/votes/\nmetrics: {cfg.output}/metrics/ (metrics.csv, metrics.parquet, "
+          f"per_image.parquet, summary.md)\nerrors:  {cfg.output}/errors.parquet ({errors.num_rows} failed rows)")
+    return 1 if errors.num_rows else 0
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from ray_certseg import reduce
+
+    result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction)
+    print(result.summary_markdown)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-certseg", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="sample votes on Ray, certify and aggregate")
+    r.add_argument("--config", default=DEFAULT_CONFIG, help=f"job config YAML (default {DEFAULT_CONFIG})")
+    r.add_argument("--output", help="output folder, local or s3:// (overrides the config's `output`)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. sampling.n=500")
+    r.add_argument("--overwrite", action="store_true", help="discard what the output folder holds and start over")
+    r.add_argument("--progress-interval", type=float, default=None,
+                   help="seconds between progress log lines (default 30 without a terminal, off with one)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("reduce", help="certify stored votes again (other tau/alpha/correction) and aggregate")
+    d.add_argument("output", help="an output folder of `run`")
+    d.add_argument("--tau", type=float, action="append", help="tau values (default: the run's config)")
+    d.add_argument("--alpha", type=float, action="append", help="alpha values (default: the run's config)")
+    d.add_argument("--correction", action="append", choices=["holm", "bonferroni"])
+    d.set_defaults(func=cmd_reduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        if os.environ.get("RAY_CERTSEG_DEBUG"):
+            raise
+        print(f"ray-certseg: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The Ray job: dataset references -> actor pool (denoiser + segmenter) -> vote-count Parquet -> reducer.
+
+Data flows one way:
+
+    list_items(dataset)            driver, cheap: one small reference row per image
+      -> ray.data.from_items        (only rows with work left: resume)
+      -> map_batches(VoteSampler)   actor pool; each actor loads every model once, decodes its images,
+                                    runs count_votes for each pending (method, sigma), returns Arrow rows
+      -> write_parquet(<out>/votes) zstd, one file per write task
+    reduce(<out>)                   certify every vote row for the tau x alpha x correction grid, pool metrics
+
+Per-image failures never fail the job: the actor catches them, writes a small record to
+``<out>/_errors/`` and drops that row; the driver gathers them into ``<out>/errors.parquet``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_certseg import storage, votes
+from ray_certseg.config import JobConfig
+
+log = logging.getLogger("ray_certseg")
+
+ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("method", pa.string()), ("sigma", pa.float64()),
+                           ("stage", pa.string()), ("error", pa.string())])
+
+
+def row_key(image_id: str, method: str, sigma: float) -> tuple[str, str, float]:
+    """The identity of one vote row: (image, method, sigma)."""
+    return (str(image_id), str(method), float(sigma))
+
+
+# --------------------------------------------------------------------------------------------- sampling stage
+class VoteSampler:
+    """Ray Data actor UDF: loads every segmenter and denoiser the job's methods use once, in ``__init__``.
+
+    Each call receives a batch of image references (``image_id``, paths, and ``todo``: the JSON list of
+    pending ``[method, sigma]`` pairs for that image) and returns one Arrow row per (image, method, sigma)
+    in the vote schema. Any exception while loading or sampling one image is recorded and that row is
+    skipped, so one bad image costs nothing else.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        import torch
+
+        from ray_certseg.models.denoisers import load_denoiser
+        from ray_certseg.models.segmenters import load_segmenter
+
+        self.cfg = JobConfig.from_dict(config)
+        s = self.cfg.sampling
+        self.device = resolve_device(s.device)
+        self.dtype = getattr(torch, s.dtype)
+        used_seg = {m.segmenter for m in self.cfg.methods.values()}
+        used_den = {m.denoiser for m in self.cfg.methods.values() if m.denoiser}
+        load_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.segmenters = {name: load_segmenter(self.cfg.models.segmenters[name], device=self.device, dtype=load_dtype)
+                           for name in sorted(used_seg)}
+        self.denoisers = {name: load_denoiser(self.cfg.models.denoisers[name], device=self.device, dtype=load_dtype)
+                          for name in sorted(used_den)}
+        self.errors_dir = storage.join(self.cfg.output, "_errors")
+        self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from ray_certseg.data import load_item
+
+        records: list[votes.VoteRecord] = []
+        keys = list(batch.keys())
+        for i in range(len(batch["image_id"])):
+            ref = {k: _scalar(batch[k][i]) for k in keys if k != "todo"}
+            image_id = ref["image_id"]
+            try:
+                item = load_item(ref, self.cfg.dataset)
+            except Exception as exc:  # noqa: BLE001 - one bad image must not cost the others
+                self._record_error(image_id, "", float("nan"), "load", exc)
+                continue
+            for method, sigma in json.loads(batch["todo"][i]):
+                try:
+                    records.append(self._sample(item, method, float(sigma)))
+                except Exception as exc:  # noqa: BLE001
+                    self._record_error(image_id, method, float(sigma), "sample", exc)
+        return votes.make_table(records)
+
+    def _sample(self, item: dict[str, Any], method: str, sigma: float) -> votes.VoteRecord:
+        from ray_certseg.sampling import count_votes
+
+        m = self.cfg.methods[method]
+        s = self.cfg.sampling
+        segmenter = self.segmenters[m.segmenter]
+        denoiser = self.denoisers[m.denoiser] if m.denoiser else None
+        num_classes = self.cfg.dataset.num_classes
+        v = count_votes(item["image"], segmenter, denoiser=denoiser, sigma=sigma, n0=s.n0, n=s.n,
+                        num_classes=num_classes, batch_size=s.batch_size, seed=s.seed, image_id=item["image_id"],
+                        device=self.device, autocast_dtype=None if s.dtype == "float32" else self.dtype,
+                        return_counts=s.store_counts)
+        h, w = v.c_hat.shape
+        return votes.VoteRecord(
+            image_id=item["image_id"], dataset=item["dataset"], method=method,
+            denoiser=getattr(denoiser, "name", "") if denoiser is not None else "",
+            segmenter=getattr(segmenter, "name", m.segmenter), sigma=sigma, n0=s.n0, n=s.n, seed=s.seed,
+            num_classes=num_classes, ignore_index=self.cfg.dataset.ignore_index, height=h, width=w,
+            label=item["label"], c_hat=v.c_hat, k=v.k, clean_pred=v.clean_pred, sample_seconds=v.seconds,
+            counts=v.counts if s.store_counts else None)
+
+    def _record_error(self, image_id: str, method: str, sigma: float, stage: str, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("image %s (%s%s): %s", image_id, stage, f", {method} sigma={sigma}" if method else "", message)
+        log.debug("%s", traceback.format_exc())
+        table = pa.Table.from_pylist([dict(image_id=image_id, method=method, sigma=sigma, stage=stage,
+                                           error=storage.redact(message, self.cfg.storage_options))],
+                                     schema=ERRORS_SCHEMA)
+        tag = zlib.crc32(f"{image_id}:{method}:{sigma}:{stage}".encode())
+        path = storage.join(self.errors_dir, f"{image_id}-{tag:08x}.parquet")
+        self.fs.makedirs(storage.strip_protocol(self.errors_dir), exist_ok=True)
+        with self.fs.open(storage.strip_protocol(path), "wb") as f:
+            pq.write_table(table, f)
+
+
+def _scalar(x: Any) -> Any:
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def resolve_device(name: str):
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------- driver
+@dataclass
+class Plan:
+    """What a run has to do: the reference rows with their pending (method, sigma) pairs."""
+
+    rows: list[dict[str, Any]]
+    total: int           # (image, method, sigma) rows the config asks for
+    done: int            # of those, already in <output>/votes
+    pending: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pending = self.total - self.done
+
+
+def plan(cfg: JobConfig, refs: list[dict[str, Any]], done: set[tuple[str, str, float]]) -> Plan:
+    """Attach to every image reference the (method, sigma) pairs not yet in the votes (resume)."""
+    grid = [(m, float(s)) for m in cfg.methods for s in cfg.sampling.sigmas]
+    rows, n_done = [], 0
+    for ref in refs:
+        todo = [[m, s] for m, s in grid if row_key(ref["image_id"], m, s) not in done]
+        n_done += len(grid) - len(todo)
+        if todo:
+            rows.append({**{k: v for k, v in ref.items() if v is not None}, "todo": json.dumps(todo)})
+    return Plan(rows=rows, total=len(refs) * len(grid), done=n_done)
+
+
+def completed_rows(votes_dir: str, storage_options: dict | None = None) -> set[tuple[str, str, float]]:
+    """Keys of the vote rows already written. Unreadable files (a run killed mid-write) are set aside
+    as ``*.parquet.partial`` so their rows are sampled again and never counted twice."""
+    fs, root = storage.get_filesystem(votes_dir, storage_options)
+    if not fs.exists(root):
+        return set()
+    keys: set[tuple[str, str, float]] = set()
+    for path in sorted(fs.find(root)):
+        if not path.endswith(".parquet"):
+            continue
+        try:
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f, columns=["image_id", "method", "sigma"])
+        except Exception as exc:  # noqa: BLE001 - a truncated file has no footer
+            log.warning("vote file %s is unreadable (%s): setting it aside, its rows will be resampled",
+                        path, type(exc).__name__)
+            fs.mv(path, path + ".partial")
+            continue
+        keys.update(zip(t.column("image_id").to_pylist(), t.column("method").to_pylist(),
+                        t.column("sigma").to_pylist()))
+    return keys
+
+
+class Progress:
+    """A periodic log line for runs without progress bars (``ray job submit``): rows done / total,
+    images per minute and time left, read from the vote files written so far."""
+
+    def __init__(self, votes_dir: str, storage_options: dict | None, plan_: Plan, rows_per_image: int,
+                 interval: float):
+        self.votes_dir, self.storage_options, self.plan = votes_dir, storage_options, plan_
+        self.rows_per_image, self.interval = rows_per_image, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._t0 = time.monotonic()
+
+    def __enter__(self) -> Progress:
+        if self.interval > 0 and self.plan.pending:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _count(self) -> int:
+        fs, root = storage.get_filesystem(self.votes_dir, self.storage_options)
+        if not fs.exists(root):
+            return 0
+        n = 0
+        for path in fs.find(root):
+            if path.endswith(".parquet"):
+                try:
+                    with fs.open(path, "rb") as f:
+                        n += pq.ParquetFile(f).metadata.num_rows
+                except Exception:  # noqa: BLE001 - a file being written
+                    pass
+        return n
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            rows = self._count()
+            new = max(0, rows - self.plan.done)
+            dt = time.monotonic() - self._t0
+            rate = new / dt if dt > 0 else 0.0
+            left = (self.plan.pending - new) / rate if rate > 0 else float("nan")
+            log.info("progress: %d/%d rows, %.1f images/min, about %s left", rows, self.plan.total,
+                     60 * rate / self.rows_per_image, _fmt_seconds(left))
+
+
+def _fmt_seconds(s: float) -> str:
+    if s != s:  # nan
+        return "?"
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: float = 30.0) -> Plan:
+    """Sample votes for every (image, method, sigma) not yet in ``<output>/votes`` (all of them with
+    ``overwrite``). Returns the plan that was executed."""
+    import ray
+
+    from ray_certseg.data import list_items
+
+    out = cfg.output
+    fs, _ = storage.get_filesystem(out, cfg.storage_options)
+    votes_dir = storage.join(out, "votes")
+    prepare_output(cfg, overwrite=overwrite)
+
+    refs = list_items(cfg.dataset)
+    done = completed_rows(votes_dir, cfg.storage_options)
+    job_plan = plan(cfg, refs, done)
+    rows_per_image = len(cfg.methods) * len(cfg.sampling.sigmas)
+    log.info("%d images x %d methods x %d sigmas = %d vote rows; %d already written, %d to sample",
+             len(refs), len(cfg.methods), len(cfg.sampling.sigmas), job_plan.total, job_plan.done,
+             job_plan.pending)
+    if not job_plan.rows:
+        return job_plan
+
+    r = cfg.ray
+    if isinstance(r.actors, int):
+        compute = ray.data.ActorPoolStrategy(size=r.actors,
+                                             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor)
+    else:
+        compute = ray.data.ActorPoolStrategy(min_size=r.actors["min"], max_size=r.actors["max"],
+                                             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor)
+    ds = ray.data.from_items(job_plan.rows, override_num_blocks=max(1, len(job_plan.rows) // r.batch_size))
+    ds = ds.map_batches(VoteSampler, fn_constructor_kwargs={"config": cfg.to_dict(redact=False)},
+                        compute=compute, batch_size=r.batch_size, batch_format="numpy",
+                        num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor)
+    pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, cfg.storage_options)
+    with Progress(votes_dir, cfg.storage_options, job_plan, rows_per_image, progress_interval):
+        ds.write_parquet(pa_path, filesystem=pa_fs, **votes.PARQUET_ARGS)
+    return job_plan
+
+
+def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
+    """Create the output folder, or check that an existing one was made by a compatible config and
+    schema version (so resumed rows are comparable). ``overwrite`` removes what was there."""
+    fs, root = storage.get_filesystem(cfg.output, cfg.storage_options)
+    cfg_path = f"{root}/config.json"
+    if overwrite and fs.exists(root):
+        log.info("--overwrite: removing %s", cfg.output)
+        fs.rm(root, recursive=True)
+    votes_root = f"{root}/votes"
+    if fs.exists(votes_root):
+        votes.check_schema_version(storage.join(cfg.output, "votes"), storage_options=cfg.storage_options)
+        if fs.exists(cfg_path):
+            with fs.open(cfg_path, "r") as f:
+                old = json.load(f)
+            check_resumable(old, cfg.to_dict(redact=True))
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(cfg_path, "w") as f:
+        json.dump(cfg.to_dict(redact=True), f, indent=2, sort_keys=True)
+    err_root = f"{root}/_errors"
+    if fs.exists(err_root):  # errored rows are retried by this run; stale records would mislead
+        fs.rm(err_root, recursive=True)
+
+
+SAMPLING_KEYS = ("n0", "n", "seed", "dtype")
+
+
+def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Votes already in an output folder may only be reused when the new config would produce the same
+    rows: same dataset, same models, same n0/n/seed/dtype, and same definition for every method in both."""
+    problems = []
+    if old.get("dataset") != new.get("dataset"):
+        problems.append("dataset")
+    for key in SAMPLING_KEYS:
+        if old.get("sampling", {}).get(key) != new.get("sampling", {}).get(key):
+            problems.append(f"sampling.{key}")
+    for name in set(old.get("methods", {})) & set(new.get("methods", {})):
+        o, n = old["methods"][name], new["methods"][name]
+        if o != n:
+            problems.append(f"methods.{name}")
+        for kind, key in (("segmenters", "segmenter"), ("denoisers", "denoiser")):
+            if n.get(key) and old["models"][kind].get(o.get(key)) != new["models"][kind].get(n.get(key)):
+                problems.append(f"models.{kind}.{n[key]}")
+    if problems:
+        raise ValueError(
+            f"output folder {new.get('output')!r} holds votes made with a different config "
+            f"({', '.join(sorted(set(problems)))} changed); resuming would mix incomparable rows. "
+            "Use another --output, or --overwrite to start over.")
+
+
+def gather_errors(cfg: JobConfig) -> pa.Table:
+    """Collect the per-image error records of this run into ``<output>/errors.parquet``."""
+    fs, root = storage.get_filesystem(cfg.output, cfg.storage_options)
+    err_root = f"{root}/_errors"
+    tables = []
+    if fs.exists(err_root):
+        for path in sorted(fs.find(err_root)):
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f))
+    table = pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
+    table = table.sort_by([("image_id", "ascending"), ("method", "ascending"), ("sigma", "ascending")])
+    with fs.open(f"{root}/errors.parquet", "wb") as f:
+        pq.write_table(table, f)
+    return table
