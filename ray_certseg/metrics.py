@@ -1,0 +1,246 @@
+"""Segmentation metrics with abstentions, pooled over a dataset as SegCertify reports them.
+
+Per image the pipeline keeps a small record (``image_stats``): a (C+1) x (C+1) confusion matrix M whose last
+row/column is ABSTAIN (rows = ground truth, columns = prediction, ignore-label pixels dropped), the number of
+pixels and the number of abstained pixels. ``dataset_metrics`` sums the matrices over images (SegCertify pools
+pixels over the dataset) and derives every metric from the sum; ``pool`` does both from a list of records.
+
+The same functions serve plain (uncertified) predictions such as the clean and majority-vote rows: such a
+prediction never abstains, so its abstain column is zero and accuracy, mIoU are the usual ones.
+
+Pure numpy: no torch, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+
+from ray_certseg.certify import ABSTAIN
+
+
+@dataclass(frozen=True, eq=False)
+class ImageStats:
+    """Per-image record: ``confusion`` M ((C+1) x (C+1) int64, see ``confusion_matrix``), ``num_pixels`` (all
+    pixels, ignore label included) and ``num_abstained`` (abstained pixels among them)."""
+
+    confusion: np.ndarray
+    num_pixels: int
+    num_abstained: int
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of real classes."""
+        return self.confusion.shape[0] - 1
+
+    @property
+    def abstain_fraction(self) -> float:
+        """num_abstained / num_pixels: abstained share of ALL the image's pixels (SegCertify's term)."""
+        return self.num_abstained / self.num_pixels
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat row for a table/Parquet file: the confusion matrix flattened row-major, both pixel counts."""
+        return {
+            "confusion": self.confusion.reshape(-1),
+            "num_pixels": self.num_pixels,
+            "num_abstained": self.num_abstained,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ImageStats:
+        """Inverse of ``to_record``; C+1 is the square root of the flattened matrix's length."""
+        flat = np.asarray(record["confusion"])
+        side = round(np.sqrt(flat.size))
+        if flat.ndim != 1 or side < 2 or side * side != flat.size:
+            raise ValueError(
+                "record['confusion'] must be a flattened (C+1) x (C+1) matrix with C >= 1, "
+                f"got shape {flat.shape}"
+            )
+        confusion = _check_confusion(flat.reshape(side, side))
+        num_pixels, num_abstained = int(record["num_pixels"]), int(record["num_abstained"])
+        if not 0 <= num_abstained <= num_pixels or num_pixels < confusion.sum():
+            raise ValueError(
+                f"record counts are inconsistent: num_pixels={num_pixels}, num_abstained={num_abstained}, "
+                f"non-ignored pixels in confusion={confusion.sum()}"
+            )
+        return cls(confusion=confusion, num_pixels=num_pixels, num_abstained=num_abstained)
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetMetrics:
+    """Dataset metrics from the pooled confusion matrix M (C real classes, index C = ABSTAIN).
+
+    With V = sum(M) non-ignored pixels, tp_c = M[c, c], pos_c = sum_j M[c, j] (ground-truth pixels of c,
+    abstained ones included) and res_c = sum_{g < C} M[g, c] (pixels predicted as c):
+
+    * accuracy = sum_c tp_c / V (certified pixel accuracy; an abstention counts as wrong)
+    * error_rate = (V - sum_c tp_c - sum_g M[g, C]) / V (certified with a wrong class; accuracy + error_rate +
+      abstain_rate_pooled = 1)
+    * iou_c = tp_c / max(1, pos_c + res_c - tp_c): an abstention is a false negative of its true class and a
+      false positive of none
+    * miou = mean of iou_c over all C classes (a class absent from ground truth counts as 0, as in
+      SegCertify); miou_present = mean over the num_present_classes classes with pos_c > 0
+    * abstain_rate = mean over images of (abstained pixels / ALL pixels, ignore label included), as
+      SegCertify reports it
+    * abstain_rate_pooled = sum_g M[g, C] / V; abstain_rate_per_class_c = M[c, C] / pos_c (NaN when pos_c = 0)
+    """
+
+    num_classes: int
+    num_images: int
+    num_pixels: int
+    accuracy: float
+    error_rate: float
+    miou: float
+    miou_present: float
+    num_present_classes: int
+    abstain_rate: float
+    abstain_rate_pooled: float
+    iou: np.ndarray
+    abstain_rate_per_class: np.ndarray
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain Python values (per-class arrays as lists), e.g. for JSON or a results table."""
+        return {
+            name: value.tolist() if isinstance(value, np.ndarray) else value
+            for name, value in self.__dict__.items()
+        }
+
+
+def confusion_matrix(
+    label: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = 255
+) -> np.ndarray:
+    """M[g, p] = #{pixels with ground truth g != ignore_index and prediction p}, ABSTAIN mapped to p = C.
+
+    Shape (C+1) x (C+1), int64; rows are ground truth, columns predictions; row C is always zero. Computed as
+    bincount(g * (C+1) + p). ``label`` holds classes in [0, C) or ``ignore_index``; ``pred`` holds classes in
+    [0, C) or ``ABSTAIN``; both integer arrays of the same shape.
+    """
+    num_classes = _check_num_classes(num_classes)
+    label, pred = np.asarray(label), np.asarray(pred)
+    for name, array in (("label", label), ("pred", pred)):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}")
+    if label.shape != pred.shape:
+        raise ValueError(f"label and pred must have the same shape, got {label.shape} and {pred.shape}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index={ignore_index} is a real class of num_classes={num_classes}; pass an ignore label "
+            "outside [0, num_classes) (e.g. 255 for uint8 labels, 65535 for uint16)"
+        )
+    bad_pred = (pred != ABSTAIN) & ((pred < 0) | (pred >= num_classes))
+    if bad_pred.any():
+        raise ValueError(
+            f"pred holds values outside [0, {num_classes}) and other than ABSTAIN={ABSTAIN}, "
+            f"e.g. {pred[bad_pred][0]}; check num_classes"
+        )
+    valid = label != ignore_index
+    gt = label[valid].astype(np.int64)
+    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(
+            f"label holds values outside [0, {num_classes}) other than ignore_index={ignore_index} "
+            f"(min {gt.min()}, max {gt.max()}); check num_classes and ignore_index"
+        )
+    predicted = pred[valid].astype(np.int64)
+    predicted[predicted == ABSTAIN] = num_classes
+    side = num_classes + 1
+    return np.bincount(gt * side + predicted, minlength=side * side).reshape(side, side)
+
+
+def image_stats(label: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = 255) -> ImageStats:
+    """The per-image record: ``confusion_matrix(label, pred, ...)``, pixel count, abstained pixel count."""
+    confusion = confusion_matrix(label, pred, num_classes, ignore_index)
+    pred = np.asarray(pred)
+    return ImageStats(
+        confusion=confusion, num_pixels=int(pred.size), num_abstained=int(np.count_nonzero(pred == ABSTAIN))
+    )
+
+
+def dataset_metrics(
+    confusion: np.ndarray | Sequence[np.ndarray], abstain_fractions: Sequence[float]
+) -> DatasetMetrics:
+    """Metrics of ``DatasetMetrics`` from per-image confusion matrices ((M, C+1, C+1), summed here) or their
+    sum ((C+1, C+1)), and the per-image abstained fractions of all pixels (one per image; zeros for plain
+    predictions)."""
+    matrices = np.asarray(confusion)
+    fractions = np.asarray(abstain_fractions, dtype=np.float64)
+    if fractions.ndim != 1 or fractions.size == 0:
+        raise ValueError(
+            f"abstain_fractions must be a non-empty 1-D sequence (one per image), got shape {fractions.shape}"
+        )
+    if not np.all((fractions >= 0) & (fractions <= 1)):
+        raise ValueError("abstain_fractions must lie in [0, 1] (abstained pixels / all pixels of an image)")
+    if matrices.ndim == 3:
+        if matrices.shape[0] != fractions.size:
+            raise ValueError(
+                f"got {matrices.shape[0]} confusion matrices but {fractions.size} abstain fractions; "
+                "pass one per image"
+            )
+        matrices = _check_confusion(matrices).sum(axis=0)
+    total = _check_confusion(matrices)
+    num_pixels = int(total.sum())
+    if num_pixels == 0:
+        raise ValueError("the confusion matrices count no non-ignored pixel; metrics are undefined")
+    num_classes = total.shape[0] - 1
+    tp = np.diag(total)[:num_classes].astype(np.float64)
+    pos = total[:num_classes].sum(axis=1)
+    res = total[:, :num_classes].sum(axis=0)
+    abstained = total[:num_classes, num_classes]
+    iou = tp / np.maximum(1, pos + res - tp)
+    present = pos > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        abstain_per_class = np.where(present, abstained / pos, np.nan)
+    return DatasetMetrics(
+        num_classes=num_classes,
+        num_images=int(fractions.size),
+        num_pixels=num_pixels,
+        accuracy=float(tp.sum() / num_pixels),
+        error_rate=float((num_pixels - tp.sum() - abstained.sum()) / num_pixels),
+        miou=float(iou.mean()),
+        miou_present=float(iou[present].mean()),
+        num_present_classes=int(present.sum()),
+        abstain_rate=float(fractions.mean()),
+        abstain_rate_pooled=float(abstained.sum() / num_pixels),
+        iou=iou,
+        abstain_rate_per_class=abstain_per_class,
+    )
+
+
+def pool(stats: Iterable[ImageStats]) -> DatasetMetrics:
+    """``dataset_metrics`` of per-image records: sum of their confusion matrices, their abstain fractions."""
+    stats = list(stats)
+    if not stats:
+        raise ValueError("pool needs at least one ImageStats")
+    sizes = {s.num_classes for s in stats}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"ImageStats disagree on num_classes ({sorted(sizes)}); pool images of one label set"
+        )
+    total = np.sum([s.confusion for s in stats], axis=0)
+    return dataset_metrics(total, [s.abstain_fraction for s in stats])
+
+
+def _check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _check_confusion(confusion: np.ndarray) -> np.ndarray:
+    """Validate (..., C+1, C+1) non-negative integer matrices whose ground-truth row C (abstain) is zero."""
+    if not np.issubdtype(confusion.dtype, np.integer):
+        raise TypeError(f"confusion matrices must be integer counts, got dtype {confusion.dtype}")
+    if confusion.ndim < 2 or confusion.shape[-1] != confusion.shape[-2] or confusion.shape[-1] < 2:
+        raise ValueError(
+            f"confusion must be (C+1) x (C+1) with C >= 1 (or a stack of them), got shape {confusion.shape}"
+        )
+    if confusion.size and confusion.min() < 0:
+        raise ValueError("confusion matrices hold negative counts")
+    if confusion[..., -1, :].any():
+        raise ValueError("confusion row C (ground truth = ABSTAIN) must be zero: ground truth never abstains")
+    return confusion.astype(np.int64, copy=False)

@@ -1,0 +1,205 @@
+"""ray_certseg.metrics against hand-computed cases and scikit-learn's confusion matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+from ray_certseg.certify import ABSTAIN
+from ray_certseg.metrics import (
+    DatasetMetrics,
+    ImageStats,
+    confusion_matrix,
+    dataset_metrics,
+    image_stats,
+    pool,
+)
+
+A = ABSTAIN
+# Image 1, C = 3: 12 pixels, 2 ignored (255); 3 abstained in all, one of them on an ignored pixel.
+LABEL_1 = np.array([[0, 0, 1, 255], [1, 2, 2, 255], [0, 1, 2, 2]], dtype=np.uint8)
+PRED_1 = np.array([[0, A, 1, 2], [0, 2, A, A], [1, 1, 2, 0]], dtype=np.int16)
+# rows: ground truth 0, 1, 2, (abstain); columns: prediction 0, 1, 2, abstain
+CONFUSION_1 = [[1, 1, 0, 1], [1, 2, 0, 0], [1, 0, 2, 1], [0, 0, 0, 0]]
+# Image 2, C = 3: 4 pixels, 1 ignored; 2 abstained in all (one ignored), classes 2 absent.
+LABEL_2 = np.array([[0, 255], [1, 1]], dtype=np.uint8)
+PRED_2 = np.array([[0, A], [1, A]], dtype=np.int16)
+CONFUSION_2 = [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_confusion_matrix_by_hand():
+    confusion = confusion_matrix(LABEL_1, PRED_1, num_classes=3)
+    assert confusion.dtype == np.int64
+    assert confusion.tolist() == CONFUSION_1
+
+
+def test_confusion_matrix_matches_sklearn():
+    rng = np.random.default_rng(0)
+    num_classes = 19
+    label = rng.integers(0, num_classes, size=(40, 50)).astype(np.uint8)
+    label[rng.random(label.shape) < 0.1] = 255
+    pred = rng.integers(-1, num_classes, size=label.shape).astype(np.int16)
+    valid = label != 255
+    expected = sklearn_confusion_matrix(
+        label[valid],
+        np.where(pred[valid] == ABSTAIN, num_classes, pred[valid]),
+        labels=range(num_classes + 1),
+    )
+    assert np.array_equal(confusion_matrix(label, pred, num_classes), expected)
+
+
+def test_image_stats_record():
+    stats = image_stats(LABEL_1, PRED_1, num_classes=3)
+    assert stats.confusion.tolist() == CONFUSION_1
+    assert (stats.num_pixels, stats.num_abstained, stats.num_classes) == (12, 3, 3)
+    assert stats.abstain_fraction == 0.25
+    back = ImageStats.from_record(stats.to_record())
+    assert back.confusion.tolist() == CONFUSION_1
+    assert (back.num_pixels, back.num_abstained) == (12, 3)
+
+
+def test_dataset_metrics_one_image_by_hand():
+    m = dataset_metrics(np.array(CONFUSION_1), [0.25])
+    assert isinstance(m, DatasetMetrics)
+    assert (m.num_classes, m.num_images, m.num_pixels) == (3, 1, 10)
+    assert m.accuracy == pytest.approx(5 / 10)
+    assert m.error_rate == pytest.approx(3 / 10)
+    assert m.abstain_rate_pooled == pytest.approx(2 / 10)
+    assert m.abstain_rate == 0.25
+    # pos = (3, 3, 4), res = (3, 3, 2), tp = (1, 2, 2)
+    assert m.iou == pytest.approx([1 / 5, 2 / 4, 2 / 4])
+    assert m.miou == pytest.approx(0.4)
+    assert m.miou_present == pytest.approx(0.4) and m.num_present_classes == 3
+    assert m.abstain_rate_per_class == pytest.approx([1 / 3, 0, 1 / 4])
+
+
+def test_pooling_sums_pixels_and_averages_abstain_per_image():
+    """SegCertify pools confusion matrices over images but averages the abstain fraction per image."""
+    records = [image_stats(LABEL_1, PRED_1, 3), image_stats(LABEL_2, PRED_2, 3)]
+    assert records[1].confusion.tolist() == CONFUSION_2
+    m = pool(records)
+    # pooled rows: (2, 1, 0, 1), (1, 3, 0, 1), (1, 0, 2, 1); V = 13, tp = 7, abstained = 3
+    assert (m.num_images, m.num_pixels) == (2, 13)
+    assert m.accuracy == pytest.approx(7 / 13)
+    assert m.error_rate == pytest.approx(3 / 13)
+    assert m.abstain_rate_pooled == pytest.approx(3 / 13)
+    assert m.abstain_rate == pytest.approx((3 / 12 + 2 / 4) / 2)
+    # pos = (4, 5, 4), res = (4, 4, 2)
+    assert m.iou == pytest.approx([2 / 6, 3 / 6, 2 / 4])
+    assert m.miou == pytest.approx(4 / 9)
+    stacked = dataset_metrics(np.stack([CONFUSION_1, CONFUSION_2]), [0.25, 0.5])
+    assert stacked.as_dict() == m.as_dict()
+
+
+def test_absent_classes_count_as_zero_in_miou():
+    """C = 4, only classes 0 and 1 in the ground truth: IoU 2, 3 are 0 in miou, left out of miou_present."""
+    m = pool([image_stats(LABEL_2, PRED_2, num_classes=4)])
+    assert m.iou == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert m.miou == pytest.approx(1.5 / 4)
+    assert m.miou_present == pytest.approx(0.75)
+    assert m.num_present_classes == 2
+    per_class = m.abstain_rate_per_class
+    assert per_class[:2] == pytest.approx([0.0, 0.5]) and np.isnan(per_class[2:]).all()
+
+
+def test_confidently_wrong_prediction_shows_in_error_rate():
+    """A class predicted but absent from the ground truth: IoU 0 for it, its pixels are certified errors."""
+    m = pool([image_stats(np.array([[0, 0]], np.uint8), np.array([[0, 2]], np.int16), num_classes=3)])
+    assert (m.accuracy, m.error_rate, m.abstain_rate_pooled) == (0.5, 0.5, 0.0)
+    assert m.iou == pytest.approx([0.5, 0.0, 0.0])
+    assert m.miou == pytest.approx(1 / 6) and m.miou_present == pytest.approx(0.5)
+
+
+def test_plain_prediction_metrics():
+    """Clean / majority-vote rows: no abstentions, accuracy = plain pixel accuracy over non-ignored pixels."""
+    rng = np.random.default_rng(1)
+    label = rng.integers(0, 5, size=(30, 30)).astype(np.uint8)
+    label[:3] = 255
+    pred = np.where(rng.random(label.shape) < 0.7, label, rng.integers(0, 5, size=label.shape)).astype(
+        np.int64
+    )
+    pred[:3] = 0
+    stats = image_stats(label, pred, num_classes=5)
+    m = pool([stats])
+    valid = label != 255
+    assert stats.num_abstained == 0 and m.abstain_rate == 0.0 and m.abstain_rate_pooled == 0.0
+    assert m.accuracy == pytest.approx(np.mean(label[valid] == pred[valid]))
+    assert m.accuracy + m.error_rate == pytest.approx(1.0)
+
+
+def test_uint16_labels_need_an_ignore_index_outside_the_classes():
+    label = np.array([[299, 65535]], dtype=np.uint16)
+    pred = np.array([[299, A]], dtype=np.int16)
+    with pytest.raises(ValueError, match="ignore_index=255 is a real class"):
+        confusion_matrix(label, pred, num_classes=300)
+    confusion = confusion_matrix(label, pred, num_classes=300, ignore_index=65535)
+    assert confusion.sum() == 1 and confusion[299, 299] == 1
+
+
+def test_as_dict_is_plain_python():
+    d = dataset_metrics(np.array(CONFUSION_1), [0.25]).as_dict()
+    assert isinstance(d["iou"], list) and isinstance(d["miou"], float) and isinstance(d["num_pixels"], int)
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "label, pred, num_classes, ignore_index, error, match",
+    [
+        (LABEL_1.astype(float), PRED_1, 3, 255, TypeError, "label must be an integer"),
+        (LABEL_1, PRED_1.astype(float), 3, 255, TypeError, "pred must be an integer"),
+        (LABEL_1, PRED_1[:2], 3, 255, ValueError, "same shape"),
+        (LABEL_1, PRED_1, 0, 255, ValueError, "num_classes"),
+        (LABEL_1, PRED_1, 3, 2, ValueError, "is a real class"),
+        (LABEL_1, PRED_1, 3, 2.5, TypeError, "ignore_index"),
+        (np.where(LABEL_1 == 2, 3, LABEL_1), PRED_1, 3, 255, ValueError, "label holds values outside"),
+        (LABEL_1, np.where(PRED_1 == 2, 3, PRED_1), 3, 255, ValueError, "pred holds values outside"),
+        (LABEL_1, np.where(PRED_1 == A, -2, PRED_1), 3, 255, ValueError, "pred holds values outside"),
+    ],
+)
+def test_confusion_matrix_rejects_bad_input(label, pred, num_classes, ignore_index, error, match):
+    with pytest.raises(error, match=match):
+        confusion_matrix(label, pred, num_classes, ignore_index)
+
+
+@pytest.mark.parametrize(
+    "confusion, fractions, error, match",
+    [
+        (np.array(CONFUSION_1), [], ValueError, "non-empty"),
+        (np.array(CONFUSION_1), [1.5], ValueError, r"\[0, 1\]"),
+        (np.stack([CONFUSION_1, CONFUSION_1]), [0.1], ValueError, "one per image"),
+        (np.array(CONFUSION_1, dtype=float), [0.1], TypeError, "integer"),
+        (np.array(CONFUSION_1)[:3], [0.1], ValueError, r"\(C\+1\) x \(C\+1\)"),
+        (np.array(CONFUSION_1) - 2, [0.1], ValueError, "negative"),
+        (np.ones((4, 4), dtype=np.int64), [0.1], ValueError, "ground truth never abstains"),
+        (np.zeros((4, 4), dtype=np.int64), [0.1], ValueError, "no non-ignored pixel"),
+    ],
+)
+def test_dataset_metrics_rejects_bad_input(confusion, fractions, error, match):
+    with pytest.raises(error, match=match):
+        dataset_metrics(confusion, fractions)
+
+
+def test_pool_rejects_empty_and_mixed_label_sets():
+    with pytest.raises(ValueError, match="at least one"):
+        pool([])
+    with pytest.raises(ValueError, match="num_classes"):
+        pool([image_stats(LABEL_2, PRED_2, 3), image_stats(LABEL_2, PRED_2, 4)])
+
+
+FLAT_1 = np.array(CONFUSION_1).reshape(-1)
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"confusion": np.arange(15), "num_pixels": 20, "num_abstained": 0}, "flattened"),
+        ({"confusion": FLAT_1, "num_pixels": 5, "num_abstained": 0}, "inconsistent"),
+        ({"confusion": FLAT_1, "num_pixels": 12, "num_abstained": 13}, "inconsistent"),
+    ],
+)
+def test_from_record_rejects_bad_records(record, match):
+    with pytest.raises(ValueError, match=match):
+        ImageStats.from_record(record)
