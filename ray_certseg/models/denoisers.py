@@ -1,0 +1,520 @@
+"""Denoisers for denoised smoothing: ``denoiser(noisy (B,3,H,W), sigma) -> denoised (B,3,H,W)``, all in [0,1].
+
+``DiffusionDenoiser`` is the one-shot DDPM denoiser of Carlini et al. (2023), used for segmentation by
+Laousy et al. (2023). The sampler adds delta ~ N(0, sigma^2 I) to x in [0,1]; the DDPM works in [-1,1],
+where the noise is 2*sigma. With abar_t the cumulative product of (1 - beta) and
+r_t = sqrt((1 - abar_t) / abar_t):
+
+    t*      = min { t : r_t >= 2 * sigma_eff }
+    x_t*    = sqrt(abar_t*) * (2 (x + delta) - 1)          (= sqrt(abar)(x0 + r delta'), r >= 2 sigma_eff)
+    x0_hat  = (x_t* - sqrt(1 - abar_t*) eps_hat) / sqrt(abar_t*)     (epsilon prediction)
+            =  sqrt(abar_t*) x_t* - sqrt(1 - abar_t*) v_hat           (v prediction)
+            =  model output                                            (sample prediction)
+    output  = (clip(x0_hat, -1, 1) + 1) / 2
+
+Indexing: t is the 0-based index into ``alphas_cumprod`` (diffusers' ``scheduler.alphas_cumprod`` and
+guided-diffusion's array), i.e. abar_t = prod_{s<=t} (1 - beta_s), and the same integer is the timestep given
+to the network. For the linear 1000-step schedule this gives t* = 145, 259, 396 for sigma = 0.25, 0.5, 1.0,
+the same as the loop ``t = 1, 2, ...`` over that array in Carlini et al.'s certify.py (method.md §3.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ray_certseg.sampling import resolve_dtype
+
+DIFFUSERS_FOLDER_HELP = (
+    "a diffusers denoiser folder is a DDPMPipeline folder (model_index.json, unet/ with config.json + "
+    "diffusion_pytorch_model.safetensors of a UNet2DModel, scheduler/ with scheduler_config.json), or pass "
+    "unet= (a UNet2DModel folder) and scheduler= (a folder with scheduler_config.json) separately"
+)
+
+
+def short_hash(obj: Any) -> str:
+    """First 8 hex digits of the SHA-1 of ``obj`` as canonical JSON (sorted keys; non-JSON values as str)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _smooth_ramp(length: int, overlap: int) -> Tensor:
+    """Leading-edge blending weights w(d), d = 0..length-1 the distance from the tile edge.
+
+    With m = overlap // 4 and u = clamp((d - m + 1/2) / (overlap - 2m), 0, 1): w = sin^2(pi u / 2). So w = 0
+    for d < m, w = 1 for d >= overlap - m, and w(d) + w(overlap - 1 - d) = 1 (partition of unity across an
+    overlap).
+    """
+    if overlap == 0:
+        return torch.ones(length, dtype=torch.float64)
+    m = overlap // 4
+    u = ((torch.arange(length, dtype=torch.float64) - m + 0.5) / (overlap - 2 * m)).clamp(0.0, 1.0)
+    return torch.sin(0.5 * math.pi * u) ** 2
+
+
+def _tile_starts(length: int, size: int, overlap: int) -> list[int]:
+    """Tile offsets covering [0, length): stride size - overlap, the last tile flush with the end."""
+    if length <= size:
+        return [0]
+    return list(range(0, length - size, size - overlap)) + [length - size]
+
+
+def _pad(x: Tensor, height: int, width: int) -> Tensor:
+    """Pad (B,3,H,W) at the bottom/right to (height, width): reflect if large enough, else replicate."""
+    ph, pw = height - x.shape[-2], width - x.shape[-1]
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class IdentityDenoiser(nn.Module):
+    """No denoising: the noisy image goes to the segmenter as is (the SegCertify baseline)."""
+
+    name = "identity"
+
+    def forward(self, noisy: Tensor, sigma: float) -> Tensor:
+        return noisy
+
+
+class DiffusersUNet(nn.Module):
+    """``model(x_t, t)`` around a diffusers ``UNet2DModel``: ``unet(x_t, t).sample`` (input in its dtype)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.unet(x_t.to(self.unet.dtype), t).sample
+
+
+class DiffusionDenoiser(nn.Module):
+    """One-shot (or K-step) DDPM denoiser; ``forward(noisy, sigma)`` implements the denoiser protocol.
+
+    model(x_t, t) -> raw network output (B, 3 or 6, h, w), t a LongTensor (B,); with 6 channels (learned
+    variance, guided-diffusion) the first 3 are used. alphas_cumprod: abar_t, t = 0..T-1 (see module doc).
+
+    resolution (where the UNet runs; the noise is always added by the sampler at the image resolution):
+      * ``native``: at the image size, padded (reflect, or replicate for tiny images) at the bottom/right up
+        to a multiple of ``multiple_of`` and cropped back; sigma_eff = sigma.
+      * ``tile``: ``sample_size`` x ``sample_size`` tiles overlapping by ``tile_overlap`` pixels, blended with
+        the weights of ``_smooth_ramp`` (zero on the outer overlap // 4 pixels of interior tile edges). For a
+        model whose receptive-field radius is <= tile_overlap // 4 (and zero padding), this equals ``native``
+        exactly. sigma_eff = sigma.
+      * ``resize``: area-downsample by integer factors (f_h, f_w) = (H, W) / sample_size, denoise, bilinearly
+        upsample back. Each model pixel is the mean of f_h * f_w i.i.d. noisy pixels, so the model sees i.i.d.
+        noise of std sigma_eff = sigma / sqrt(f_h * f_w), which sets t*. Non-integer factors
+        (position-dependent, correlated noise) are refused.
+
+    multistep = K > 0: instead of one-shot x0_hat, K reverse DDPM steps on the timesteps
+    round(t* (K - j) / K), j = 0..K-1 (DensePure-style): at each step x0_hat is clipped and x moves to the
+    posterior q(x_prev | x_t, x0_hat) with variance
+    beta~ = (1 - abar_prev / abar_t)(1 - abar_prev) / (1 - abar_t); the last step returns x0_hat. The
+    posterior noise comes from a generator re-seeded with ``multistep_seed`` on every call and is shared by
+    all images of a batch, so the denoiser is a fixed deterministic function of each noisy image (independent
+    of batching).
+
+    sigma == 0 returns the input unchanged (the clean prediction bypasses denoising).
+    ``name`` is recorded in outputs verbatim; when empty, ``"diffusion-<hash of schedule and options>"``.
+    """
+
+    RESOLUTIONS = ("native", "tile", "resize")
+    PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+    def __init__(
+        self,
+        model: Callable[[Tensor, Tensor], Tensor],
+        alphas_cumprod: Tensor,
+        *,
+        prediction_type: str = "epsilon",
+        resolution: str = "native",
+        sample_size: int | None = None,
+        tile_overlap: int = 16,
+        multiple_of: int = 8,
+        multistep: int = 0,
+        multistep_seed: int = 0,
+        name: str = "",
+    ):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be a callable model(x_t, t) -> Tensor, got {type(model).__name__}")
+        abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
+        if (
+            abar.numel() == 0
+            or not bool(((abar > 0) & (abar <= 1)).all())
+            or bool((abar[1:] > abar[:-1]).any())
+        ):
+            raise ValueError(
+                "alphas_cumprod must be a non-empty, non-increasing sequence in (0, 1] "
+                "(e.g. DDPMScheduler(...).alphas_cumprod)"
+            )
+        if prediction_type not in self.PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {self.PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        if resolution not in self.RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {self.RESOLUTIONS}, got {resolution!r}")
+        if resolution != "native" and not (isinstance(sample_size, int) and sample_size > 0):
+            raise ValueError(
+                f"resolution={resolution!r} needs the model's sample_size (a positive int), "
+                f"got {sample_size!r}"
+            )
+        if not (isinstance(tile_overlap, int) and 0 <= tile_overlap) or (
+            resolution == "tile" and tile_overlap >= sample_size
+        ):
+            raise ValueError(
+                f"tile_overlap must be an int in [0, sample_size={sample_size}), got {tile_overlap!r}"
+            )
+        if not (isinstance(multiple_of, int) and multiple_of >= 1):
+            raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
+        if not (isinstance(multistep, int) and multistep >= 0):
+            raise ValueError(f"multistep must be an int >= 0 (0 = one-shot), got {multistep!r}")
+        self.model = model
+        # float64 on the CPU, deliberately not a buffer: module.to(dtype) must not round the schedule.
+        self.alphas_cumprod = abar
+        self.prediction_type, self.resolution, self.sample_size = prediction_type, resolution, sample_size
+        self.tile_overlap, self.multiple_of = tile_overlap, multiple_of
+        self.multistep, self.multistep_seed = multistep, int(multistep_seed)
+        options = {
+            "prediction_type": prediction_type,
+            "resolution": resolution,
+            "sample_size": sample_size,
+            "tile_overlap": tile_overlap,
+            "multiple_of": multiple_of,
+            "multistep": multistep,
+            "multistep_seed": self.multistep_seed,
+            "alphas_cumprod": abar.tolist(),
+        }
+        self.name = name or f"diffusion-{short_hash(options)}"
+
+    # -------------------------------------------------------------------------------------------- timestep
+    def timestep(self, sigma: float) -> int:
+        """t* = min { t : (1 - abar_t) / abar_t >= (2 sigma)^2 }, sigma the noise std in [0,1] units at the
+        model input (``forward`` passes sigma_eff). 0-based index into alphas_cumprod."""
+        sigma = float(sigma)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+        abar = self.alphas_cumprod
+        enough = torch.nonzero((1 - abar) / abar >= (2 * sigma) ** 2)
+        if enough.numel() == 0:
+            r_max = math.sqrt((1 - abar[-1].item()) / abar[-1].item())
+            raise ValueError(
+                f"sigma={sigma} is beyond the noise schedule: 2*sigma must be <= r_T = {r_max:.4g}"
+            )
+        return int(enough[0])
+
+    def effective_sigma(self, sigma: float, height: int, width: int) -> float:
+        """Std of the i.i.d. noise the model sees: sigma, or sigma / sqrt(f_h f_w) in ``resize`` mode."""
+        if self.resolution != "resize":
+            return sigma
+        fh, fw = self._resize_factors(height, width)
+        return sigma / math.sqrt(fh * fw)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, noisy: Tensor, sigma: float) -> Tensor:
+        """Denoise a batch of noisy images (B, 3, H, W) in [0,1] space (values may leave [0,1])."""
+        if not isinstance(noisy, Tensor) or noisy.ndim != 4 or noisy.shape[1] != 3:
+            got = tuple(noisy.shape) if isinstance(noisy, Tensor) else type(noisy).__name__
+            raise ValueError(f"noisy must be a (B, 3, H, W) tensor, got {got}")
+        sigma = float(sigma)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+        if sigma == 0:
+            return noisy
+        noisy = noisy.float()
+        if self.resolution == "native":
+            return self._native(noisy, sigma)
+        if self.resolution == "tile":
+            return self._tiled(noisy, sigma)
+        return self._resized(noisy, sigma)
+
+    def _native(self, noisy: Tensor, sigma: float) -> Tensor:
+        h, w = noisy.shape[-2:]
+        m = self.multiple_of
+        padded = _pad(noisy, -(-h // m) * m, -(-w // m) * m)
+        return self._denoise(padded, sigma)[..., :h, :w]
+
+    def _tiled(self, noisy: Tensor, sigma: float) -> Tensor:
+        h, w = noisy.shape[-2:]
+        s, o = self.sample_size, self.tile_overlap
+        padded = _pad(noisy, max(h, s), max(w, s))
+        ph, pw = padded.shape[-2:]
+        ramp = _smooth_ramp(s, o).to(noisy.device, torch.float32)
+        ys, xs = _tile_starts(ph, s, o), _tile_starts(pw, s, o)
+
+        def window(start: int, length: int) -> Tensor:
+            lead = ramp if start > 0 else torch.ones_like(ramp)
+            trail = ramp.flip(0) if start + s < length else torch.ones_like(ramp)
+            return lead * trail
+
+        total = torch.zeros_like(padded)
+        weight = torch.zeros(ph, pw, device=noisy.device)
+        for y in ys:
+            for x in xs:
+                wgt = window(y, ph)[:, None] * window(x, pw)[None, :]
+                total[..., y : y + s, x : x + s] += wgt * self._denoise(
+                    padded[..., y : y + s, x : x + s], sigma
+                )
+                weight[y : y + s, x : x + s] += wgt
+        return (total / weight)[..., :h, :w]
+
+    def _resize_factors(self, height: int, width: int) -> tuple[int, int]:
+        s = self.sample_size
+        if height % s or width % s:
+            raise ValueError(
+                f"resolution='resize' needs image sides that are integer multiples of sample_size={s} "
+                f"(exact i.i.d. noise of std sigma/sqrt(f_h f_w)), got {height}x{width}; use "
+                "resolution='native' or 'tile', or images of such a size"
+            )
+        return height // s, width // s
+
+    def _resized(self, noisy: Tensor, sigma: float) -> Tensor:
+        h, w = noisy.shape[-2:]
+        fh, fw = self._resize_factors(h, w)
+        small = F.avg_pool2d(noisy, (fh, fw)) if fh * fw > 1 else noisy
+        denoised = self._denoise(small, self.effective_sigma(sigma, h, w))
+        return (
+            F.interpolate(denoised, size=(h, w), mode="bilinear", align_corners=False)
+            if fh * fw > 1
+            else denoised
+        )
+
+    # ------------------------------------------------------------------------------------------- DDPM maths
+    def _denoise(self, x: Tensor, sigma_eff: float) -> Tensor:
+        """[0,1] noisy images at the model's input size -> [0,1] denoised (one-shot or multistep)."""
+        t = self.timestep(sigma_eff)
+        x_t = math.sqrt(self.alphas_cumprod[t].item()) * (2 * x - 1)
+        x0 = self._reverse_chain(x_t, t) if self.multistep else self.x0_hat(x_t, t)
+        return (x0 + 1) / 2
+
+    def x0_hat(self, x_t: Tensor, t: int) -> Tensor:
+        """Clipped estimate of x0 in [-1,1] from one network call at timestep t (see module doc)."""
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        out = self.model(x_t, tt)
+        c = x_t.shape[1]
+        if (
+            not isinstance(out, Tensor)
+            or out.ndim != 4
+            or out.shape[1] not in (c, 2 * c)
+            or out.shape[-2:] != x_t.shape[-2:]
+        ):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"denoiser model must return (B, {c} or {2 * c}, h, w) at its input size, got {got}"
+            )
+        out = out[:, :c].float()
+        a = self.alphas_cumprod[t].item()
+        if self.prediction_type == "epsilon":
+            x0 = (x_t - math.sqrt(1 - a) * out) / math.sqrt(a)
+        elif self.prediction_type == "v_prediction":
+            x0 = math.sqrt(a) * x_t - math.sqrt(1 - a) * out
+        else:
+            x0 = out
+        return x0.clamp(-1.0, 1.0)
+
+    def _reverse_chain(self, x_t: Tensor, t: int) -> Tensor:
+        """K ancestral DDPM steps on round(t (K - j) / K), j = 0..K-1, ending with x0_hat (see class doc)."""
+        k = self.multistep
+        steps = sorted({round(t * (k - j) / k) for j in range(k)}, reverse=True)
+        generator = torch.Generator(device=x_t.device).manual_seed(self.multistep_seed)
+        x = x_t
+        for s, prev in itertools.pairwise(steps):
+            a_s, a_p = self.alphas_cumprod[s].item(), self.alphas_cumprod[prev].item()
+            beta = 1 - a_s / a_p
+            x0 = self.x0_hat(x, s)
+            mean = (math.sqrt(a_p) * beta / (1 - a_s)) * x0 + (
+                math.sqrt(a_s / a_p) * (1 - a_p) / (1 - a_s)
+            ) * x
+            z = torch.randn((1, *x.shape[1:]), generator=generator, device=x.device)
+            x = mean + math.sqrt(beta * (1 - a_p) / (1 - a_s)) * z
+        return self.x0_hat(x, steps[-1])
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        unet: Any = None,
+        scheduler: Any = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        **kwargs: Any,
+    ) -> DiffusionDenoiser:
+        """Load a diffusers ``UNet2DModel`` and a DDPM-family scheduler config.
+
+        ``path``: a DDPMPipeline-style folder (``unet/``, ``scheduler/``) or a folder holding both configs
+        (``config.json`` + ``scheduler_config.json``), or a hub id where a hub is reachable. ``unet`` /
+        ``scheduler``: folders (or loaded objects) given separately; they override ``path``. Weights load
+        only from safetensors. kwargs go to the constructor; prediction_type and sample_size default to the
+        scheduler's and the UNet's config; name defaults to ``<folder>-<hash of configs and options>``.
+        """
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        if path is None and unet is None:
+            raise ValueError(
+                "from_pretrained needs path= (a diffusers folder) or unet= and scheduler=; "
+                + DIFFUSERS_FOLDER_HELP
+            )
+        unet_src = unet if unet is not None else path
+        sched_src = scheduler if scheduler is not None else (path if path is not None else unet)
+        dtype = resolve_dtype(dtype)
+        if isinstance(unet_src, (str, os.PathLike)):
+            unet_model = _from_pretrained(
+                UNet2DModel,
+                unet_src,
+                "unet",
+                "config.json",
+                torch_dtype=dtype,
+                use_safetensors=True,
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+            )
+        else:
+            unet_model = unet_src
+        sched = (
+            _from_pretrained(DDPMScheduler, sched_src, "scheduler", "scheduler_config.json")
+            if isinstance(sched_src, (str, os.PathLike))
+            else sched_src
+        )
+        if not hasattr(sched, "alphas_cumprod"):
+            raise TypeError(
+                f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(sched).__name__}"
+            )
+        cfg = dict(getattr(unet_model, "config", {}))
+        if cfg.get("in_channels", 3) != 3:
+            raise ValueError(
+                "the denoiser UNet must take 3-channel images, its config has "
+                f"in_channels={cfg['in_channels']}"
+            )
+        kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
+        size = cfg.get("sample_size")
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ValueError(f"non-square UNet sample_size {size} is not supported; pass sample_size=")
+            size = size[0]
+        kwargs.setdefault("sample_size", size)
+        if not kwargs.get("name"):
+            configs = [
+                {k: v for k, v in c.items() if not k.startswith("_")} for c in (cfg, dict(sched.config))
+            ]
+            options = {k: v for k, v in kwargs.items() if k != "name"}
+            kwargs["name"] = f"{_folder_name(unet_src)}-{short_hash([configs, options])}"
+        unet_model = unet_model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
+        return cls(DiffusersUNet(unet_model), sched.alphas_cumprod, **kwargs)
+
+
+def _folder_name(source: Any) -> str:
+    """Name of a model folder for output records: the folder (its parent for a pipeline's ``unet/``)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return "diffusers"
+    path = Path(source).expanduser().resolve() if Path(source).expanduser().exists() else Path(source)
+    return path.parent.name if path.name == "unet" and path.parent.name else path.name
+
+
+def _from_pretrained(
+    klass: Any, source: str | os.PathLike, subfolder: str, config_name: str, **kwargs: Any
+) -> Any:
+    """``klass.from_pretrained`` from a local folder (``<source>/<subfolder>/`` or ``<source>/``, local
+    files only) or, for a string that is not a local path, a hub id."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        for folder in (local / subfolder, local):
+            if (folder / config_name).is_file():
+                if config_name == "config.json":
+                    class_name = json.loads((folder / config_name).read_text()).get(
+                        "_class_name", klass.__name__
+                    )
+                    if class_name != klass.__name__:
+                        raise ValueError(
+                            f"{folder} holds a {class_name}, not a {klass.__name__}; " + DIFFUSERS_FOLDER_HELP
+                        )
+                return klass.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        raise ValueError(
+            f"{local} is not a diffusers model folder: no {subfolder}/{config_name} or {config_name}; "
+            + DIFFUSERS_FOLDER_HELP
+        )
+    text = str(source)
+    if local.exists():
+        raise ValueError(f"{local} is a file, not a folder; " + DIFFUSERS_FOLDER_HELP)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"denoiser folder {text!r} does not exist; " + DIFFUSERS_FOLDER_HELP)
+    try:
+        return klass.from_pretrained(text, subfolder=subfolder, **kwargs)
+    except OSError:
+        try:
+            return klass.from_pretrained(text, **kwargs)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"{text!r} is neither a local folder nor a reachable hub model "
+                f"({exc}); " + DIFFUSERS_FOLDER_HELP
+            ) from exc
+
+
+_DIFFUSERS_KEYS = {
+    "kind",
+    "path",
+    "unet",
+    "scheduler",
+    "resolution",
+    "tile_overlap",
+    "multiple_of",
+    "multistep",
+    "multistep_seed",
+    "sample_size",
+    "prediction_type",
+    "name",
+}
+
+
+def load_denoiser(
+    spec: Mapping[str, Any] | None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> nn.Module | None:
+    """Build a denoiser from a config dict; None -> None (no denoising).
+
+    ``{"kind": "identity"}``; ``{"kind": "diffusers", "path": DIR, "resolution": "native", "tile_overlap": 16,
+    "multistep": 0, ...}`` (or ``unet:``/``scheduler:`` folders; other keys: see ``_DIFFUSERS_KEYS``);
+    ``{"kind": "adm", ...}`` -> ``ray_certseg.models.adm.load_adm_denoiser(spec, device=, dtype=)``.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"denoiser spec must be a dict with a 'kind' key, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind == "identity":
+        return IdentityDenoiser()
+    if kind == "adm":
+        from ray_certseg.models.adm import load_adm_denoiser
+
+        return load_adm_denoiser(spec, device=device, dtype=dtype)
+    if kind == "diffusers":
+        unknown = set(spec) - _DIFFUSERS_KEYS
+        if unknown:
+            raise ValueError(
+                f"unknown keys {sorted(unknown)} in a diffusers denoiser spec; allowed: "
+                f"{sorted(_DIFFUSERS_KEYS)}"
+            )
+        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "unet", "scheduler")}
+        return DiffusionDenoiser.from_pretrained(
+            spec.get("path"),
+            unet=spec.get("unet"),
+            scheduler=spec.get("scheduler"),
+            dtype=dtype,
+            device=device,
+            **options,
+        )
+    raise ValueError(
+        f"unknown denoiser kind {kind!r}; use 'identity', 'diffusers' or 'adm' (or no denoiser: null)"
+    )

@@ -1,0 +1,295 @@
+"""Segmenters: one interface, (B, 3, H, W) images in [0, 1] -> logits (B, C, H, W) at the input size.
+
+``Segmenter`` wraps any network: it applies the per-channel normalisation (x - mean) / std inside, and
+upsamples logits bilinearly (align_corners=False) when the network returns another size. ``load_segmenter``
+builds one from a config dict (kinds: module, torchscript, torchvision, segformer).
+
+Checkpoints load only as safetensors or with ``torch.load(weights_only=True)``: pickles are never executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ray_certseg.models.denoisers import short_hash
+from ray_certseg.sampling import resolve_dtype
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Segmenter(nn.Module):
+    """logits = upsample(net((x - mean) / std)) for x (B, 3, H, W) in [0, 1]; logits (B, num_classes, H, W).
+
+    net: a module or callable returning a logits tensor (B, num_classes, h, w); mean/std: 3 floats each, or
+    None for none (the net gets [0, 1] images). ``name`` identifies the model in outputs.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | Callable[[Tensor], Tensor],
+        *,
+        num_classes: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        name: str = "",
+    ):
+        super().__init__()
+        if not callable(net):
+            raise TypeError(f"net must be a module or callable returning logits, got {type(net).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (3 floats each) or neither")
+        self.net, self.num_classes, self.name = net, num_classes, name or "segmenter"
+        self.normalize = mean is not None
+        if mean is not None:
+            for key, v in (("mean", mean), ("std", std)):
+                if len(v) != 3:
+                    raise ValueError(f"{key} must have 3 values (RGB), got {list(v)}")
+            if min(std) <= 0:
+                raise ValueError(f"std values must be > 0, got {list(std)}")
+            self.register_buffer(
+                "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+            )
+            self.register_buffer(
+                "std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+            )
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"segmenter input must be (B, 3, H, W) images in [0, 1], got {got}")
+        x = (images - self.mean) / self.std if self.normalize else images
+        param = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
+        if param is not None and param.is_floating_point():
+            x = x.to(param.dtype)
+        logits = self.net(x)
+        b, _, h, w = images.shape
+        if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[:2] != (b, self.num_classes):
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"segmenter {self.name!r} must output logits (B, {self.num_classes}, h, w), got {got}"
+            )
+        if logits.shape[-2:] != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits
+
+
+class _OutputKey(nn.Module):
+    """net(x)[key]: torchvision segmentation models return a dict (``"out"``, ``"aux"``)."""
+
+    def __init__(self, net: nn.Module, key: str):
+        super().__init__()
+        self.net, self.key = net, key
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[self.key]
+
+
+class _LogitsAttribute(nn.Module):
+    """net(pixel_values=x).logits: Hugging Face models (SegFormer logits are at 1/4 resolution)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(pixel_values=x).logits
+
+
+def load_state_dict(path: str | Path, *, key: str | None = None, strip_prefix: str = "") -> dict[str, Tensor]:
+    """Tensors of a checkpoint: ``.safetensors`` via safetensors, ``.pt/.pth/.bin/.ckpt`` via
+    ``torch.load(weights_only=True)``. ``key`` selects a nested state dict (e.g. "state_dict", "model");
+    ``strip_prefix`` removes a key prefix (e.g. "module."). A pickle that needs code execution is refused."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"checkpoint {path} is a pickle that needs code execution to load; it is refused (never "
+                "unpickled). Convert it once, where you trust it, to safetensors: "
+                "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
+            ) from exc
+    else:
+        raise ValueError(
+            f"checkpoint {path} has an unknown extension; use .safetensors (or .pt/.pth state dicts)"
+        )
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            raise ValueError(f"checkpoint {path} has no entry {key!r}")
+        obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(
+            f"checkpoint {path} is not a flat state dict of tensors; pass state_dict_key= to select one "
+            "(e.g. 'state_dict' or 'model')"
+        )
+    return {
+        (k[len(strip_prefix) :] if strip_prefix and k.startswith(strip_prefix) else k): v
+        for k, v in obj.items()
+    }
+
+
+def _load_weights(net: nn.Module, spec: Mapping[str, Any]) -> None:
+    state = load_state_dict(
+        spec["weights"], key=spec.get("state_dict_key"), strip_prefix=spec.get("strip_prefix", "")
+    )
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights {spec['weights']} do not fit the {spec['kind']} model: {exc}") from exc
+
+
+def _import_factory(target: str) -> Callable[..., Any]:
+    """'package.module:callable' -> the callable."""
+    module_name, sep, attr = str(target).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"factory must look like 'package.module:callable', got {target!r}")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import segmenter factory {target!r}: {exc}") from exc
+    if not callable(obj):
+        raise TypeError(f"segmenter factory {target!r} is not callable")
+    return obj
+
+
+def _num_classes(spec: Mapping[str, Any]) -> int:
+    if "num_classes" not in spec:
+        raise ValueError(
+            f"a {spec['kind']!r} segmenter spec needs num_classes (the number of logit channels)"
+        )
+    return spec["num_classes"]
+
+
+def _build_module(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+    net = _import_factory(spec.get("factory", ""))(**dict(spec.get("kwargs") or {}))
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"factory {spec['factory']!r} returned {type(net).__name__}, not a torch.nn.Module")
+    if spec.get("weights"):
+        _load_weights(net, spec)
+    return net, _num_classes(spec), (spec.get("mean"), spec.get("std"))
+
+
+def _build_torchscript(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+    path = Path(spec.get("path", "")).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"TorchScript file {path} does not exist")
+    return (
+        torch.jit.load(str(path), map_location="cpu"),
+        _num_classes(spec),
+        (spec.get("mean"), spec.get("std")),
+    )
+
+
+def _build_torchvision(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+    import torchvision.models.segmentation as tvseg
+
+    arch = spec.get("arch", "")
+    factory = getattr(tvseg, arch, None) if not str(arch).startswith("_") else None
+    if not callable(factory):  # an unknown name, not a wrong type
+        raise ValueError(  # noqa: TRY004
+            f"unknown torchvision segmentation arch {arch!r}; e.g. deeplabv3_mobilenet_v3_large, "
+            "deeplabv3_resnet50, fcn_resnet50, lraspp_mobilenet_v3_large"
+        )
+    if not spec.get("weights"):
+        raise ValueError(
+            "a torchvision segmenter spec needs weights (a local .safetensors or .pth state dict)"
+        )
+    state = load_state_dict(
+        spec["weights"], key=spec.get("state_dict_key"), strip_prefix=spec.get("strip_prefix", "")
+    )
+    aux = any(k.startswith("aux_classifier.") for k in state)
+    num_classes = _num_classes(spec)
+    net = factory(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights {spec['weights']} do not fit torchvision {arch}: {exc}") from exc
+    return (
+        _OutputKey(net, "out"),
+        num_classes,
+        (spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD)),
+    )
+
+
+def _build_segformer(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+    from transformers import SegformerForSemanticSegmentation
+
+    path = Path(spec.get("path", "")).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"SegFormer folder {path} must contain config.json and model.safetensors (save_pretrained output)"
+        )
+    try:
+        net = SegformerForSemanticSegmentation.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True
+        )
+    except OSError as exc:
+        raise ValueError(f"cannot load SegFormer from {path} (safetensors weights required): {exc}") from exc
+    processor = path / "preprocessor_config.json"
+    cfg = json.loads(processor.read_text()) if processor.is_file() else {}
+    mean = spec.get("mean", cfg.get("image_mean", IMAGENET_MEAN))
+    std = spec.get("std", cfg.get("image_std", IMAGENET_STD))
+    return _LogitsAttribute(net), int(net.config.num_labels), (mean, std)
+
+
+_BUILDERS: dict[str, tuple[Callable[[Mapping[str, Any]], tuple[nn.Module, int, Any]], set[str]]] = {
+    "module": (_build_module, {"factory", "kwargs", "weights", "num_classes"}),
+    "torchscript": (_build_torchscript, {"path", "num_classes"}),
+    "torchvision": (_build_torchvision, {"arch", "num_classes", "weights"}),
+    "segformer": (_build_segformer, {"path"}),
+}
+_COMMON_KEYS = {"kind", "name", "mean", "std", "state_dict_key", "strip_prefix"}
+
+
+def load_segmenter(
+    spec: Mapping[str, Any], *, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32
+) -> Segmenter:
+    """Build a ``Segmenter`` from a config dict, on ``device`` in ``dtype``, eval mode, no gradients.
+
+    Kinds (all accept ``name``, ``mean``, ``std``; checkpoints also ``state_dict_key``, ``strip_prefix``):
+      * ``{"kind": "module", "factory": "pkg.mod:fn", "kwargs": {...}, "weights": "w.safetensors",
+        "num_classes": C}``
+      * ``{"kind": "torchscript", "path": "m.pt", "num_classes": C}``
+      * ``{"kind": "torchvision", "arch": "deeplabv3_mobilenet_v3_large", "num_classes": C,
+        "weights": "w.pth"}``
+        (ImageNet mean/std by default; the output dict's "out")
+      * ``{"kind": "segformer", "path": DIR}`` (mean/std from preprocessor_config.json, else ImageNet)
+    ``name`` defaults to ``<file or folder stem>-<hash of the spec>``.
+    """
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"segmenter spec must be a dict with a 'kind' key, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown segmenter kind {kind!r}; use one of {sorted(_BUILDERS)}")
+    build, keys = _BUILDERS[kind]
+    unknown = set(spec) - keys - _COMMON_KEYS
+    if unknown:
+        raise ValueError(
+            f"unknown keys {sorted(unknown)} in a {kind!r} segmenter spec; allowed: "
+            f"{sorted(keys | _COMMON_KEYS)}"
+        )
+    net, num_classes, (mean, std) = build(spec)
+    source = spec.get("weights") or spec.get("path") or spec.get("factory") or kind
+    name = spec.get("name") or f"{Path(str(source).split(':')[-1]).stem}-{short_hash(dict(spec))}"
+    segmenter = Segmenter(net, num_classes=num_classes, mean=mean, std=std, name=name)
+    return segmenter.to(device=torch.device(device), dtype=resolve_dtype(dtype)).eval().requires_grad_(False)

@@ -1,0 +1,294 @@
+"""Monte Carlo vote counting for SegCertify with a denoise-then-segment base classifier.
+
+The base classifier is, per pixel i,
+
+    f_i(x + delta) = argmax_c segment(denoise(x + delta, sigma))_{c,i},   delta ~ N(0, sigma^2 I),
+
+with x in [0,1] pixel space at the image resolution (where the certificate is stated). CERTIFY
+(Fischer et al. 2021, Alg. 1) needs two independent sample sets per image:
+
+* the selection set S0 (n0 draws): counts0[c, i] = #{j : f_i(x + delta_j) = c};  c_hat_i = select(counts0)
+* the estimation set S  (n draws):  k_i = #{j : f_i(x + delta'_j) = c_hat_i}
+
+Every draw has its own noise, from its own ``torch.Generator`` seeded by (seed, image id, sigma, stage,
+index), so the votes are bit-identical whatever the batch size, worker or processing order, and no two draws
+of one image share noise (the released SegCertify code reused one draw per batch, which voids the binomial
+test).
+Votes accumulate as integer counts on the model's device; per-sample label maps never leave it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ray_certseg.certify import select
+
+SELECTION, ESTIMATION = 0, 1
+"""Stage tags of the two sample sets S0 and S; they enter the per-draw seed."""
+
+Denoiser = Callable[[Tensor, float], Tensor]
+SegmenterFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Votes:
+    """Vote counts of one (image, sigma).
+
+    counts0: (C, H, W) int32, selection votes (n0 draws); c_hat: (H, W) ``certify.select(counts0)`` (argmax,
+    ties to the lowest class; uint8 when C <= 256); k: (H, W) votes for c_hat among the n estimation draws
+    (uint16 when n < 2**16, else int32);
+    counts: (C, H, W) int32 estimation votes, only with ``return_counts=True``; clean_pred: (H, W) prediction
+    at sigma = 0 through the same pipeline (no noise), dtype of c_hat; seconds: wall time of the sampling.
+    """
+
+    counts0: np.ndarray
+    c_hat: np.ndarray
+    k: np.ndarray
+    clean_pred: np.ndarray
+    seconds: float
+    counts: np.ndarray | None = None
+
+
+def resolve_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.float16`` / ``"bfloat16"`` / ``"bf16"`` / ``None`` -> a floating ``torch.dtype`` or None."""
+    if value is None or isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str):
+        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+        dtype = getattr(torch, aliases.get(value.lower(), value.lower()), None)
+    else:
+        raise TypeError(f"dtype must be a torch.dtype or a name like 'bfloat16', got {type(value).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype {value!r} is not a floating torch dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
+def noise_seed(seed: int, image_id: str, sigma: float) -> int:
+    """32-bit base seed of one (seed, image id, sigma): ``zlib.crc32`` of their text (never Python ``hash()``,
+    which is salted per process)."""
+    return zlib.crc32(f"{int(seed)}|{image_id}|{float(sigma)!r}".encode())
+
+
+def sample_seed(base: int, stage: int, index: int) -> int:
+    """Seed of draw ``index`` of ``stage`` (SELECTION/ESTIMATION): ``(base + 2 index + stage) mod 2**32``.
+
+    Distinct for every (stage, index) of one image (index < 2**31). Kept below 2**32 because the CPU
+    generator (mt19937) uses only the low 32 bits of its seed.
+    """
+    if stage not in (SELECTION, ESTIMATION) or index < 0:
+        raise ValueError(
+            f"stage must be SELECTION or ESTIMATION and index >= 0, got stage={stage}, index={index}"
+        )
+    return (base + 2 * index + stage) % 2**32
+
+
+def to_tensor_image(array: np.ndarray) -> Tensor:
+    """uint8 (H, W, 3) RGB array -> float32 (3, H, W) tensor in [0, 1] (x / 255)."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        desc = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"image must be a uint8 H x W x 3 RGB array, got {desc}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0).contiguous()
+
+
+def _as_image(image: Tensor | np.ndarray) -> Tensor:
+    """Validate the sampler's image argument: float (3, H, W) in [0, 1], or a uint8 H x W x 3 array."""
+    if isinstance(image, np.ndarray):
+        return to_tensor_image(image)
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            f"image must be a float tensor (3, H, W) or a uint8 H x W x 3 array, got {type(image).__name__}"
+        )
+    if not image.is_floating_point() or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"image tensor must be float (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
+        )
+    lo, hi = float(image.min()), float(image.max())
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"image values must lie in [0, 1], got [{lo:g}, {hi:g}]; divide uint8 images by 255")
+    return image.float()
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def prepare_model(
+    module: nn.Module,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """Move a model to ``device``/``dtype`` once per worker: eval mode, no gradients, optionally channels_last
+    memory format and ``torch.compile`` (first call compiles: tens of seconds; a GPU-job option)."""
+    module = module.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return torch.compile(module) if compile else module
+
+
+class _BaseClassifier:
+    """f(x) = argmax segment(denoise(x, sigma)) on a batch, with autocast and output checks."""
+
+    def __init__(
+        self,
+        segmenter: SegmenterFn,
+        denoiser: Denoiser | None,
+        num_classes: int,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        channels_last: bool,
+    ):
+        self.segmenter, self.denoiser, self.num_classes = segmenter, denoiser, num_classes
+        self.channels_last = channels_last
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=autocast_dtype))
+            if autocast_dtype is not None
+            else contextlib.nullcontext
+        )
+
+    def __call__(self, noisy: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+        """Labels (B, H, W) int64 of a batch (B, 3, H, W), and a 0-d bool tensor: all logits finite."""
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            images = noisy if self.denoiser is None else self.denoiser(noisy, sigma)
+            logits = self.segmenter(images)
+        b, _, h, w = noisy.shape
+        if not isinstance(logits, Tensor) or tuple(logits.shape) != (b, self.num_classes, h, w):
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"segmenter must return logits (B, num_classes, H, W) = {(b, self.num_classes, h, w)} "
+                f"at the input size, got {got}; wrap it in ray_certseg.models.segmenters.Segmenter "
+                "(upsamples) or check num_classes"
+            )
+        return logits.argmax(dim=1), torch.isfinite(logits).all()
+
+
+def _vote(
+    classify: _BaseClassifier,
+    x: Tensor,
+    *,
+    sigma: float,
+    num: int,
+    batch_size: int,
+    base: int,
+    stage: int,
+    num_classes: int,
+) -> tuple[Tensor, Tensor]:
+    """counts[c, i] = #{j < num : f_i(x + sigma eps_j) = c}, eps_j ~ N(0, I)
+    drawn from seed sample_seed(base, stage, j).
+
+    Returns (counts (C, H*W) int32 on x's device, 0-d bool: all logits were finite).
+    """
+    _, h, w = x.shape
+    counts = torch.zeros(num_classes, h * w, dtype=torch.int32, device=x.device)
+    ones = torch.ones(min(batch_size, num), h * w, dtype=torch.int32, device=x.device)
+    finite = torch.ones((), dtype=torch.bool, device=x.device)
+    generator = torch.Generator(device=x.device)
+    noise = torch.empty(min(batch_size, num), *x.shape, device=x.device)
+    for start in range(0, num, batch_size):
+        b = min(batch_size, num - start)
+        for j in range(b):
+            noise[j].normal_(generator=generator.manual_seed(sample_seed(base, stage, start + j)))
+        labels, ok = classify(x + sigma * noise[:b], sigma)
+        counts.scatter_add_(0, labels.reshape(b, h * w), ones[:b])
+        finite &= ok
+    return counts, finite
+
+
+def count_votes(
+    image: Tensor | np.ndarray,
+    segmenter: SegmenterFn,
+    *,
+    denoiser: Denoiser | None = None,
+    sigma: float,
+    n0: int,
+    n: int,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    image_id: str = "",
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | str | None = None,
+    channels_last: bool = False,
+    return_counts: bool = False,
+) -> Votes:
+    """Draw n0 selection and n estimation samples of f(x + delta), delta ~ N(0, sigma^2 I), and count votes.
+
+    image: float (3, H, W) in [0, 1] or uint8 H x W x 3. segmenter: (B, 3, H, W) in [0, 1] -> logits
+    (B, num_classes, H, W). denoiser: ``(noisy, sigma) -> denoised`` or None (no denoising, SegCertify).
+    The noise is added here, in [0, 1] space at the image resolution; the denoiser gets sigma to pick its
+    timestep. Exactly n0 and n draws whatever ``batch_size``; memory O(C H W + batch_size H W).
+    ``device`` (default CPU) holds the models' inputs and the counts; ``autocast_dtype`` (bf16/fp16) runs the
+    models under ``torch.autocast``; ``channels_last`` feeds channels_last batches.
+    Raises ValueError if the segmenter produces non-finite (NaN/Inf) logits.
+    """
+    sigma = float(sigma)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    n0, n = _check_count("n0", n0, 1), _check_count("n", n, 1)
+    num_classes, batch_size = (
+        _check_count("num_classes", num_classes, 1),
+        _check_count("batch_size", batch_size, 1),
+    )
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    classify = _BaseClassifier(
+        segmenter, denoiser, num_classes, dev, resolve_dtype(autocast_dtype), channels_last
+    )
+    base = noise_seed(seed, image_id, sigma)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        x = _as_image(image).to(dev)
+        clean, clean_ok = classify(x[None], 0.0)
+        counts0, ok0 = _vote(
+            classify,
+            x,
+            sigma=sigma,
+            num=n0,
+            batch_size=batch_size,
+            base=base,
+            stage=SELECTION,
+            num_classes=num_classes,
+        )
+        counts, ok = _vote(
+            classify,
+            x,
+            sigma=sigma,
+            num=n,
+            batch_size=batch_size,
+            base=base,
+            stage=ESTIMATION,
+            num_classes=num_classes,
+        )
+        if not bool(clean_ok & ok0 & ok):
+            raise ValueError(
+                f"the segmenter produced non-finite logits (NaN/Inf) for image {image_id!r} at "
+                f"sigma={sigma}; check the model weights, the autocast dtype (fp16 overflow) and its input"
+            )
+        _, h, w = x.shape
+        counts0_np = counts0.reshape(num_classes, h, w).cpu().numpy()
+        counts_np = counts.reshape(num_classes, h, w).cpu().numpy()
+        clean_np = clean[0].cpu().numpy()
+    c_hat = select(counts0_np)
+    k = np.take_along_axis(counts_np, c_hat[None].astype(np.intp), axis=0)[0]
+    return Votes(
+        counts0=counts0_np,
+        c_hat=c_hat,
+        k=k.astype(np.uint16 if n < 2**16 else np.int32),
+        clean_pred=clean_np.astype(c_hat.dtype),
+        seconds=time.perf_counter() - start,
+        counts=counts_np if return_counts else None,
+    )

@@ -1,0 +1,390 @@
+"""One-shot / multistep DDPM denoiser: timestep rule, scaling maths, resolution modes, loading from disk."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser, load_denoiser
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def linear_scheduler(prediction_type: str = "epsilon", **kwargs):
+    return diffusers.DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type=prediction_type,
+        **kwargs,
+    )
+
+
+def tiny_unet(seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A DDPMPipeline folder, and the same UNet and a v-prediction scheduler in two separate folders."""
+    root = tmp_path_factory.mktemp("ddpm")
+    unet = tiny_unet()
+    diffusers.DDPMPipeline(unet=unet, scheduler=linear_scheduler()).save_pretrained(root / "pipe")
+    unet.save_pretrained(root / "unet_only")
+    linear_scheduler("v_prediction").save_pretrained(root / "sched_only")
+    return root, unet
+
+
+class Oracle(nn.Module):
+    """Returns the exact network target for a known clean image x0 (in [-1,1]): eps, v or x0 itself.
+
+    Records every (x_t, t) it is called with; ``extra`` appends that many junk channels (learned variance).
+    """
+
+    def __init__(self, x0_m11: torch.Tensor, abar: torch.Tensor, prediction_type: str, extra: int = 0):
+        super().__init__()
+        self.x0, self.abar, self.prediction_type, self.extra = x0_m11, abar.double(), prediction_type, extra
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append((x_t.clone(), t.clone()))
+        a = self.abar[t].view(-1, 1, 1, 1)
+        eps = (x_t.double() - a.sqrt() * self.x0) / (1 - a).sqrt()
+        target = {
+            "epsilon": eps,
+            "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * self.x0,
+            "sample": self.x0.double(),
+        }[self.prediction_type].float()
+        return (
+            torch.cat([target, torch.randn(target.shape[0], self.extra, *target.shape[2:])], 1)
+            if self.extra
+            else target
+        )
+
+
+# ----------------------------------------------------------------------------------------------- timestep
+def test_timestep_table_linear_schedule():
+    """0-based index into diffusers' alphas_cumprod: t* = 145 / 259 / 396 at sigma 0.25 / 0.5 / 1."""
+    sched = linear_scheduler()
+    den = DiffusionDenoiser(lambda x, t: x, sched.alphas_cumprod)
+    abar = sched.alphas_cumprod.double()
+    r = ((1 - abar) / abar).sqrt()
+    for sigma, expected in [(0.25, 145), (0.5, 259), (1.0, 396)]:
+        t = den.timestep(sigma)
+        assert t == expected
+        assert r[t] >= 2 * sigma > r[t - 1]  # the smallest t whose noise level covers 2 sigma
+    assert den.timestep(0.0) == 0
+    with pytest.raises(ValueError, match="beyond the noise schedule"):
+        den.timestep(100.0)
+    with pytest.raises(ValueError, match="sigma"):
+        den.timestep(-0.1)
+
+
+# -------------------------------------------------------------------------------------------- scaling maths
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("extra", [0, 3])
+def test_oracle_model_recovers_clean_image(prediction_type, extra):
+    """x_t = sqrt(abar_t*) (2(x + delta) - 1) at t*; x0_hat of the exact target is the clean image."""
+    torch.manual_seed(1)
+    sigma = 0.25
+    sched = linear_scheduler(prediction_type)
+    clean = 0.1 + 0.8 * torch.rand(2, 3, 16, 24)
+    delta = sigma * torch.randn_like(clean)
+    oracle = Oracle(2 * clean - 1, sched.alphas_cumprod, prediction_type, extra)
+    den = DiffusionDenoiser(oracle, sched.alphas_cumprod, prediction_type=prediction_type)
+    out = den(clean + delta, sigma)
+    torch.testing.assert_close(out, clean, atol=2e-5, rtol=0)
+    ((x_t, t),) = oracle.calls
+    assert t.dtype == torch.long and t.tolist() == [145, 145]
+    a = sched.alphas_cumprod[145].item()
+    torch.testing.assert_close(x_t, math.sqrt(a) * (2 * (clean + delta) - 1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_x0_hat_matches_diffusers_step(prediction_type):
+    """Independent reference: DDPMScheduler.step(...).pred_original_sample (clipped to [-1, 1])."""
+    torch.manual_seed(2)
+    sched = linear_scheduler(prediction_type, clip_sample=True)
+    out = torch.randn(2, 3, 8, 8)
+    den = DiffusionDenoiser(lambda x, t: out, sched.alphas_cumprod, prediction_type=prediction_type)
+    x_t = torch.randn(2, 3, 8, 8)
+    for t in (10, 145, 700):
+        ref = sched.step(out, t, x_t).pred_original_sample
+        torch.testing.assert_close(den.x0_hat(x_t, t), ref, atol=1e-5, rtol=0)
+
+
+def test_learned_variance_uses_first_half():
+    torch.manual_seed(3)
+    sched = linear_scheduler()
+    eps = torch.randn(1, 3, 8, 8)
+    six = DiffusionDenoiser(
+        lambda x, t: torch.cat([eps, 100 * torch.randn_like(eps)], 1), sched.alphas_cumprod
+    )
+    three = DiffusionDenoiser(lambda x, t: eps, sched.alphas_cumprod)
+    noisy = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(six(noisy, 0.5), three(noisy, 0.5))
+    bad = DiffusionDenoiser(lambda x, t: eps[:, :2], sched.alphas_cumprod)
+    with pytest.raises(ValueError, match="must return"):
+        bad(noisy, 0.5)
+
+
+def test_sigma_zero_returns_input_and_bad_input_raises():
+    den = DiffusionDenoiser(lambda x, t: torch.full_like(x, 7.0), linear_scheduler().alphas_cumprod)
+    noisy = torch.rand(2, 3, 8, 8) * 1.4 - 0.2
+    assert torch.equal(den(noisy, 0.0), noisy)
+    assert not torch.equal(den(noisy, 0.1), noisy)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        den(noisy[0], 0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        den(noisy, -1.0)
+    assert torch.equal(IdentityDenoiser()(noisy, 0.5), noisy) and IdentityDenoiser().name == "identity"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prediction_type": "x0"}, "prediction_type"),
+        ({"resolution": "crop"}, "resolution"),
+        ({"resolution": "tile"}, "sample_size"),
+        ({"resolution": "tile", "sample_size": 16, "tile_overlap": 16}, "tile_overlap"),
+        ({"multistep": -1}, "multistep"),
+        ({"multiple_of": 0}, "multiple_of"),
+    ],
+)
+def test_constructor_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionDenoiser(lambda x, t: x, linear_scheduler().alphas_cumprod, **kwargs)
+
+
+def test_constructor_rejects_bad_schedule():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        DiffusionDenoiser(lambda x, t: x, torch.tensor([0.5, 0.9]))
+
+
+# ---------------------------------------------------------------------------------------- resolution modes
+def conv_model(layers: int, seed: int = 4) -> nn.Module:
+    """A purely convolutional epsilon 'network' (3x3 convs, zero padding): receptive-field radius = layers."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(*[nn.Conv2d(3, 3, 3, padding=1) for _ in range(layers)])
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x_t, t):
+            return self.net(x_t)
+
+    return Model()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_tile_equals_native_for_local_model(layers):
+    """Receptive-field radius <= tile_overlap // 4: tiled and native outputs agree exactly (no seams)."""
+    torch.manual_seed(5)
+    sched = linear_scheduler()
+    model = conv_model(layers)
+    noisy = torch.rand(2, 3, 40, 56) + 0.25 * torch.randn(2, 3, 40, 56)
+    native = DiffusionDenoiser(model, sched.alphas_cumprod)(noisy, 0.25)
+    tiled = DiffusionDenoiser(model, sched.alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=8)(
+        noisy, 0.25
+    )
+    torch.testing.assert_close(tiled, native, atol=1e-5, rtol=0)
+    # Without overlap the tile borders see zero padding: seams, so the comparison above is not vacuous.
+    seams = DiffusionDenoiser(model, sched.alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=0)
+    assert (seams(noisy, 0.25) - native).abs().max() > 1e-3
+
+
+def test_tile_and_native_handle_sizes_off_the_grid():
+    torch.manual_seed(6)
+    sched = linear_scheduler()
+    seen: list[tuple[int, int]] = []
+
+    def model(x_t, t):
+        seen.append(tuple(x_t.shape[-2:]))
+        return torch.zeros_like(x_t)
+
+    noisy = torch.rand(1, 3, 13, 21)
+    native = DiffusionDenoiser(model, sched.alphas_cumprod, multiple_of=8)(noisy, 0.25)
+    assert native.shape == noisy.shape and seen == [(16, 24)]
+    seen.clear()
+    tiled = DiffusionDenoiser(model, sched.alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=4)(
+        noisy, 0.25
+    )
+    assert tiled.shape == noisy.shape and set(seen) == {(16, 16)} and len(seen) == 2
+    # zero epsilon: x0_hat = x_t / sqrt(abar) = 2 noisy - 1, so both modes return clip(noisy) exactly
+    torch.testing.assert_close(native, noisy.clamp(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiled, noisy.clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_resize_uses_effective_sigma_of_area_downsampling():
+    """Factors (2, 4): the model sees avg-pooled noise of std sigma / sqrt(8), and t* is chosen for that."""
+    torch.manual_seed(7)
+    sigma = 0.5
+    sched = linear_scheduler()
+    calls = []
+
+    def model(x_t, t):
+        calls.append((x_t, t))
+        return torch.zeros_like(x_t)
+
+    den = DiffusionDenoiser(model, sched.alphas_cumprod, resolution="resize", sample_size=32)
+    clean = torch.full((1, 3, 64, 128), 0.5)
+    out = den(clean + sigma * torch.randn_like(clean), sigma)
+    assert out.shape == clean.shape
+    ((x_t, t),) = calls
+    assert x_t.shape[-2:] == (32, 32)
+    assert den.effective_sigma(sigma, 64, 128) == pytest.approx(sigma / math.sqrt(8))
+    assert int(t[0]) == den.timestep(sigma / math.sqrt(8)) < den.timestep(sigma)
+    a = sched.alphas_cumprod[int(t[0])].item()
+    measured = (x_t / math.sqrt(a) + 1).div(2).sub(0.5).std().item()  # the pooled noise, back in [0,1] units
+    assert measured == pytest.approx(sigma / math.sqrt(8), rel=0.05)
+    with pytest.raises(ValueError, match="integer multiples of sample_size"):
+        den(torch.rand(1, 3, 48, 64), sigma)
+
+
+# -------------------------------------------------------------------------------------------- multistep
+def test_multistep_oracle_recovers_clean_image_on_evenly_spaced_steps():
+    torch.manual_seed(8)
+    sched = linear_scheduler()
+    clean = 0.1 + 0.8 * torch.rand(1, 3, 8, 8)
+    oracle = Oracle(2 * clean - 1, sched.alphas_cumprod, "epsilon")
+    den = DiffusionDenoiser(oracle, sched.alphas_cumprod, multistep=3)
+    torch.testing.assert_close(den(clean + 0.25 * torch.randn_like(clean), 0.25), clean, atol=2e-5, rtol=0)
+    assert [int(t[0]) for _, t in oracle.calls] == [145, 97, 48]
+
+
+def test_multistep_matches_ancestral_ddpm_steps():
+    """K = t*: every step is a plain DDPM step; reference = DDPMScheduler.step with the same generator."""
+    torch.manual_seed(9)
+    sched = linear_scheduler(clip_sample=True)
+    model = conv_model(1, seed=10)
+    sigma = 0.03
+    noisy = torch.rand(1, 3, 8, 8)
+    den = DiffusionDenoiser(model, sched.alphas_cumprod, multistep=1)
+    t_star = den.timestep(sigma)
+    assert 3 < t_star < 40
+    den = DiffusionDenoiser(model, sched.alphas_cumprod, multistep=t_star, multistep_seed=11)
+    with torch.no_grad():
+        out = den(noisy, sigma)
+        generator = torch.Generator().manual_seed(11)
+        x = math.sqrt(sched.alphas_cumprod[t_star].item()) * (2 * noisy - 1)
+        for t in range(t_star, 1, -1):
+            x = sched.step(model(x, torch.tensor([t])), t, x, generator=generator).prev_sample
+        x0 = sched.step(model(x, torch.tensor([1])), 1, x).pred_original_sample
+    torch.testing.assert_close(out, (x0 + 1) / 2, atol=1e-4, rtol=0)
+
+
+def test_multistep_is_deterministic_and_batch_independent():
+    torch.manual_seed(12)
+    sched = linear_scheduler()
+    model = conv_model(1)
+    den = DiffusionDenoiser(model, sched.alphas_cumprod, multistep=4, multistep_seed=3)
+    noisy = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        batch = den(noisy, 0.25)
+        torch.testing.assert_close(den(noisy, 0.25), batch, atol=0, rtol=0)
+        for i in range(3):
+            torch.testing.assert_close(den(noisy[i : i + 1], 0.25), batch[i : i + 1], atol=1e-6, rtol=0)
+        one_shot = DiffusionDenoiser(model, sched.alphas_cumprod)(noisy, 0.25)
+        other_seed = DiffusionDenoiser(model, sched.alphas_cumprod, multistep=4, multistep_seed=4)(
+            noisy, 0.25
+        )
+    assert (batch - one_shot).abs().max() > 1e-3 and (batch - other_seed).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def test_from_pretrained_pipeline_folder_and_separate_folders(saved):
+    root, unet = saved
+    noisy = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        x_t = math.sqrt(linear_scheduler().alphas_cumprod[145].item()) * (2 * noisy - 1)
+        expected = (
+            x_t
+            - math.sqrt(1 - linear_scheduler().alphas_cumprod[145].item())
+            * unet(x_t, torch.full((2,), 145)).sample
+        ) / math.sqrt(linear_scheduler().alphas_cumprod[145].item())
+        expected = (expected.clamp(-1, 1) + 1) / 2
+        pipe = DiffusionDenoiser.from_pretrained(root / "pipe")
+        torch.testing.assert_close(pipe(noisy, 0.25), expected, atol=1e-5, rtol=0)
+    assert pipe.prediction_type == "epsilon" and pipe.sample_size == 16 and pipe.name.startswith("pipe-")
+    separate = DiffusionDenoiser.from_pretrained(unet=root / "unet_only", scheduler=root / "sched_only")
+    assert separate.prediction_type == "v_prediction" and separate.name.startswith("unet_only-")
+    assert separate.name != DiffusionDenoiser.from_pretrained(root / "pipe", multistep=2).name != pipe.name
+    tiled = DiffusionDenoiser.from_pretrained(root / "pipe", resolution="tile", tile_overlap=4)
+    with torch.no_grad():
+        assert tiled(torch.rand(1, 3, 20, 28), 0.5).shape == (1, 3, 20, 28)
+
+
+def test_from_pretrained_bfloat16(saved):
+    root, _ = saved
+    den = DiffusionDenoiser.from_pretrained(root / "pipe", dtype="bfloat16")
+    assert den.model.unet.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = den(torch.rand(1, 3, 16, 16), 0.25)
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_from_pretrained_errors(saved, tmp_path):
+    root, _ = saved
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DiffusionDenoiser.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="unet/"):
+        DiffusionDenoiser.from_pretrained(tmp_path / "empty")
+    (tmp_path / "cond").mkdir()
+    (tmp_path / "cond" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ValueError, match="UNet2DConditionModel"):
+        DiffusionDenoiser.from_pretrained(tmp_path / "cond", scheduler=root / "sched_only")
+    with pytest.raises(ValueError, match="path="):
+        DiffusionDenoiser.from_pretrained()
+
+
+def test_load_denoiser_specs(saved):
+    root, _ = saved
+    assert load_denoiser(None, device="cpu", dtype=torch.float32) is None
+    assert isinstance(
+        load_denoiser({"kind": "identity"}, device="cpu", dtype=torch.float32), IdentityDenoiser
+    )
+    den = load_denoiser(
+        {
+            "kind": "diffusers",
+            "path": str(root / "pipe"),
+            "resolution": "tile",
+            "tile_overlap": 4,
+            "multistep": 2,
+        },
+        device="cpu",
+        dtype=torch.float32,
+    )
+    assert (den.resolution, den.tile_overlap, den.multistep) == ("tile", 4, 2)
+    den = load_denoiser(
+        {"kind": "diffusers", "unet": str(root / "unet_only"), "scheduler": str(root / "sched_only")},
+        device="cpu",
+        dtype=torch.float32,
+    )
+    assert den.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_denoiser(
+            {"kind": "diffusers", "path": str(root / "pipe"), "overlap": 4}, device="cpu", dtype=torch.float32
+        )
+    with pytest.raises(ValueError, match="unknown denoiser kind"):
+        load_denoiser({"kind": "dncnn"}, device="cpu", dtype=torch.float32)
+    with pytest.raises(TypeError, match="dict"):
+        load_denoiser("identity", device="cpu", dtype=torch.float32)
