@@ -1,0 +1,358 @@
+"""ADMUNet against outputs of OpenAI's guided-diffusion code; checkpoint errors; schedules; ADM denoiser.
+
+tests/data/adm/ holds data produced by running the public guided-diffusion code (see its README in
+/work/shared/reference/guided_diffusion): a small model's state_dict, its flags, inputs and the original
+outputs, and the key/shape list of the 256x256 unconditional checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ray_certseg.models.adm import (
+    ADM_PRESETS,
+    ADMUNet,
+    AttentionBlock,
+    adm_alphas_cumprod,
+    load_adm_checkpoint,
+    load_adm_unet,
+)
+
+DATA = Path(__file__).parent / "data" / "adm"
+SMALL_PT = DATA / "adm_small.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: one intra-op thread avoids oversubscription on shared CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_flags() -> dict:
+    return json.loads((DATA / "adm_small_flags.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def vectors() -> dict[str, torch.Tensor]:
+    with np.load(DATA / "adm_small_vectors.npz") as npz:
+        return {k: torch.from_numpy(npz[k]) for k in npz.files}
+
+
+@pytest.fixture(scope="module")
+def small_model(small_flags) -> ADMUNet:
+    return load_adm_unet(SMALL_PT, small_flags)
+
+
+# --- the UNet against the original code -----------------------------------------------------------
+
+
+def test_small_checkpoint_loads_strictly_with_plain_torch_load(small_flags):
+    model = ADMUNet(**small_flags)
+    result = model.load_state_dict(torch.load(SMALL_PT, map_location="cpu", weights_only=True), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_small_model_reproduces_original_outputs(small_model, vectors):
+    with torch.no_grad():
+        y = small_model(vectors["x0"], vectors["t0"])
+    assert y.shape == vectors["y0"].shape == (2, 6, 32, 32)
+    assert y.dtype == torch.float32
+    assert (y - vectors["y0"]).abs().max().item() < 1e-4
+
+
+def test_scalar_timestep_is_broadcast(small_model, vectors):
+    x = vectors["x0"]
+    t = int(vectors["t0"][0])
+    with torch.no_grad():
+        y_scalar = small_model(x, torch.tensor(t))
+        y_vector = small_model(x, torch.full((x.shape[0],), t))
+    torch.testing.assert_close(y_scalar, y_vector)
+
+
+def test_new_attention_order_is_not_the_legacy_one(small_flags, vectors):
+    model = ADMUNet(**{**small_flags, "use_new_attention_order": True})
+    model.load_state_dict(torch.load(SMALL_PT, weights_only=True))
+    with torch.no_grad():
+        y = model.eval()(vectors["x0"], vectors["t0"])
+    assert (y - vectors["y0"]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_attention_matches_per_head_softmax(new_order):
+    """softmax(q^T k / sqrt(d)) v per head, with qkv channels laid out per head (legacy) or q|k|v (new)."""
+    heads, d, length, b = 2, 32, 10, 3
+    block = AttentionBlock(heads * d, heads, -1, new_order)
+    qkv = torch.randn(b, 3 * heads * d, length, generator=torch.Generator().manual_seed(0))
+    if new_order:
+        q, k, v = qkv.reshape(b, 3, heads, d, length).unbind(1)
+    else:
+        q, k, v = qkv.reshape(b, heads, 3, d, length).unbind(2)
+    w = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / math.sqrt(d), dim=-1)
+    expected = torch.einsum("bhts,bhcs->bhct", w, v).reshape(b, heads * d, length)
+    torch.testing.assert_close(block.attention(qkv), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_blocks_stay_close_to_float32(small_flags, small_model, vectors):
+    """guided-diffusion's use_fp16 scheme: only block convolutions are cast; output in the input's dtype."""
+    half = load_adm_unet(SMALL_PT, small_flags).convert_blocks_to(torch.float16)
+    assert half.block_dtype == torch.float16
+    assert half.out[2].weight.dtype == torch.float32
+    assert half.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # GroupNorm stays float32
+    with torch.no_grad():
+        y16 = half(vectors["x0"], vectors["t0"])
+        y32 = small_model(vectors["x0"], vectors["t0"])
+    assert y16.dtype == torch.float32
+    err = (y16 - y32).abs().max().item()
+    assert 0 < err < 0.02 * y32.abs().max().item()
+
+
+# --- the architecture of the paper's checkpoint ---------------------------------------------------
+
+
+def test_256_uncond_flags_give_exactly_the_checkpoint_keys_and_shapes():
+    ref = json.loads((DATA / "adm_256x256_uncond_keys.json").read_text())
+    assert ADM_PRESETS["256x256_uncond"] == ref["flags"]
+    with torch.device("meta"):
+        model = ADMUNet(**ref["flags"])
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == ref["state_dict_shapes"]
+    assert sum(p.numel() for p in model.parameters()) == 552_814_086
+    assert model.multiple_of == 32
+
+
+def test_channel_mult_parsing():
+    with torch.device("meta"):
+        assert ADMUNet(256, 64, 1, channel_mult="").channel_mult == (1, 1, 2, 2, 4, 4)
+        assert ADMUNet(64, 64, 1, channel_mult="1,2,2").channel_mult == (1, 2, 2)
+        assert ADMUNet(64, 64, 1, channel_mult=(1, 2)).channel_mult == (1, 2)
+    with pytest.raises(ValueError, match="channel_mult"):
+        ADMUNet(100, 32, 1, channel_mult="")
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        ADMUNet(64, 32, 1, channel_mult="1,2", attention_resolutions="16,x")
+
+
+def test_conv_resampling_uses_guided_diffusion_names():
+    """Without resblock_updown the resamplers are convs named op (down) and conv (up)."""
+    with torch.device("meta"):
+        model = ADMUNet(32, 32, 1, channel_mult="1,2", attention_resolutions="16", resblock_updown=False)
+    keys = set(model.state_dict())
+    assert "input_blocks.2.0.op.weight" in keys
+    assert "output_blocks.1.2.conv.weight" in keys
+    assert not any("emb_layers" in k for k in keys if k.startswith("input_blocks.2."))
+
+
+def test_forward_rejects_bad_sizes_and_labels(small_model):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        small_model(torch.zeros(1, 3, 30, 32), torch.tensor([1]))
+    with pytest.raises(ValueError, match="class labels"):
+        small_model(torch.zeros(1, 3, 32, 32), torch.tensor([1]), y=torch.tensor([0]))
+
+
+# --- checkpoint loading errors --------------------------------------------------------------------
+
+
+def test_pickle_needing_checkpoint_is_refused(tmp_path, small_model):
+    path = tmp_path / "whole_model.pt"
+    torch.save(small_model, path)  # pickles the module: loading it would run code
+    with pytest.raises(ValueError, match=r"refusing to load .*whole_model\.pt.*state_dict"):
+        load_adm_checkpoint(path)
+
+
+def test_non_state_dict_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "step": 3}, path)
+    with pytest.raises(ValueError, match=r"wrapped\.pt does not hold a state_dict"):
+        load_adm_checkpoint(path)
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_adm_checkpoint(tmp_path / "nowhere.pt")
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (
+            {"attention_resolutions": "16"},
+            r"missing keys: \['output_blocks.*unexpected keys: \['input_blocks.5.1.norm",
+        ),
+        ({"learn_sigma": False}, r"out\.2\.weight: checkpoint \(6, 32, 3, 3\) vs model \(3, 32, 3, 3\)"),
+        ({"num_channels": 64}, r"shape mismatches"),
+    ],
+)
+def test_wrong_flags_give_a_clear_key_mismatch_error(small_flags, change, pattern):
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_adm_unet(SMALL_PT, {**small_flags, **change})
+    message = str(info.value)
+    assert "adm_small.pt" in message and "wrong flags" in message
+
+
+# --- noise schedules ------------------------------------------------------------------------------
+
+
+def test_linear_schedule_matches_diffusers_ddpm():
+    from diffusers import DDPMScheduler
+
+    ours = adm_alphas_cumprod("linear", 1000)
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    assert ours.dtype == torch.float32 and ours.shape == (1000,)
+    torch.testing.assert_close(ours, theirs.alphas_cumprod, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_schedule_is_rescaled_for_other_step_counts():
+    from diffusers import DDPMScheduler
+
+    theirs = DDPMScheduler(
+        num_train_timesteps=4000, beta_schedule="linear", beta_start=0.25e-4, beta_end=0.005
+    )
+    torch.testing.assert_close(
+        adm_alphas_cumprod("linear", 4000), theirs.alphas_cumprod, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_cosine_schedule_matches_diffusers_squaredcos():
+    from diffusers import DDPMScheduler
+
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    torch.testing.assert_close(
+        adm_alphas_cumprod("cosine", 1000), theirs.alphas_cumprod, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_schedule_rejects_bad_input():
+    with pytest.raises(ValueError, match="noise_schedule"):
+        adm_alphas_cumprod("quadratic", 1000)
+    with pytest.raises(ValueError, match="diffusion_steps"):
+        adm_alphas_cumprod("linear", 0)
+
+
+# --- the ADM denoiser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def load_adm_denoiser():
+    pytest.importorskip(
+        "ray_certseg.models.denoisers", reason="DiffusionDenoiser is written in another module"
+    )
+    from ray_certseg.models.adm import load_adm_denoiser
+
+    return load_adm_denoiser
+
+
+@pytest.fixture(scope="module")
+def small_spec(small_flags) -> dict:
+    return {
+        "kind": "adm",
+        "checkpoint": str(SMALL_PT),
+        "flags": small_flags,
+        "noise_schedule": "linear",
+        "diffusion_steps": 1000,
+        "resolution": "native",
+    }
+
+
+def _one_shot(model: ADMUNet, noisy: torch.Tensor, sigma: float, t: int, channels: slice) -> torch.Tensor:
+    """Carlini et al.'s one-shot x0 from an epsilon model.
+
+    x_t = sqrt(abar)(2x - 1), x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), clipped, mapped to [0, 1].
+    """
+    abar = adm_alphas_cumprod("linear", 1000)[t].double()
+    x_t = (abar.sqrt() * (2 * noisy.double() - 1)).float()
+    with torch.no_grad():
+        eps = model(x_t, torch.full((noisy.shape[0],), t))[:, channels].double()
+    x0 = ((x_t.double() - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+    return ((x0 + 1) / 2).float()
+
+
+def test_adm_denoiser_end_to_end(load_adm_denoiser, small_spec, small_model):
+    denoiser = load_adm_denoiser(small_spec)
+    assert denoiser.timestep(0.25) == 145  # linear 1000-step schedule, method.md section 3.4
+    assert denoiser.timestep(0.5) == 259
+    sigma = 0.25
+    clean = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    noisy = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = denoiser(noisy, sigma)
+    assert out.shape == (2, 3, 32, 32)
+    t = denoiser.timestep(sigma)
+    epsilon = _one_shot(small_model, noisy, sigma, t, slice(0, 3))
+    variance = _one_shot(small_model, noisy, sigma, t, slice(3, 6))
+    torch.testing.assert_close(out, epsilon, rtol=1e-4, atol=1e-4)  # the first 3 (epsilon) channels are used
+    assert (out - variance).abs().max().item() > 1e-2
+
+
+def test_adm_denoiser_pads_native_sizes(load_adm_denoiser, small_spec):
+    denoiser = load_adm_denoiser(small_spec)
+    noisy = torch.rand(1, 3, 30, 42)
+    with torch.no_grad():
+        out = denoiser(noisy, 0.5)
+    assert out.shape == (1, 3, 30, 42)
+    assert 0.0 <= out.min().item() and out.max().item() <= 1.0
+
+
+def test_adm_denoiser_is_float32_on_cpu_whatever_dtype(load_adm_denoiser, small_spec):
+    noisy = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out32 = load_adm_denoiser(small_spec)(noisy, 0.33)
+        out16 = load_adm_denoiser(small_spec, dtype=torch.float16)(noisy, 0.33)
+    torch.testing.assert_close(out16, out32, rtol=0, atol=0)
+
+
+def test_adm_denoiser_reads_a_flags_file(load_adm_denoiser, small_spec, small_flags, tmp_path):
+    flags_file = tmp_path / "flags.json"  # guided-diffusion scripts dump model and diffusion flags together
+    flags_file.write_text(
+        json.dumps(
+            {**small_flags, "diffusion_steps": 1000, "noise_schedule": "cosine", "timestep_respacing": ""}
+        )
+    )
+    spec = {"kind": "adm", "checkpoint": str(SMALL_PT), "flags_file": str(flags_file)}
+    cosine = adm_alphas_cumprod("cosine", 1000)
+    r = (1 - cosine) / cosine
+    assert load_adm_denoiser(spec).timestep(0.25) == int(torch.nonzero(r >= 0.25).min())
+    assert load_adm_denoiser({**spec, "noise_schedule": "linear"}).timestep(0.25) == 145
+
+
+def test_adm_denoiser_with_the_paper_preset_names_the_flag_mismatch(load_adm_denoiser):
+    with pytest.raises(ValueError, match=r"adm_small\.pt does not fit .*wrong flags"):
+        load_adm_denoiser({"kind": "adm", "checkpoint": str(SMALL_PT), "preset": "256x256_uncond"})
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        ({"tile_size": 256}, ValueError, "unknown keys \\['tile_size'\\]"),
+        ({"flags": {"num_chanels": 32}}, ValueError, "unknown ADM flags \\['num_chanels'\\]"),
+        ({"flags": {"class_cond": True}}, ValueError, "class_cond"),
+        ({"preset": "512x512_cond"}, ValueError, "unknown ADM preset"),
+        ({"flags": "image_size=32"}, TypeError, "mapping"),
+        ({"checkpoint": "missing/256x256_diffusion_uncond.pt"}, FileNotFoundError, "missing/256x256"),
+    ],
+)
+def test_adm_denoiser_rejects_bad_specs(load_adm_denoiser, small_spec, change, error, pattern):
+    with pytest.raises(error, match=pattern):
+        load_adm_denoiser({**small_spec, **change})
+
+
+@pytest.mark.parametrize("config", ["paper_cityscapes.yaml", "paper_pascal_context.yaml"])
+def test_paper_configs_point_the_adm_loader_at_the_checkpoint(
+    load_adm_denoiser, config, tmp_path, monkeypatch
+):
+    from ray_certseg.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # relative paths stay relative: no checkpoint here
+    cfg = load_config(Path(__file__).parents[1] / "configs" / config)
+    spec = cfg.models.denoisers[cfg.methods["diffusion"].denoiser]
+    assert cfg.sampling.n0 == 10 and cfg.sampling.n == 100 and cfg.certify.taus == (0.75,)
+    with pytest.raises(FileNotFoundError, match="256x256_diffusion_uncond.pt"):
+        load_adm_denoiser(spec)
