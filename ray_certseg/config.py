@@ -1,0 +1,659 @@
+"""Typed, validated job configuration: YAML file + ``--set key.sub=value`` overrides -> :class:`JobConfig`.
+
+Shape (defaults shown; ``dataset``, ``models`` and ``methods`` have no defaults)::
+
+    name: job
+    output: outputs/<name>               # local or s3://
+    storage_options: {}                  # fsspec options (object stores); redacted in to_dict(), never logged
+    dataset: {kind: manifest|cityscapes|pascal_context, root: PATH, manifest: PATH, split: val, name: <kind>,
+              limit: null, subset: null | {count: N} | {every: m}, scale: 1.0, resize: null | [H, W],
+              num_classes: (19 cityscapes, 59 pascal_context, required for manifest), ignore_index: 255,
+              class_names: null | [...], label_map: null | {value: class or ignore_index}}
+    models:
+      segmenters: {NAME: {kind: module|torchscript|torchvision|segformer, ...}}
+      denoisers:  {NAME: {kind: identity|diffusers|adm, ...}}
+    methods: {NAME: {segmenter: NAME, denoiser: NAME | null}}
+    sampling: {sigmas: [0.25, 0.5], n0: 10, n: 100, batch_size: 16, seed: 0, device: auto, dtype: float32,
+               channels_last: false, compile: false, store_counts: false}
+    certify: {taus: [0.75], alphas: [0.001], corrections: [holm, bonferroni]}
+    ray: {address: null, actors: 1 | {min: 1, max: 4}, num_gpus_per_actor: 0, num_cpus_per_actor: 1,
+          batch_size: 1, max_tasks_in_flight_per_actor: 2}
+
+Validation follows the method: sigma > 0, 0.5 < tau < 1, 0 < alpha < 1, n0 >= 1, 1 <= n < 65536 (the vote
+count k is stored as uint16). Every error names its key path, e.g. ``sampling.n0: must be an integer >= 1,
+got -3`` or ``unknown key 'sampling.batchsize' (did you mean 'batch_size'?)``.
+
+Relative paths (``dataset.root``, ``dataset.manifest``, and in model specs the keys ``path``, ``weights``,
+``checkpoint``, ``unet``, ``scheduler`` and any key ending in ``_path``, ``_file`` or ``_dir``) are resolved
+against the current working directory if they exist there, else against the config file's directory if they
+exist there, else left as written (so a hub id or a path that only exists on the workers passes through).
+``output`` is made absolute against the current working directory. URLs (``s3://...``) are never changed.
+Model specs are otherwise free-form (the model loaders validate them), but their ``kind`` must be known.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ray_certseg import storage
+
+DATASET_KINDS = ("manifest", "cityscapes", "pascal_context")
+DEFAULT_NUM_CLASSES = {"cityscapes": 19, "pascal_context": 59}
+SEGMENTER_KINDS = ("module", "torchscript", "torchvision", "segformer")
+DENOISER_KINDS = ("identity", "diffusers", "adm")
+CORRECTIONS = ("holm", "bonferroni")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+SPLIT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MODEL_PATH_KEYS = ("path", "weights", "checkpoint", "unet", "scheduler")
+MODEL_PATH_SUFFIXES = ("_path", "_file", "_dir")
+MAX_N = 65535
+UINT8_LABEL_CLASSES = 254
+
+
+class ConfigError(ValueError):
+    """An invalid job configuration; the message starts with the offending key path."""
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _fail(path: str, requirement: str, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: must be {requirement}, got {_show(value)}")
+
+
+def _mapping(value: Any, path: str, allowed: Iterable[str] | None = None) -> dict[str, Any]:
+    """``value`` as a dict (``None`` -> ``{}``); keys outside ``allowed`` are errors with a suggestion."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(path, "a mapping", value)
+    if allowed is not None:
+        allowed = list(allowed)
+        for key in value:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+                raise ConfigError(f"unknown key {_join(path, key)!r} ({hint})")
+    return dict(value)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _integer(value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and (lo is None or value >= lo) and (hi is None or value <= hi):
+        return int(value)
+    if lo is not None and hi is not None:
+        raise _fail(path, f"an integer in [{lo}, {hi}]", value)
+    raise _fail(path, f"an integer >= {lo}" if lo is not None else "an integer", value)
+
+
+def _number(
+    value: Any, path: str, ok: Callable[[float], bool] = lambda x: True, requirement: str = "a number"
+) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and ok(float(value)):
+        return float(value)
+    raise _fail(path, requirement, value)
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _fail(path, "true or false", value)
+
+
+def _string(
+    value: Any, path: str, pattern: re.Pattern[str] | None = None, requirement: str = "a string"
+) -> str:
+    if isinstance(value, str) and value and (pattern is None or pattern.fullmatch(value)):
+        return value
+    raise _fail(path, requirement, value)
+
+
+def _choice(value: Any, path: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if isinstance(value, str) and value in choices:
+        return value
+    raise _fail(path, f"one of {', '.join(choices)}", value)
+
+
+def _name(value: Any, path: str) -> str:
+    return _string(value, path, NAME_PATTERN, "a name of letters, digits, '_' and '-'")
+
+
+def _list(value: Any, path: str, item: Callable[[Any, str], Any]) -> tuple[Any, ...]:
+    """A non-empty list of distinct items, each checked by ``item``; a scalar counts as a list of one."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise _fail(path, "a non-empty list", value)
+    out = tuple(item(v, f"{path}[{i}]") for i, v in enumerate(items))
+    for i, v in enumerate(out):
+        if v in out[:i]:
+            raise ConfigError(f"{path}[{i}]: duplicate value {_show(v)}")
+    return out
+
+
+def _resolve(value: str, base_dir: Path | None) -> str:
+    """A relative local path -> absolute against the working directory if it exists there, else against
+    ``base_dir`` if it exists there, else unchanged."""
+    if not storage.is_local(value):
+        return value
+    if os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    for root in (Path.cwd(), base_dir):
+        if root is not None and (root / value).exists():
+            return str((root / value).resolve())
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively (to_dict output is JSON/YAML-stable)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class Subset:
+    """SegCertify's evaluation subset: ``count`` N -> stride m = floor(len / N), the first N of items
+    0, m, 2m, ...; or ``every`` m -> items 0, m, 2m, ..."""
+
+    count: int | None = None
+    every: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> Subset | None:
+        if data is None:
+            return None
+        d = _mapping(data, path, ("count", "every"))
+        if len(d) != 1:
+            raise _fail(path, "null, {count: N} or {every: m}", data)
+        key, value = next(iter(d.items()))
+        return cls(**{key: _integer(value, _join(path, key), 1)})
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count} if self.count is not None else {"every": self.every}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the images and labels are and how to read them (see :mod:`ray_certseg.data`).
+
+    ``label_map`` is applied after the layout's built-in map (Cityscapes labelIds -> trainIds, Pascal-Context
+    shift); values it does not list are kept. ``storage_options`` are the job's merged with the dataset's own.
+    """
+
+    kind: str
+    num_classes: int
+    root: str | None = None
+    manifest: str | None = None
+    split: str = "val"
+    name: str = ""
+    limit: int | None = None
+    subset: Subset | None = None
+    scale: float = 1.0
+    resize: tuple[int, int] | None = None
+    ignore_index: int = 255
+    class_names: tuple[str, ...] | None = None
+    label_map: dict[int, int] | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    KEYS = (
+        "kind",
+        "root",
+        "manifest",
+        "split",
+        "name",
+        "limit",
+        "subset",
+        "scale",
+        "resize",
+        "num_classes",
+        "ignore_index",
+        "class_names",
+        "label_map",
+        "storage_options",
+    )
+
+    @property
+    def label_dtype(self) -> type:
+        """uint8 when num_classes <= 254 (room for the ignore label), else uint16."""
+        import numpy as np
+
+        return np.uint8 if self.num_classes <= UINT8_LABEL_CLASSES else np.uint16
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Any,
+        path: str = "dataset",
+        *,
+        base_dir: Path | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> DatasetConfig:
+        """Validate a dataset mapping. ``storage_options`` (the job's) are merged under the dataset's own."""
+        d = _mapping(data, path, cls.KEYS)
+        p = lambda key: _join(path, key)
+        kind = _choice(d.get("kind"), p("kind"), DATASET_KINDS)
+        num_classes = d.get("num_classes", DEFAULT_NUM_CLASSES.get(kind))
+        if num_classes is None:
+            raise ConfigError(f"{p('num_classes')}: required for kind {kind!r} (an integer >= 1)")
+        num_classes = _integer(num_classes, p("num_classes"), 1, MAX_N)
+        ignore = _ignore_index(d.get("ignore_index", 255), p("ignore_index"), num_classes)
+        limit, resize, class_names = d.get("limit"), d.get("resize"), d.get("class_names")
+        return cls(
+            kind=kind,
+            num_classes=num_classes,
+            **_dataset_paths(d, kind, path, base_dir),
+            split=_string(
+                d.get("split", "val"),
+                p("split"),
+                SPLIT_PATTERN,
+                "a split name of letters, digits, '.', '_' and '-'",
+            ),
+            name=_name(d.get("name") or kind, p("name")),
+            limit=None if limit is None else _integer(limit, p("limit"), 1),
+            subset=Subset.from_dict(d.get("subset"), p("subset")),
+            scale=_number(d.get("scale", 1.0), p("scale"), lambda x: x > 0, "a number > 0"),
+            resize=None if resize is None else _pair(resize, p("resize")),
+            ignore_index=ignore,
+            class_names=None if class_names is None else _names(class_names, p("class_names"), num_classes),
+            label_map=_label_map(d.get("label_map"), p("label_map"), num_classes, ignore),
+            storage_options={
+                **dict(storage_options or {}),
+                **_mapping(d.get("storage_options"), p("storage_options")),
+            },
+        )
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """A plain mapping that :meth:`from_dict` reads back; label_map keys become strings (JSON-stable)."""
+        d = {k: getattr(self, k) for k in self.KEYS if k not in ("subset", "label_map", "storage_options")}
+        d["subset"] = self.subset.to_dict() if self.subset else None
+        d["label_map"] = (
+            {str(k): v for k, v in self.label_map.items()} if self.label_map is not None else None
+        )
+        d["storage_options"] = (
+            storage.redact_options(self.storage_options) if redact else dict(self.storage_options)
+        )
+        return _plain(d)
+
+
+def _ignore_index(value: Any, path: str, num_classes: int) -> int:
+    """Not a class id, and representable in the label dtype (uint8 up to 254 classes, else uint16)."""
+    top = 255 if num_classes <= UINT8_LABEL_CLASSES else MAX_N
+    ok = isinstance(value, int) and not isinstance(value, bool) and num_classes <= value <= top
+    if not ok:
+        dtype = "uint8" if top == 255 else "uint16"
+        raise _fail(
+            path,
+            f"an integer in [{num_classes}, {top}] (not a class id; labels are {dtype} for "
+            f"{num_classes} classes)",
+            value,
+        )
+    return int(value)
+
+
+def _dataset_paths(
+    d: Mapping[str, Any], kind: str, path: str, base_dir: Path | None
+) -> dict[str, str | None]:
+    """``manifest`` for kind manifest, ``root`` for the folder layouts; the other one must be absent."""
+    used, unused = ("manifest", "root") if kind == "manifest" else ("root", "manifest")
+    requirement = (
+        "a path to a CSV or Parquet file with columns image_path,label_path[,image_id]"
+        if kind == "manifest"
+        else "a path to the dataset folder"
+    )
+    if d.get(unused) is not None:
+        reason = " (paths in the manifest are relative to its folder)" if kind == "manifest" else ""
+        raise ConfigError(f"{_join(path, unused)}: not used by kind {kind!r}{reason}; remove it")
+    return {
+        used: _resolve(_string(d.get(used), _join(path, used), requirement=requirement), base_dir),
+        unused: None,
+    }
+
+
+def _pair(value: Any, path: str) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _fail(path, "null or [height, width]", value)
+    return _integer(value[0], f"{path}[0]", 1), _integer(value[1], f"{path}[1]", 1)
+
+
+def _names(value: Any, path: str, num_classes: int) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != num_classes:
+        raise _fail(path, f"null or a list of {num_classes} names", value)
+    return tuple(_string(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+def _label_map(value: Any, path: str, num_classes: int, ignore: int) -> dict[int, int] | None:
+    """{stored value: class id or the ignore index}; keys may be digit strings (``--set``, JSON)."""
+    if value is None:
+        return None
+    out = {}
+    for key, target in _mapping(value, path).items():
+        raw = int(key) if isinstance(key, str) and key.isdigit() else key
+        item = f"{path}.{key}"
+        _integer(raw, f"{item} (the key)", 0, MAX_N)
+        if not (
+            isinstance(target, int)
+            and not isinstance(target, bool)
+            and (0 <= target < num_classes or target == ignore)
+        ):
+            raise _fail(item, f"a class id in [0, {num_classes}) or the ignore index {ignore}", target)
+        out[raw] = int(target)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- models, methods
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Named model specs, free-form dicts for the loaders (``kind`` checked here)."""
+
+    segmenters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    denoisers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "models", *, base_dir: Path | None = None) -> ModelsConfig:
+        d = _mapping(data, path, ("segmenters", "denoisers"))
+        groups = {}
+        for group, kinds in (("segmenters", SEGMENTER_KINDS), ("denoisers", DENOISER_KINDS)):
+            gpath = _join(path, group)
+            specs = {}
+            for name, spec in _mapping(d.get(group), gpath).items():
+                spath = _join(gpath, name)
+                _name(name, f"{spath} (the name)")
+                spec = _mapping(spec, spath)
+                if "kind" not in spec:
+                    raise ConfigError(f"{_join(spath, 'kind')}: required (one of {', '.join(kinds)})")
+                _choice(spec["kind"], _join(spath, "kind"), kinds)
+                specs[name] = {
+                    k: _resolve(v, base_dir) if _is_path_key(k) and isinstance(v, str) else v
+                    for k, v in spec.items()
+                }
+            groups[group] = specs
+        return cls(**groups)
+
+
+def _is_path_key(key: str) -> bool:
+    return key in MODEL_PATH_KEYS or str(key).endswith(MODEL_PATH_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One certified pipeline: a segmenter, optionally behind a denoiser."""
+
+    segmenter: str
+    denoiser: str | None = None
+
+
+def _methods_from_dict(data: Any, models: ModelsConfig, path: str = "methods") -> dict[str, MethodConfig]:
+    methods = {}
+    for name, spec in _mapping(data, path).items():
+        mpath = _join(path, name)
+        _name(name, f"{mpath} (the name)")
+        spec = _mapping(spec, mpath, ("segmenter", "denoiser"))
+        refs = {}
+        for key, group in (("segmenter", models.segmenters), ("denoiser", models.denoisers)):
+            ref = spec.get(key)
+            if ref is None and key == "denoiser":
+                refs[key] = None
+                continue
+            if ref not in group:
+                close = difflib.get_close_matches(str(ref), list(group), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"defined: {', '.join(group) or 'none'}"
+                raise ConfigError(f"{_join(mpath, key)}: unknown {key} {_show(ref)} (models.{key}s: {hint})")
+            refs[key] = ref
+        methods[name] = MethodConfig(**refs)
+    if not methods:
+        raise ConfigError(
+            f"{path}: at least one method {{NAME: {{segmenter: NAME, denoiser: NAME | null}}}} is required"
+        )
+    return methods
+
+
+# ------------------------------------------------------------------------------------ sampling, certify, ray
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Monte Carlo sampling: n0 selection and n estimation samples per (image, method, sigma)."""
+
+    sigmas: tuple[float, ...] = (0.25, 0.5)
+    n0: int = 10
+    n: int = 100
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
+    store_counts: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "sampling") -> SamplingConfig:
+        d = _mapping(data, path, cls.__dataclass_fields__)
+        p = lambda key: _join(path, key)
+        return cls(
+            sigmas=_list(
+                d.get("sigmas", cls.sigmas),
+                p("sigmas"),
+                lambda v, q: _number(v, q, lambda x: x > 0, "a number > 0"),
+            ),
+            n0=_integer(d.get("n0", cls.n0), p("n0"), 1),
+            n=_integer(d.get("n", cls.n), p("n"), 1, MAX_N),
+            batch_size=_integer(d.get("batch_size", cls.batch_size), p("batch_size"), 1),
+            seed=_integer(d.get("seed", cls.seed), p("seed"), 0, 2**63 - 1),
+            device=_string(
+                d.get("device", cls.device), p("device"), DEVICE_PATTERN, "auto, cpu, cuda or cuda:N"
+            ),
+            dtype=_choice(d.get("dtype", cls.dtype), p("dtype"), DTYPES),
+            channels_last=_boolean(d.get("channels_last", cls.channels_last), p("channels_last")),
+            compile=_boolean(d.get("compile", cls.compile), p("compile")),
+            store_counts=_boolean(d.get("store_counts", cls.store_counts), p("store_counts")),
+        )
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """The certification grid: every tau x alpha x correction is applied to every vote row."""
+
+    taus: tuple[float, ...] = (0.75,)
+    alphas: tuple[float, ...] = (0.001,)
+    corrections: tuple[str, ...] = CORRECTIONS
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "certify") -> CertifyConfig:
+        d = _mapping(data, path, cls.__dataclass_fields__)
+        return cls(
+            taus=_list(
+                d.get("taus", cls.taus),
+                _join(path, "taus"),
+                lambda v, q: _number(v, q, lambda x: 0.5 < x < 1, "a number with 0.5 < tau < 1"),
+            ),
+            alphas=_list(
+                d.get("alphas", cls.alphas),
+                _join(path, "alphas"),
+                lambda v, q: _number(v, q, lambda x: 0 < x < 1, "a number with 0 < alpha < 1"),
+            ),
+            corrections=_list(
+                d.get("corrections", cls.corrections),
+                _join(path, "corrections"),
+                lambda v, q: _choice(v, q, CORRECTIONS),
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Cluster resources: a fixed actor pool (``actors: N``) or an autoscaling one (``{min: a, max: b}``)."""
+
+    address: str | None = None
+    actors: int | dict[str, int] = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    batch_size: int = 1
+    max_tasks_in_flight_per_actor: int = 2
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "ray") -> RayConfig:
+        d = _mapping(data, path, cls.__dataclass_fields__)
+        p = lambda key: _join(path, key)
+        actors = d.get("actors", cls.actors)
+        if isinstance(actors, Mapping):
+            a = _mapping(actors, p("actors"), ("min", "max"))
+            lo = _integer(a.get("min", 1), _join(p("actors"), "min"), 1)
+            hi = _integer(a.get("max"), _join(p("actors"), "max"), lo)
+            actors = {"min": lo, "max": hi}
+        elif isinstance(actors, int) and not isinstance(actors, bool) and actors >= 1:
+            actors = int(actors)
+        else:
+            raise _fail(p("actors"), "an integer >= 1 or {min: a, max: b}", actors)
+        address = d.get("address")
+        return cls(
+            address=None if address is None else _string(address, p("address")),
+            actors=actors,
+            num_gpus_per_actor=_number(
+                d.get("num_gpus_per_actor", cls.num_gpus_per_actor),
+                p("num_gpus_per_actor"),
+                lambda x: x >= 0,
+                "a number >= 0",
+            ),
+            num_cpus_per_actor=_number(
+                d.get("num_cpus_per_actor", cls.num_cpus_per_actor),
+                p("num_cpus_per_actor"),
+                lambda x: x >= 0,
+                "a number >= 0",
+            ),
+            batch_size=_integer(d.get("batch_size", cls.batch_size), p("batch_size"), 1),
+            max_tasks_in_flight_per_actor=_integer(
+                d.get("max_tasks_in_flight_per_actor", cls.max_tasks_in_flight_per_actor),
+                p("max_tasks_in_flight_per_actor"),
+                1,
+            ),
+        )
+
+
+# ------------------------------------------------------------------------------------------------------- job
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job: where to read, which models/methods, sampling and certification grids, resources."""
+
+    name: str
+    output: str
+    dataset: DatasetConfig
+    models: ModelsConfig
+    methods: dict[str, MethodConfig]
+    sampling: SamplingConfig = SamplingConfig()
+    certify: CertifyConfig = CertifyConfig()
+    ray: RayConfig = RayConfig()
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    KEYS = ("name", "output", "storage_options", "dataset", "models", "methods", "sampling", "certify", "ray")
+
+    @classmethod
+    def from_dict(cls, data: Any, *, base_dir: str | Path | None = None) -> JobConfig:
+        """Validate a config mapping; relative paths are resolved as the module docstring says, with
+        ``base_dir`` standing for the config file's directory."""
+        d = _mapping(data, "", cls.KEYS)
+        base = Path(base_dir).resolve() if base_dir is not None else None
+        name = _name(d.get("name", "job"), "name")
+        output = _string(d.get("output", f"outputs/{name}"), "output", requirement="a path or URL")
+        if storage.is_local(output):
+            output = storage.strip_protocol(output)
+        storage_options = _mapping(d.get("storage_options"), "storage_options")
+        if "dataset" not in d:
+            raise ConfigError("dataset: required (a mapping with kind, root or manifest, num_classes, ...)")
+        models = ModelsConfig.from_dict(d.get("models"), base_dir=base)
+        return cls(
+            name=name,
+            output=output,
+            storage_options=storage_options,
+            dataset=DatasetConfig.from_dict(d["dataset"], base_dir=base, storage_options=storage_options),
+            models=models,
+            methods=_methods_from_dict(d.get("methods"), models),
+            sampling=SamplingConfig.from_dict(d.get("sampling")),
+            certify=CertifyConfig.from_dict(d.get("certify")),
+            ray=RayConfig.from_dict(d.get("ray")),
+        )
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """A plain mapping (lists, str keys) for recording in outputs; :meth:`from_dict` reads it back.
+        With ``redact`` every secret in ``storage_options`` is replaced by ``***``."""
+        dataset = self.dataset.to_dict(redact=redact)
+        own = {k: v for k, v in self.dataset.storage_options.items() if self.storage_options.get(k) != v}
+        dataset["storage_options"] = storage.redact_options(own) if redact else own
+        scalars = lambda obj: {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+        return _plain(
+            {
+                "name": self.name,
+                "output": self.output,
+                "storage_options": storage.redact_options(self.storage_options)
+                if redact
+                else dict(self.storage_options),
+                "dataset": dataset,
+                "models": {"segmenters": self.models.segmenters, "denoisers": self.models.denoisers},
+                "methods": {k: scalars(m) for k, m in self.methods.items()},
+                "sampling": scalars(self.sampling),
+                "certify": scalars(self.certify),
+                "ray": scalars(self.ray),
+            }
+        )
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key.sub=value`` set; values are parsed as YAML (``0.5``,
+    ``[0.25, 0.5]``,
+    ``null``, ``true``...); missing or null intermediate mappings are created."""
+    import copy
+
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. sampling.n0=10")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])!r} is not a mapping")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate. Relative paths resolve against the working
+    directory first, else the config file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found (relative to {os.getcwd()})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return JobConfig.from_dict(apply_overrides(data, overrides), base_dir=path.parent)
