@@ -56,6 +56,7 @@ class VoteSampler:
 
         from ray_certseg.models.denoisers import load_denoiser
         from ray_certseg.models.segmenters import load_segmenter
+        from ray_certseg.sampling import prepare_model
 
         self.cfg = JobConfig.from_dict(config)
         s = self.cfg.sampling
@@ -63,10 +64,14 @@ class VoteSampler:
         self.dtype = getattr(torch, s.dtype)
         used_seg = {m.segmenter for m in self.cfg.methods.values()}
         used_den = {m.denoiser for m in self.cfg.methods.values() if m.denoiser}
-        load_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self.segmenters = {name: load_segmenter(self.cfg.models.segmenters[name], device=self.device, dtype=load_dtype)
-                           for name in sorted(used_seg)}
-        self.denoisers = {name: load_denoiser(self.cfg.models.denoisers[name], device=self.device, dtype=load_dtype)
+        # Weights stay float32; bf16/fp16 run under autocast (sampling.dtype), except where a loader
+        # applies its own precision scheme (ADM's fp16 blocks on GPU).
+        prep = dict(channels_last=s.channels_last, compile=s.compile)
+        self.segmenters = {name: prepare_model(load_segmenter(self.cfg.models.segmenters[name], device=self.device),
+                                               **prep) for name in sorted(used_seg)}
+        self.denoisers = {name: prepare_model(load_denoiser(self.cfg.models.denoisers[name], device=self.device,
+                                                            dtype=self.dtype if self.device.type == "cuda"
+                                                            else torch.float32), **prep)
                           for name in sorted(used_den)}
         self.errors_dir = storage.join(self.cfg.output, "_errors")
         self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
@@ -102,7 +107,7 @@ class VoteSampler:
         v = count_votes(item["image"], segmenter, denoiser=denoiser, sigma=sigma, n0=s.n0, n=s.n,
                         num_classes=num_classes, batch_size=s.batch_size, seed=s.seed, image_id=item["image_id"],
                         device=self.device, autocast_dtype=None if s.dtype == "float32" else self.dtype,
-                        return_counts=s.store_counts)
+                        channels_last=s.channels_last, return_counts=s.store_counts)
         h, w = v.c_hat.shape
         return votes.VoteRecord(
             image_id=item["image_id"], dataset=item["dataset"], method=method,
@@ -165,24 +170,36 @@ def plan(cfg: JobConfig, refs: list[dict[str, Any]], done: set[tuple[str, str, f
     return Plan(rows=rows, total=len(refs) * len(grid), done=n_done)
 
 
-def completed_rows(votes_dir: str, storage_options: dict | None = None) -> set[tuple[str, str, float]]:
-    """Keys of the vote rows already written. Unreadable files (a run killed mid-write) are set aside
-    as ``*.parquet.partial`` so their rows are sampled again and never counted twice."""
+def set_aside_partial_files(votes_dir: str, storage_options: dict | None = None) -> list[str]:
+    """A run killed while writing can leave a truncated vote file (no Parquet footer). Such files are moved to
+    ``<output>/_partial/``: their rows are then missing, so the resumed run samples them again, once."""
     fs, root = storage.get_filesystem(votes_dir, storage_options)
+    aside = root.rstrip("/").rsplit("/", 1)[0] + "/_partial"
+    moved = []
     if not fs.exists(root):
-        return set()
-    keys: set[tuple[str, str, float]] = set()
+        return moved
     for path in sorted(fs.find(root)):
         if not path.endswith(".parquet"):
             continue
         try:
             with fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=["image_id", "method", "sigma"])
-        except Exception as exc:  # noqa: BLE001 - a truncated file has no footer
-            log.warning("vote file %s is unreadable (%s): setting it aside, its rows will be resampled",
-                        path, type(exc).__name__)
-            fs.mv(path, path + ".partial")
-            continue
+                pq.ParquetFile(f).metadata
+        except Exception as exc:  # noqa: BLE001 - any unreadable footer
+            target = f"{aside}/{path.rsplit('/', 1)[-1]}.partial"
+            log.warning("vote file %s is unreadable (%s): moved to %s, its rows will be sampled again",
+                        path, type(exc).__name__, target)
+            fs.makedirs(aside, exist_ok=True)
+            fs.mv(path, target)
+            moved.append(path)
+    return moved
+
+
+def completed_rows(votes_dir: str, storage_options: dict | None = None) -> set[tuple[str, str, float]]:
+    """Keys (image_id, method, sigma) of the vote rows already written."""
+    fs, files = votes.parquet_files(votes_dir, storage_options=storage_options)
+    keys: set[tuple[str, str, float]] = set()
+    for path in files:
+        t = pq.read_table(path, filesystem=fs, columns=["image_id", "method", "sigma"], partitioning=None)
         keys.update(zip(t.column("image_id").to_pylist(), t.column("method").to_pylist(),
                         t.column("sigma").to_pylist()))
     return keys
@@ -281,14 +298,17 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
 def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
     """Create the output folder, or check that an existing one was made by a compatible config and
     schema version (so resumed rows are comparable). ``overwrite`` removes what was there."""
+    if not storage.is_local(cfg.output):
+        storage.check_bucket(cfg.output, cfg.storage_options)  # never create a bucket by accident
     fs, root = storage.get_filesystem(cfg.output, cfg.storage_options)
     cfg_path = f"{root}/config.json"
     if overwrite and fs.exists(root):
         log.info("--overwrite: removing %s", cfg.output)
         fs.rm(root, recursive=True)
-    votes_root = f"{root}/votes"
-    if fs.exists(votes_root):
-        votes.check_schema_version(storage.join(cfg.output, "votes"), storage_options=cfg.storage_options)
+    votes_dir = storage.join(cfg.output, "votes")
+    if fs.exists(f"{root}/votes"):
+        set_aside_partial_files(votes_dir, cfg.storage_options)
+        votes.check_schema_version(votes_dir, storage_options=cfg.storage_options)
         if fs.exists(cfg_path):
             with fs.open(cfg_path, "r") as f:
                 old = json.load(f)
@@ -302,13 +322,16 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
 
 
 SAMPLING_KEYS = ("n0", "n", "seed", "dtype")
+SELECTION_KEYS = ("limit", "subset")  # which images are in scope; the rows of each image stay comparable
 
 
 def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Votes already in an output folder may only be reused when the new config would produce the same
-    rows: same dataset, same models, same n0/n/seed/dtype, and same definition for every method in both."""
+    rows: same dataset (up to ``limit``/``subset``), same models, same n0/n/seed/dtype, and the same definition for
+    every method in both. More images, methods or sigmas are fine: only the new rows are sampled."""
     problems = []
-    if old.get("dataset") != new.get("dataset"):
+    same_items = lambda d: {k: v for k, v in (d or {}).items() if k not in SELECTION_KEYS}
+    if same_items(old.get("dataset")) != same_items(new.get("dataset")):
         problems.append("dataset")
     for key in SAMPLING_KEYS:
         if old.get("sampling", {}).get(key) != new.get("sampling", {}).get(key):

@@ -9,3 +9,19 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (an init/shutdown cycle costs ~5 s on 2 cores)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+             object_store_memory=256 * 1024**2, log_to_driver=False, logging_level="warning")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield
+    ray.shutdown()

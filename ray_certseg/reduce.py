@@ -1,0 +1,240 @@
+"""The reducer: certify stored votes for a grid of (tau, alpha, correction), per image, then pool per dataset.
+
+No resampling: a vote row (c_hat, k per pixel, plus n) is all CERTIFY needs, so the grid can be changed and the
+reducer re-run at will (``ray-certseg reduce OUTPUT --tau 0.95``). Per vote row and grid point it keeps one small
+record (the (C+1) x (C+1) confusion matrix with abstain, the pixel counts): ``metrics/per_image.parquet``. Pooled
+per (dataset, method, sigma, tau, alpha, correction) as SegCertify pools: ``metrics/metrics.parquet``, ``.csv``
+and ``summary.md``. Output is a deterministic function of the votes (rows sorted, no timestamps), so a re-run
+over the same votes writes byte-identical files.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_certseg import storage, votes
+from ray_certseg.certify import certify
+from ray_certseg.metrics import dataset_metrics, image_stats
+
+log = logging.getLogger("ray_certseg")
+
+KEY = ["dataset", "method", "denoiser", "segmenter", "sigma", "tau", "alpha", "correction", "n0", "n"]
+ID = ["image_id", "method", "sigma", "tau", "alpha", "correction"]
+SUMMARY_COLUMNS = ["dataset", "method", "sigma", "correction", "tau", "alpha", "radius", "certified_accuracy",
+                   "certified_error", "miou", "abstain_rate", "clean_accuracy", "clean_miou", "images",
+                   "seconds_per_image"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The certification grid: every combination of tau, alpha and correction."""
+
+    taus: tuple[float, ...]
+    alphas: tuple[float, ...]
+    corrections: tuple[str, ...]
+
+    def __iter__(self):
+        return iter(itertools.product(self.taus, self.alphas, self.corrections))
+
+
+def image_rows(rec: votes.VoteRecord, grid: Grid) -> list[dict[str, Any]]:
+    """One record per grid point for one vote row: CERTIFY(c_hat, k) at (tau, alpha, correction) and the
+    confusion matrices of the certified map, of the clean prediction and of the majority vote c_hat."""
+    C, ignore = rec.num_classes, rec.ignore_index
+    clean = image_stats(rec.label, rec.clean_pred, C, ignore)
+    vote = image_stats(rec.label, rec.c_hat, C, ignore)
+    rows = []
+    for tau, alpha, correction in grid:
+        cert = certify(rec.c_hat, rec.k, n=rec.n, sigma=rec.sigma, tau=tau, alpha=alpha, correction=correction,
+                       num_classes=C)
+        st = image_stats(rec.label, cert.labels, C, ignore)
+        rows.append(dict(
+            image_id=rec.image_id, dataset=rec.dataset, method=rec.method, denoiser=rec.denoiser,
+            segmenter=rec.segmenter, sigma=rec.sigma, tau=float(tau), alpha=float(alpha), correction=correction,
+            n0=rec.n0, n=rec.n, num_classes=C, radius=cert.radius, num_certified=cert.num_certified,
+            num_pixels=st.num_pixels, num_abstained=st.num_abstained,
+            confusion=st.confusion.reshape(-1), clean_confusion=clean.confusion.reshape(-1),
+            vote_confusion=vote.confusion.reshape(-1), sample_seconds=rec.sample_seconds))
+    return rows
+
+
+PER_IMAGE_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("dataset", pa.string()), ("method", pa.string()), ("denoiser", pa.string()),
+    ("segmenter", pa.string()), ("sigma", pa.float64()), ("tau", pa.float64()), ("alpha", pa.float64()),
+    ("correction", pa.string()), ("n0", pa.int32()), ("n", pa.int32()), ("num_classes", pa.int32()),
+    ("radius", pa.float64()), ("num_certified", pa.int64()), ("num_pixels", pa.int64()),
+    ("num_abstained", pa.int64()), ("confusion", pa.large_list(pa.int64())),
+    ("clean_confusion", pa.large_list(pa.int64())), ("vote_confusion", pa.large_list(pa.int64())),
+    ("sample_seconds", pa.float64())])
+
+
+def certify_table(table: pa.Table, grid: Grid) -> pa.Table:
+    """Vote rows (Arrow) -> per-image records (Arrow). The unit of work of the reducer, in or out of Ray."""
+    rows = [r for rec in votes.read_votes(table, columns=["label", "c_hat", "k", "clean_pred"])
+            for r in image_rows(rec, grid)]
+    return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
+
+
+class CertifyBatch:
+    """Ray Data UDF of the reducer stage (a class so the grid is bound once per worker)."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return certify_table(batch, self.grid)
+
+
+def per_image_local(votes_dir: str, grid: Grid, storage_options: dict | None = None) -> pa.Table:
+    """The reducer's map, in this process, one vote file at a time."""
+    fs, files = votes.parquet_files(votes_dir, storage_options=storage_options)
+    parts = [certify_table(pq.read_table(path, filesystem=fs, partitioning=None), grid) for path in files]
+    return pa.concat_tables(parts) if parts else PER_IMAGE_SCHEMA.empty_table()
+
+
+def per_image_ray(votes_dir: str, grid: Grid, storage_options: dict | None = None) -> pa.Table:
+    """The reducer's map as a Ray Data stage: read_parquet(votes) -> map_batches(CertifyBatch) -> small rows."""
+    import ray
+
+    pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, storage_options)
+    ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
+    ds = ds.map_batches(CertifyBatch, fn_constructor_args=(grid,), batch_format="pyarrow", batch_size=8,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()
+                                                                                          .get("CPU", 1)))),
+                        num_cpus=0.5)
+    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    return pa.concat_tables([t.cast(PER_IMAGE_SCHEMA) for t in tables if t.num_rows]) if tables \
+        else PER_IMAGE_SCHEMA.empty_table()
+
+
+def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Sort into a canonical order; a vote row present twice (a defect upstream) is counted once, loudly."""
+    per_image = per_image.sort_values(ID, kind="stable").reset_index(drop=True)
+    dup = per_image.duplicated(ID)
+    if dup.any():
+        log.warning("%d duplicated per-image rows (same image, method, sigma, grid point) ignored", int(dup.sum()))
+        per_image = per_image[~dup].reset_index(drop=True)
+    return per_image
+
+
+def pool(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Dataset rows: per KEY group, the summed confusion matrices -> metrics (certified, clean, majority vote)."""
+    out = []
+    for key, g in per_image.groupby(KEY, sort=True, dropna=False):
+        C = int(g["num_classes"].iloc[0])
+        side = C + 1
+        conf = np.stack(g["confusion"].to_numpy()).reshape(-1, side, side)
+        fractions = (g["num_abstained"] / g["num_pixels"]).to_numpy()
+        cert = dataset_metrics(conf, fractions)
+        clean = dataset_metrics(np.stack(g["clean_confusion"].to_numpy()).reshape(-1, side, side).sum(0),
+                                np.zeros(len(g)))
+        vote = dataset_metrics(np.stack(g["vote_confusion"].to_numpy()).reshape(-1, side, side).sum(0),
+                               np.zeros(len(g)))
+        row = dict(zip(KEY, key))
+        row.update(
+            radius=float(g["radius"].iloc[0]), certified_accuracy=cert.accuracy, certified_error=cert.error_rate,
+            miou=cert.miou, miou_present=cert.miou_present, classes_present=cert.num_present_classes,
+            abstain_rate=cert.abstain_rate, abstain_rate_pooled=cert.abstain_rate_pooled,
+            clean_accuracy=clean.accuracy, clean_miou=clean.miou, vote_accuracy=vote.accuracy,
+            vote_miou=vote.miou, images=len(g), pixels=cert.num_pixels,
+            seconds_per_image=float(g["sample_seconds"].mean()),
+            iou_per_class=cert.iou.tolist(), abstain_rate_per_class=np.nan_to_num(
+                cert.abstain_rate_per_class, nan=-1.0).tolist())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
+    """The dataset table a person reads first (also printed by the job)."""
+    if metrics.empty:
+        return "No vote rows to certify." + (f" {errors} rows failed: see errors.parquet." if errors else "")
+    t = metrics[SUMMARY_COLUMNS].copy()
+    for c in ("certified_accuracy", "certified_error", "miou", "abstain_rate", "clean_accuracy", "clean_miou"):
+        t[c] = t[c].map(lambda x: f"{x:.3f}")
+    t["radius"] = t["radius"].map(lambda x: f"{x:.3f}")
+    t["seconds_per_image"] = t["seconds_per_image"].map(lambda x: f"{x:.2f}")
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
+    note = (f"\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
+            f"class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
+            f"radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units.")
+    if errors:
+        note += f"\n\n**{errors} (image, method, sigma) rows failed**: see errors.parquet."
+    return "\n".join(lines) + note
+
+
+@dataclass
+class ReduceResult:
+    per_image: pd.DataFrame
+    metrics: pd.DataFrame
+    summary_markdown: str
+
+
+def _grid_from_output(output: str, storage_options: dict | None, taus, alphas, corrections) -> Grid:
+    fs, root = storage.get_filesystem(output, storage_options)
+    cfg = {}
+    if fs.exists(f"{root}/config.json"):
+        with fs.open(f"{root}/config.json", "r") as f:
+            cfg = json.load(f).get("certify", {})
+    taus = taus or cfg.get("taus")
+    alphas = alphas or cfg.get("alphas")
+    corrections = corrections or cfg.get("corrections") or ["holm"]
+    if not taus or not alphas:
+        raise ValueError(f"{output}: no config.json with certify.taus/alphas; pass --tau and --alpha")
+    return Grid(tuple(float(t) for t in taus), tuple(float(a) for a in alphas), tuple(corrections))
+
+
+def reduce_output(output: str, *, storage_options: dict | None = None, taus: Sequence[float] | None = None,
+                  alphas: Sequence[float] | None = None, corrections: Iterable[str] | None = None,
+                  errors: pa.Table | None = None, engine: str = "auto") -> ReduceResult:
+    """Certify ``<output>/votes`` for the grid (defaults: the run's config) and write ``<output>/metrics/``.
+
+    ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
+    ``auto`` picks ``ray`` when Ray is initialised. Both give identical files."""
+    grid = _grid_from_output(output, storage_options, taus, alphas, corrections)
+    votes_dir = storage.join(output, "votes")
+    if engine == "auto":
+        import sys
+
+        engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
+    table = (per_image_ray if engine == "ray" else per_image_local)(votes_dir, grid, storage_options)
+    per_image = deduplicate(table.to_pandas())
+    metrics = pool(per_image) if len(per_image) else pd.DataFrame(columns=KEY)
+    fs, root = storage.get_filesystem(output, storage_options)
+    if errors is None and fs.exists(f"{root}/errors.parquet"):
+        with fs.open(f"{root}/errors.parquet", "rb") as f:
+            errors = pq.read_table(f)
+    n_errors = errors.num_rows if errors is not None else 0
+    summary = summary_markdown(metrics, n_errors)
+    write_metrics(output, storage_options, per_image, metrics, summary)
+    return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary)
+
+
+def write_metrics(output: str, storage_options: dict | None, per_image: pd.DataFrame, metrics: pd.DataFrame,
+                  summary: str) -> None:
+    fs, root = storage.get_filesystem(output, storage_options)
+    mdir = f"{root}/metrics"
+    fs.makedirs(mdir, exist_ok=True)
+    for name, df, schema in (("per_image.parquet", per_image, PER_IMAGE_SCHEMA), ("metrics.parquet", metrics, None)):
+        table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+        table = table.replace_schema_metadata({k: v for k, v in (table.schema.metadata or {}).items()
+                                               if k != b"pandas"})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        with fs.open(f"{mdir}/{name}", "wb") as f:
+            f.write(buf.getvalue())
+    csv = metrics.drop(columns=[c for c in ("iou_per_class", "abstain_rate_per_class") if c in metrics])
+    with fs.open(f"{mdir}/metrics.csv", "w") as f:
+        f.write(csv.to_csv(index=False, float_format="%.6g"))
+    with fs.open(f"{mdir}/summary.md", "w") as f:
+        f.write(summary + "\n")

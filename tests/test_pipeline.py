@@ -1,0 +1,152 @@
+"""The Ray job end to end on a real local Ray instance: votes exactly once, determinism against an in-process
+run, resume, per-image errors, and the reducer (Ray and local engines, byte-identical reruns)."""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import jobworld
+from ray_certseg import cli, pipeline, reduce, votes
+from ray_certseg.config import JobConfig
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return {"manifest": jobworld.write_dataset(root / "data", 5, corrupt=(3,)),
+            "models": jobworld.write_models(root / "models"), "root": root}
+
+
+def run(world, tmp_path, name="out", extra=(), **sampling):
+    out = tmp_path / name
+    cfg = jobworld.config(world["manifest"], world["models"], out, **sampling)
+    path = jobworld.write_config(tmp_path / f"{name}.yaml", cfg)
+    code = cli.main(["run", "--config", str(path), "--progress-interval", "0.5", *extra])
+    return code, out, path
+
+
+def keys(out: Path) -> list[tuple[str, str, float]]:
+    t = pq.read_table(out / "votes", columns=["image_id", "method", "sigma"])
+    return list(zip(t["image_id"].to_pylist(), t["method"].to_pylist(), t["sigma"].to_pylist()))
+
+
+def test_job_writes_every_row_once_records_errors_and_metrics(world, tmp_path, ray_session):
+    code, out, _ = run(world, tmp_path)
+    assert code == 1  # one corrupt image: the job says so, the others are all there
+    got = keys(out)
+    good = [f"img{i:03d}" for i in (0, 1, 2, 4)]
+    expected = {(i, m, s) for i in good for m in ("plain", "diffusion") for s in (0.25, 0.5)}
+    assert collections.Counter(got) == collections.Counter(expected)
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert {e["image_id"] for e in errors} == {"img003"} and errors[0]["stage"] == "load"
+    assert "img003" in errors[0]["error"]
+    metrics = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
+    assert len(metrics) == 2 * 2 * 2  # methods x sigmas x corrections
+    assert set(metrics["images"]) == {4}
+    assert (out / "metrics" / "metrics.csv").exists() and (out / "metrics" / "summary.md").exists()
+    holm = metrics.set_index(["method", "sigma", "correction"])["certified_accuracy"]
+    for m in ("plain", "diffusion"):
+        for s in (0.25, 0.5):
+            assert holm[(m, s, "holm")] >= holm[(m, s, "bonferroni")]
+
+
+def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
+    """Deterministic: the Ray job's votes equal count_votes called here, image by image, same seeds."""
+    from ray_certseg.data import load_item
+    from ray_certseg.models.denoisers import load_denoiser
+    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.sampling import count_votes
+
+    code, out, path = run(world, tmp_path, extra=["--set", "ray.batch_size=3", "--set", "sampling.batch_size=5"])
+    from ray_certseg.config import load_config
+
+    cfg = load_config(path, ["ray.batch_size=3", "sampling.batch_size=5"])
+    seg = load_segmenter(cfg.models.segmenters["seg"])
+    den = load_denoiser(cfg.models.denoisers["ddpm"])
+    records = votes.read_votes(str(out / "votes"))
+    assert len(records) == 16
+    for rec in records:
+        item = load_item({"image_id": rec.image_id, "image_path": str(world["root"] / "data" /
+                                                                       f"img{rec.image_id[3:]}.png"),
+                          "label_path": str(world["root"] / "data" / f"lab{rec.image_id[3:]}.png"),
+                          "dataset": "toy"}, cfg.dataset)
+        v = count_votes(item["image"], seg, denoiser=den if rec.method == "diffusion" else None, sigma=rec.sigma,
+                        n0=3, n=12, num_classes=3, batch_size=12, seed=7, image_id=rec.image_id)
+        np.testing.assert_array_equal(v.c_hat, rec.c_hat)
+        np.testing.assert_array_equal(v.k, rec.k)
+        np.testing.assert_array_equal(v.clean_pred, rec.clean_pred)
+        np.testing.assert_array_equal(item["label"], rec.label)
+
+
+def test_resume_samples_only_missing_rows_and_sets_partial_files_aside(world, tmp_path, ray_session):
+    code, out, path = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
+    assert code == 0 and len(keys(out)) == 2 * 4
+    first_files = sorted(p.name for p in (out / "votes").glob("*.parquet"))
+    # a run killed while writing leaves a truncated file: it must be set aside and its rows redone
+    victim = out / "votes" / first_files[0]
+    lost = set(keys_of(victim))
+    victim.write_bytes(victim.read_bytes()[:100])
+    code = cli.main(["run", "--config", str(path)])
+    assert code == 1  # the corrupt image 3 is now in scope
+    got = keys(out)
+    assert len(got) == len(set(got)) == 4 * 4
+    assert (out / "_partial" / (first_files[0] + ".partial")).exists()
+    for f in first_files[1:]:  # finished files are kept, not rewritten
+        assert (out / "votes" / f).exists()
+    assert lost <= set(got)
+
+
+def keys_of(path: Path):
+    t = pq.read_table(path, columns=["image_id", "method", "sigma"])
+    return zip(t["image_id"].to_pylist(), t["method"].to_pylist(), t["sigma"].to_pylist())
+
+
+def test_resume_refuses_an_output_made_with_another_config(world, tmp_path, ray_session):
+    code, out, path = run(world, tmp_path, extra=["--set", "dataset.limit=1"])
+    assert code == 0
+    assert cli.main(["run", "--config", str(path), "--set", "dataset.limit=1", "--set", "sampling.n=13"]) == 2
+    assert cli.main(["run", "--config", str(path), "--set", "dataset.limit=1", "--set", "sampling.n=13",
+                     "--overwrite"]) == 0
+    assert {r.n for r in votes.read_votes(str(out / "votes"), columns=[])} == {13}
+
+
+def test_reducer_is_deterministic_and_engines_agree(world, tmp_path, ray_session):
+    code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
+    files = ["per_image.parquet", "metrics.parquet", "metrics.csv", "summary.md"]
+    first = {f: (out / "metrics" / f).read_bytes() for f in files}
+    reduce.reduce_output(str(out), engine="local")
+    assert {f: (out / "metrics" / f).read_bytes() for f in files} == first
+    reduce.reduce_output(str(out), engine="ray")
+    assert {f: (out / "metrics" / f).read_bytes() for f in files} == first
+
+
+def test_reduce_cli_recertifies_at_another_tau(world, tmp_path, ray_session):
+    code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
+    before = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
+    assert cli.main(["reduce", str(out), "--tau", "0.9", "--alpha", "0.1"]) == 0
+    after = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
+    assert set(after["tau"]) == {0.9}
+    assert (after["radius"] > before["radius"].max()).all()
+    # a higher tau can only certify fewer pixels
+    b = before.set_index(["method", "sigma", "correction"])["certified_accuracy"]
+    a = after.set_index(["method", "sigma", "correction"])["certified_accuracy"]
+    assert (a <= b + 1e-12).all()
+
+
+def test_check_resumable_names_what_changed():
+    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    old = cfg.to_dict()
+    new = json.loads(json.dumps(old))
+    new["models"]["denoisers"]["ddpm"]["path"] = "other"
+    with pytest.raises(ValueError, match="models.denoisers.ddpm"):
+        pipeline.check_resumable(old, new)
+    new = json.loads(json.dumps(old))
+    new["sampling"]["sigmas"] = [0.25, 0.5, 1.0]  # more sigmas: resumable, only the new rows are sampled
+    pipeline.check_resumable(old, new)
