@@ -291,7 +291,7 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
                         num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor)
     pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, cfg.storage_options)
     with Progress(votes_dir, cfg.storage_options, job_plan, rows_per_image, progress_interval):
-        ds.write_parquet(pa_path, filesystem=pa_fs, **votes.PARQUET_ARGS)
+        ds.write_parquet(pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS)
     return job_plan
 
 
@@ -321,6 +321,7 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
         fs.rm(err_root, recursive=True)
 
 
+WRITE_CPUS = 0.25  # a Parquet write is I/O: a quarter CPU slot, so it schedules beside actors that fill a node
 SAMPLING_KEYS = ("n0", "n", "seed", "dtype")
 SELECTION_KEYS = ("limit", "subset")  # which images are in scope; the rows of each image stay comparable
 
