@@ -2,11 +2,15 @@
 
     ray-certseg run [--config configs/demo.yaml] [--output DIR] [--set key=value ...] [--overwrite]
     ray-certseg reduce OUTPUT [--tau 0.75 ...] [--alpha 0.001 ...] [--correction holm ...]
+    ray-certseg report OUTPUT [--replot]
+    ray-certseg selftest [--images 1000] [--alpha 0.2] [--correction holm ...] [--seed 0] [--shared-noise]
 
 ``python jobs/certify.py ...`` is ``ray-certseg run ...``. Run directly, the job starts a local Ray
 instance; under ``ray job submit`` (``RAY_ADDRESS`` set) it attaches to that cluster.
 
-Exit codes: 0 every row done; 1 some images failed (see ``<output>/errors.parquet``); 2 bad config or usage.
+Exit codes: 0 every row done; 1 some images failed (see ``<output>/errors.parquet``); 2 a job-level fault (bad
+config or usage, a model that cannot load, an unusable object store): one error, before sampling where it can be.
+``selftest`` (docs/selftest.md): 0 the false-certificate rates pass, 1 they fail.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def _resolve_config_path(path: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ray_certseg import pipeline, reduce
+    from ray_certseg import pipeline, reduce, storage
     from ray_certseg.config import load_config
 
     overrides = list(args.set or [])
@@ -77,6 +81,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(result.summary_markdown)
     print(f"\nvotes:   {cfg.output}/votes/\nmetrics: {cfg.output}/metrics/ (metrics.csv, metrics.parquet, "
           f"per_image.parquet, summary.md)\nerrors:  {cfg.output}/errors.parquet ({errors.num_rows} failed rows)")
+    try:
+        from ray_certseg import plots
+
+        plots.write_plots(cfg.output, storage_options=cfg.storage_options, config=cfg)
+        print(f"plots:   {cfg.output}/plots/ (`ray-certseg report {cfg.output}` writes report.md)")
+    except Exception as exc:  # noqa: BLE001 - pictures are a convenience: the results above are complete
+        log.warning("plots not written (%s: %s); the votes and metrics are complete", type(exc).__name__,
+                    storage.redact(str(exc), cfg.storage_options))
     return 1 if errors.num_rows else 0
 
 
@@ -85,6 +97,24 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
     result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction)
     print(result.summary_markdown)
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from ray_certseg.certify import CORRECTIONS
+    from ray_certseg.selftest import run_selftest
+
+    report = run_selftest(images=args.images, alpha=args.alpha, corrections=args.correction or CORRECTIONS,
+                          seed=args.seed, shared_noise=args.shared_noise, sigma=args.sigma, tau=args.tau,
+                          n0=args.n0, n=args.n, batch_size=args.batch_size)
+    print(report.to_markdown())
+    return 0 if report.passed else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ray_certseg import report
+
+    print(report.write_report(args.output, replot=args.replot))
     return 0
 
 
@@ -107,15 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, action="append", help="alpha values (default: the run's config)")
     d.add_argument("--correction", action="append", choices=["holm", "bonferroni"])
     d.set_defaults(func=cmd_reduce)
+
+    o = sub.add_parser("report", help="write OUTPUT/report.md: the metrics table and the plots")
+    o.add_argument("output", help="an output folder of `run`")
+    o.add_argument("--replot", action="store_true",
+                   help="redraw OUTPUT/plots/ first (default: only when missing or of another tau/alpha)")
+    o.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("selftest", help="check the false-certificate rate of sampling + certification "
+                       "against alpha on analytic segmenters (docs/selftest.md)")
+    s.add_argument("--images", type=int, default=1000, help="number of seeded images (default 1000)")
+    s.add_argument("--alpha", type=float, default=0.2, help="family-wise error level tested (default 0.2)")
+    s.add_argument("--correction", action="append", choices=["holm", "bonferroni"], help="default: both")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shared-noise", action="store_true",
+                   help="replay the released SegCertify bug (one noise draw per batch): the test must fail")
+    s.add_argument("--sigma", type=float, default=0.25)
+    s.add_argument("--tau", type=float, default=0.75)
+    s.add_argument("--n0", type=int, default=10)
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--batch-size", type=int, default=10)
+    s.set_defaults(func=cmd_selftest)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
+    from ray_certseg.faults import JobError
+    from ray_certseg.storage import StorageError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, StorageError, JobError) as exc:
         if os.environ.get("RAY_CERTSEG_DEBUG"):
             raise
         print(f"ray-certseg: error: {exc}", file=sys.stderr)

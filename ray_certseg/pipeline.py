@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import storage, votes
+from ray_certseg import faults, storage, votes
 from ray_certseg.config import JobConfig
 
 log = logging.getLogger("ray_certseg")
@@ -66,13 +66,18 @@ class VoteSampler:
         used_den = {m.denoiser for m in self.cfg.methods.values() if m.denoiser}
         # Weights stay float32; bf16/fp16 run under autocast (sampling.dtype), except where a loader
         # applies its own precision scheme (ADM's fp16 blocks on GPU).
+        # A model that fails to load, or a segmenter for another class count, fails this constructor: Ray Data
+        # then stops the job once (faults.job_error) instead of every image failing the same way.
         prep = dict(channels_last=s.channels_last, compile=s.compile)
-        self.segmenters = {name: prepare_model(load_segmenter(self.cfg.models.segmenters[name], device=self.device),
-                                               **prep) for name in sorted(used_seg)}
-        self.denoisers = {name: prepare_model(load_denoiser(self.cfg.models.denoisers[name], device=self.device,
-                                                            dtype=self.dtype if self.device.type == "cuda"
-                                                            else torch.float32), **prep)
-                          for name in sorted(used_den)}
+        self.segmenters = {}
+        for name in sorted(used_seg):
+            segmenter = faults.load_model("segmenters", name, lambda name=name: load_segmenter(
+                self.cfg.models.segmenters[name], device=self.device))
+            faults.check_segmenter(name, segmenter, self.cfg.dataset.num_classes, self.device, self.cfg.dataset.resize)
+            self.segmenters[name] = prepare_model(segmenter, **prep)
+        den_dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        self.denoisers = {name: prepare_model(faults.load_model("denoisers", name, lambda name=name: load_denoiser(
+            self.cfg.models.denoisers[name], device=self.device, dtype=den_dtype)), **prep) for name in sorted(used_den)}
         self.errors_dir = storage.join(self.cfg.output, "_errors")
         self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
 
@@ -86,6 +91,8 @@ class VoteSampler:
             image_id = ref["image_id"]
             try:
                 item = load_item(ref, self.cfg.dataset)
+            except storage.StorageError:
+                raise  # the store itself fails: every image would, so the job stops (faults.job_error)
             except Exception as exc:  # noqa: BLE001 - one bad image must not cost the others
                 self._record_error(image_id, "", float("nan"), "load", exc)
                 continue
@@ -266,6 +273,7 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
     out = cfg.output
     fs, _ = storage.get_filesystem(out, cfg.storage_options)
     votes_dir = storage.join(out, "votes")
+    faults.check_class_counts(cfg)
     prepare_output(cfg, overwrite=overwrite)
 
     refs = list_items(cfg.dataset)
@@ -291,7 +299,10 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
                         num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor)
     pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, cfg.storage_options)
     with Progress(votes_dir, cfg.storage_options, job_plan, rows_per_image, progress_interval):
-        ds.write_parquet(pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS)
+        try:
+            ds.write_parquet(pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise faults.job_error(exc) from exc
     return job_plan
 
 

@@ -154,6 +154,24 @@ def pool(per_image: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+ERRORS_SHOWN = 20
+
+
+def errors_markdown(errors: pa.Table | None) -> str:
+    """The failed rows (``errors.parquet``: image_id, method, sigma, stage, error) as a table, at most
+    ERRORS_SHOWN of them; an empty string when nothing failed. A ``load`` row stands for all rows of its image."""
+    if errors is None or not errors.num_rows:
+        return ""
+    rows = errors.to_pylist()
+    cell = lambda v: "" if v is None or pd.isna(v) else str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| image_id | method | sigma | stage | error |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell(r[k]) for k in ("image_id", "method", "sigma", "stage", "error")) + " |"
+              for r in rows[:ERRORS_SHOWN]]
+    if len(rows) > ERRORS_SHOWN:
+        lines.append(f"\n... and {len(rows) - ERRORS_SHOWN} more in errors.parquet.")
+    return "\n".join(lines)
+
+
 def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
     """The dataset table a person reads first (also printed by the job)."""
     if metrics.empty:
@@ -216,6 +234,8 @@ def reduce_output(output: str, *, storage_options: dict | None = None, taus: Seq
             errors = pq.read_table(f)
     n_errors = errors.num_rows if errors is not None else 0
     summary = summary_markdown(metrics, n_errors)
+    if n_errors:  # which images failed and why, next to the numbers they are missing from
+        summary += "\n\n" + errors_markdown(errors)
     write_metrics(output, storage_options, per_image, metrics, summary)
     return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary)
 

@@ -1,0 +1,355 @@
+"""A job's output in pandas: vote rows and metrics as DataFrames, re-certification at any (tau, alpha,
+correction) without resampling, and certified accuracy as a function of the L2 radius.
+
+Certified accuracy vs radius. SegCertify certifies every non-abstained pixel of a vote row sampled at sigma
+within one radius R = sigma * Phi^-1(tau). For a radius r > 0 the tau that certifies exactly r is
+
+    tau(r, sigma) = Phi(r / sigma)                    (0.5 < tau < 1; a sigma with tau(r, sigma) = 1 in
+                                                       float64, r / sigma > 8.2, cannot certify r)
+
+and it is the best one: a larger tau gives a larger radius but larger p-values P[Binom(n, tau) >= k_i], so
+Holm and Bonferroni reject (certify) a subset of the pixels. Per (dataset, method, sigma) the curve is
+
+    acc_sigma(r) = pooled certified accuracy of CERTIFY(c_hat, k; tau(r, sigma), alpha, correction),
+
+non-increasing in r; per (dataset, method) the plotted curve is the envelope acc(r) = max_sigma acc_sigma(r),
+0 where no sigma can certify r, as randomized-smoothing papers plot it (Cohen et al. 2019; Carlini et al.
+2023). Every point holds at level alpha for its own (sigma, tau); the max picks sigma per radius on the test
+votes, as those papers do, and is not a simultaneous guarantee over the curve.
+
+The metrics themselves are the reducer's (:func:`ray_certseg.reduce.image_rows`,
+:func:`~ray_certseg.reduce.pool`): certified accuracy counts abstentions as wrong, confusion matrices are
+pooled over the images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from scipy.stats import norm
+
+from ray_certseg import reduce, storage, votes
+from ray_certseg.certify import CORRECTIONS, Certificate, certify
+from ray_certseg.config import JobConfig
+from ray_certseg.sampling import ESTIMATION, noise_seed, sample_seed, to_tensor_image
+
+RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(votes.VoteRecord))
+CERTIFY_COLUMNS = ["label", "c_hat", "k", "clean_pred"]
+CURVE_COLUMNS = ["dataset", "method", "sigma", "radius", "tau", "certified_accuracy", "miou", "abstain_rate",
+                 "images"]
+ENVELOPE_COLUMNS = ["dataset", "method", "radius", "certified_accuracy", "sigma", "tau"]
+RAY_MIN_EVALUATIONS = 2e8
+"""``engine="auto"`` runs the curve on Ray (when initialised) above this many pixel x radius evaluations."""
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def votes_dir(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """``<output>/votes`` for an output folder, else ``path`` itself (a votes folder or one Parquet file)."""
+    inner = storage.join(path, "votes")
+    return inner if not path.endswith(".parquet") and storage.exists(inner, storage_options) else path
+
+
+def load_votes(path: str, *, columns: Iterable[str] | None = None, image_ids: Iterable[str] | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Vote rows of an output folder, its ``votes/`` folder or one vote file (local or ``s3://``): one
+    DataFrame row per (image, method, sigma), the columns of :class:`~ray_certseg.votes.VoteRecord`.
+
+    Per-pixel columns (``label``, ``c_hat``, ``k``, ``clean_pred``: (H, W); ``counts``: (C, H, W) or None)
+    hold numpy arrays that are zero-copy, read-only views of the Arrow buffers (copy before changing one).
+    ``columns`` limits the per-pixel columns read (``[]``: ids and scalars only); ``image_ids`` reads only
+    those images (a Parquet filter, so other rows are never decoded)."""
+    wanted = list(votes.ARRAY_COLUMNS) if columns is None else list(columns)
+    unknown = sorted(set(wanted) - set(votes.ARRAY_COLUMNS))
+    if unknown:
+        raise ValueError(f"load_votes: unknown column(s) {unknown}; the per-pixel columns are "
+                         f"{votes.ARRAY_COLUMNS}")
+    source = votes_dir(path, storage_options)
+    fs, files = votes.parquet_files(source, storage_options=storage_options)
+    if not files:
+        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
+    selected = list(votes.SCALAR_COLUMNS) + [c for c in votes.ARRAY_COLUMNS if c in wanted]
+    filters = None if image_ids is None else [("image_id", "in", sorted(set(image_ids)))]
+    with storage.translate_errors(source, storage_options):
+        tables = [pq.read_table(f, filesystem=fs, columns=selected, filters=filters, partitioning=None)
+                  for f in files]
+    records = votes.read_votes(pa.concat_tables(tables, promote_options="permissive"), columns=wanted)
+    frame: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        values = [getattr(r, name) for r in records]
+        if name in votes.ARRAY_COLUMNS:  # filled element-wise: numpy must not stack equal-shaped maps
+            column = np.empty(len(values), dtype=object)
+            for i, value in enumerate(values):
+                column[i] = value
+            values = column
+        frame[name] = values
+    return pd.DataFrame(frame)
+
+
+def load_metrics(path: str, *, per_image: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """``metrics/metrics.parquet`` (one row per dataset, method, sigma and grid point) or, with
+    ``per_image``, ``metrics/per_image.parquet`` of an output folder (local or ``s3://``); ``path`` may also
+    be the metrics folder or the Parquet file. List columns (``iou_per_class``, ``confusion``...) hold numpy
+    arrays."""
+    name = "per_image.parquet" if per_image else "metrics.parquet"
+    if path.endswith(".parquet"):
+        target = path
+    elif storage.exists(storage.join(path, "metrics", name), storage_options):
+        target = storage.join(path, "metrics", name)
+    else:
+        target = storage.join(path, name)
+    if not storage.exists(target, storage_options):
+        raise FileNotFoundError(f"no {name} at {path}: run `ray-certseg reduce {path}` (or the job) first")
+    fs, stripped = storage.get_filesystem(target, storage_options)
+    with storage.translate_errors(target, storage_options), fs.open(stripped, "rb") as f:
+        return pq.read_table(f).to_pandas()
+
+
+def load_config(path: str, *, storage_options: Mapping[str, Any] | None = None) -> JobConfig:
+    """The job configuration recorded in ``<output>/config.json``. Its secrets are redacted there, so the
+    given ``storage_options`` (if any) replace the recorded job-level ones (the dataset's reads use them)."""
+    target = storage.join(path, "config.json")
+    if not storage.exists(target, storage_options):
+        raise FileNotFoundError(f"no config.json in {path}: pass the output folder of a `ray-certseg run`")
+    data = json.loads(storage.read_bytes(target, storage_options))
+    if storage_options is not None:
+        data["storage_options"] = dict(storage_options)
+    return JobConfig.from_dict(data)
+
+
+# -------------------------------------------------------------------------------------------- certification
+def records(frame: pd.DataFrame) -> Iterator[votes.VoteRecord]:
+    """The rows of a :func:`load_votes` DataFrame as VoteRecords (arrays shared, never copied)."""
+    missing = [c for c in RECORD_FIELDS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"votes DataFrame lacks column(s) {missing}: pass the result of load_votes(...)")
+    for row in frame[list(RECORD_FIELDS)].itertuples(index=False, name=None):
+        yield votes.VoteRecord(*(v.item() if isinstance(v, np.generic) else v for v in row))
+
+
+def _require_maps(rec: votes.VoteRecord) -> votes.VoteRecord:
+    absent = [c for c in CERTIFY_COLUMNS if getattr(rec, c) is None]
+    if absent:
+        raise ValueError(f"vote row {rec.image_id}/{rec.method}/sigma={rec.sigma} has no {absent}: load the "
+                         f"votes with columns including {CERTIFY_COLUMNS}")
+    return rec
+
+
+def certify_row(row: votes.VoteRecord | Mapping[str, Any] | pd.Series, *, tau: float, alpha: float,
+                correction: str = "holm") -> Certificate:
+    """CERTIFY(c_hat, k) of one vote row (a VoteRecord or a :func:`load_votes` row): its certified map
+    (ABSTAIN where the null is not rejected) and radius sigma * Phi^-1(tau)."""
+    get = (lambda key: getattr(row, key)) if isinstance(row, votes.VoteRecord) else row.__getitem__
+    c_hat, k = get("c_hat"), get("k")
+    if c_hat is None or k is None:
+        raise ValueError("certify_row: the row has no c_hat/k maps; load the votes with those columns")
+    return certify(c_hat, k, n=int(get("n")), sigma=float(get("sigma")), tau=tau, alpha=alpha,
+                   correction=correction, num_classes=int(get("num_classes")))
+
+
+def _values(name: str, value: float | str | Sequence[Any]) -> tuple[Any, ...]:
+    out = (value,) if isinstance(value, (int, float, str)) else tuple(value)
+    if not out:
+        raise ValueError(f"{name}: give at least one value")
+    return out
+
+
+def _per_image(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per-image records as the reducer stores them (same Arrow schema, same canonical order)."""
+    return reduce.deduplicate(pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA).to_pandas())
+
+
+def recertify(votes_frame: pd.DataFrame, *, tau: float | Sequence[float] = 0.75,
+              alpha: float | Sequence[float] = 0.001,
+              correction: str | Sequence[str] = "holm") -> reduce.ReduceResult:
+    """Certify the stored votes again for every combination of ``tau`` x ``alpha`` x ``correction`` (scalars
+    or sequences) and pool per (dataset, method, sigma, grid point): the reducer's per-image records and
+    metrics (same columns, same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in
+    this process, nothing written and no resampling."""
+    corrections = _values("correction", correction)
+    bad = [c for c in corrections if c not in CORRECTIONS]
+    if bad:
+        raise ValueError(f"correction {bad[0]!r} is not one of {CORRECTIONS}")
+    grid = reduce.Grid(tuple(float(t) for t in _values("tau", tau)),
+                       tuple(float(a) for a in _values("alpha", alpha)), corrections)
+    rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), grid)]
+    per_image = _per_image(rows)
+    metrics = reduce.pool(per_image) if len(per_image) else pd.DataFrame(columns=reduce.KEY)
+    return reduce.ReduceResult(per_image=per_image, metrics=metrics,
+                               summary_markdown=reduce.summary_markdown(metrics))
+
+
+def noisy_sample(image: np.ndarray, *, sigma: float, seed: int, image_id: str, index: int = 0,
+                 stage: int = ESTIMATION) -> torch.Tensor:
+    """x + sigma * eps for draw ``index`` of ``stage`` (default: the first estimation draw) of the job's
+    ``count_votes``: eps ~ N(0, I) from a CPU ``torch.Generator`` seeded with
+    sample_seed(noise_seed(seed, image_id, sigma), stage, index). ``image``: uint8 (H, W, 3); returns float32
+    (3, H, W) in [0, 1] space (not clipped). Bit-identical to the job's draw when the job sampled on the CPU
+    (a CUDA generator draws other numbers from the same seed)."""
+    x = to_tensor_image(image)
+    generator = torch.Generator().manual_seed(sample_seed(noise_seed(seed, image_id, sigma), stage, index))
+    return x + float(sigma) * torch.empty_like(x).normal_(generator=generator)
+
+
+# -------------------------------------------------------------------------------------- accuracy vs radius
+def tau_for_radius(radius: float, sigma: float) -> float:
+    """tau(r, sigma) = Phi(r / sigma): the threshold whose certificate radius sigma Phi^-1(tau) is r."""
+    return float(norm.cdf(radius / sigma))
+
+
+def radius_grid(sigmas: Iterable[float], n: int, alpha: float, num_pixels: int,
+                points: int = 32) -> np.ndarray:
+    """``points`` evenly spaced radii in (0, r_max], r_max = max(sigma) * Phi^-1(tau_max) with
+    tau_max = (alpha / N)^(1/n): the largest tau at which a pixel with all n votes (p = tau^n) can still be
+    certified among N pixels (the first Holm step, Bonferroni). Beyond r_max the curve is 0. When
+    tau_max <= 0.5 (n too small for alpha / N) nothing is certifiable; the grid then spans tau up to 0.75."""
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or min(sigmas) <= 0 or n < 1 or num_pixels < 1 or not 0 < alpha < 1 or points < 1:
+        raise ValueError("radius_grid needs sigmas > 0, n >= 1, num_pixels >= 1, 0 < alpha < 1, points >= 1")
+    tau_max = math.exp(math.log(alpha / num_pixels) / n)
+    r_max = max(sigmas) * float(norm.ppf(max(tau_max, 0.75) if tau_max <= 0.5 else tau_max))
+    return np.linspace(r_max / points, r_max, points)
+
+
+def check_radii(radii: Sequence[float]) -> np.ndarray:
+    """The radii sorted and unique as float64; each must be finite and > 0."""
+    r = np.unique(np.asarray(radii, dtype=np.float64))
+    if r.size == 0 or not np.all(np.isfinite(r)) or r[0] <= 0:
+        raise ValueError("radii must be finite numbers > 0 (tau = Phi(r / sigma) must exceed 0.5); radius 0 "
+                         "is the clean / majority-vote accuracy (columns clean_accuracy, vote_accuracy)")
+    return r
+
+
+def _taus(radii: np.ndarray, sigma: float) -> tuple[float, ...]:
+    """tau(r, sigma) for every radius that this sigma can certify (0.5 < tau < 1)."""
+    taus = (tau_for_radius(float(r), sigma) for r in radii)
+    return tuple(t for t in taus if 0.5 < t < 1.0)
+
+
+def curve_rows(recs: Iterable[votes.VoteRecord], radii: np.ndarray, alpha: float,
+               correction: str) -> list[dict[str, Any]]:
+    """Per-image records (the reducer's, via image_rows) of every vote row at tau(r, sigma), r in radii."""
+    rows = []
+    for rec in recs:
+        taus = _taus(radii, rec.sigma)
+        if taus:
+            rows += reduce.image_rows(_require_maps(rec), reduce.Grid(taus, (alpha,), (correction,)))
+    return rows
+
+
+class CurveBatch:
+    """Ray Data UDF: vote rows (Arrow) -> their per-image records at every tau(r, sigma)."""
+
+    def __init__(self, radii: np.ndarray, alpha: float, correction: str):
+        self.radii, self.alpha, self.correction = radii, alpha, correction
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = curve_rows(votes.read_votes(batch, columns=CERTIFY_COLUMNS), self.radii, self.alpha,
+                          self.correction)
+        return pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA)
+
+
+def _curve_per_image_path(path: str, radii: np.ndarray, alpha: float, correction: str,
+                          storage_options: Mapping[str, Any] | None, engine: str) -> pd.DataFrame:
+    """Per-image curve records from vote files, file by file in this process or as a Ray Data stage."""
+    source = votes_dir(path, storage_options)
+    if engine == "auto":
+        ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        sizes = load_votes(source, columns=[], storage_options=storage_options) if ray_up else None
+        work = 0 if sizes is None else float((sizes["height"] * sizes["width"]).sum()) * radii.size
+        engine = "ray" if work > RAY_MIN_EVALUATIONS else "local"
+    if engine == "ray":
+        import ray
+
+        pa_fs, pa_path = storage.pyarrow_filesystem(source, storage_options)
+        ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = ds.map_batches(CurveBatch, fn_constructor_args=(radii, alpha, correction),
+                            batch_format="pyarrow", batch_size=4, num_cpus=0.5,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers))
+        tables = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
+        table = pa.concat_tables([t.cast(reduce.PER_IMAGE_SCHEMA) for t in tables]) if tables \
+            else reduce.PER_IMAGE_SCHEMA.empty_table()
+        return reduce.deduplicate(table.to_pandas())
+    if engine != "local":
+        raise ValueError(f"engine must be 'auto', 'local' or 'ray', got {engine!r}")
+    fs, files = votes.parquet_files(source, storage_options=storage_options)
+    if not files:
+        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
+    rows = []
+    for f in files:
+        with storage.translate_errors(source, storage_options):
+            table = pq.read_table(f, filesystem=fs, partitioning=None,
+                                  columns=list(votes.SCALAR_COLUMNS) + CERTIFY_COLUMNS)
+        rows += curve_rows(votes.read_votes(table, columns=CERTIFY_COLUMNS), radii, alpha, correction)
+    return _per_image(rows)
+
+
+def certified_accuracy_curve(votes_source: pd.DataFrame | str, radii: Sequence[float], *,
+                             alpha: float = 0.001, correction: str = "holm", per_sigma: bool = False,
+                             storage_options: Mapping[str, Any] | None = None,
+                             engine: str = "auto") -> pd.DataFrame:
+    """Certified accuracy as a function of the radius (see the module docstring for what is plotted).
+
+    ``votes_source``: a :func:`load_votes` DataFrame, or an output / votes folder (local or ``s3://``) read
+    one file at a time (``engine``: ``local``; ``ray`` as a Ray Data stage; ``auto``: Ray when it is
+    initialised and the work is large). ``per_sigma``: one row per (dataset, method, sigma, radius) the
+    sigma can certify, with columns :data:`CURVE_COLUMNS`; else the envelope over sigmas, one row per
+    (dataset, method, radius), columns :data:`ENVELOPE_COLUMNS` (``sigma``/``tau``: the maximiser, NaN
+    where no sigma can certify r and the accuracy is 0)."""
+    r = check_radii(radii)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction {correction!r} is not one of {CORRECTIONS}")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"alpha must be a family-wise error level in (0, 1), got {alpha!r}")
+    if isinstance(votes_source, pd.DataFrame):
+        per_image = _per_image(curve_rows(records(votes_source), r, float(alpha), correction))
+        groups = votes_source[["dataset", "method", "sigma"]].drop_duplicates()
+    elif isinstance(votes_source, str):
+        per_image = _curve_per_image_path(votes_source, r, float(alpha), correction, storage_options, engine)
+        groups = load_votes(votes_source, columns=[], storage_options=storage_options)[
+            ["dataset", "method", "sigma"]].drop_duplicates()
+    else:
+        raise TypeError("votes_source must be a load_votes DataFrame or a path, got "
+                        f"{type(votes_source).__name__}")
+    curve = _curve_table(per_image, r)
+    return curve if per_sigma else envelope(curve, r, groups)
+
+
+def _curve_table(per_image: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
+    if not len(per_image):
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    pooled = reduce.pool(per_image).rename(columns={"radius": "certified_radius"})
+    lookup = pd.DataFrame([(s, r, t) for s in pooled["sigma"].unique() for r in radii
+                           for t in [tau_for_radius(r, s)] if 0.5 < t < 1.0],
+                          columns=["sigma", "radius", "tau"])
+    curve = pooled.merge(lookup, on=["sigma", "tau"], how="inner")
+    return curve[CURVE_COLUMNS].sort_values(["dataset", "method", "sigma", "radius"]).reset_index(drop=True)
+
+
+def envelope(curve: pd.DataFrame, radii: Sequence[float] | None = None,
+             groups: pd.DataFrame | None = None) -> pd.DataFrame:
+    """acc(r) = max over sigma of a per-sigma curve, per (dataset, method); the maximising sigma and tau are
+    kept. With ``radii`` (and the (dataset, method) ``groups`` to cover), radii that no sigma can certify
+    get accuracy 0 and NaN sigma/tau."""
+    if len(curve):
+        best = curve.loc[curve.groupby(["dataset", "method", "radius"], sort=True)["certified_accuracy"]
+                         .idxmax(), ENVELOPE_COLUMNS]
+    else:
+        best = pd.DataFrame(columns=ENVELOPE_COLUMNS)
+    if radii is not None:
+        keys = (groups if groups is not None else curve)[["dataset", "method"]].drop_duplicates()
+        full = keys.merge(pd.DataFrame({"radius": np.asarray(radii, dtype=np.float64)}), how="cross")
+        best = full.merge(best, on=["dataset", "method", "radius"], how="left")
+        best["certified_accuracy"] = best["certified_accuracy"].astype(float).fillna(0.0)
+        best = best[ENVELOPE_COLUMNS]
+    return best.sort_values(["dataset", "method", "radius"]).reset_index(drop=True)

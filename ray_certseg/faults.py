@@ -1,0 +1,95 @@
+"""Job-level faults: what every image would hit stops the job once, with one clear error (exit code 2).
+
+A model that cannot load, a segmenter made for another number of classes or an object store that cannot be
+reached is not a property of one image: recorded per image it would turn into N identical errors, and an
+actor that keeps failing must not be restarted forever. So:
+
+* the driver, before anything is started, checks what the config alone tells (:func:`check_class_counts`);
+* the sampling actor, at construction, loads every model under its config key (:func:`load_model`) and runs
+  one probe forward per segmenter (:func:`check_segmenter`); Ray Data fails the job on the first actor
+  whose constructor raises (``DataContext.max_consecutive_actor_init_deaths = 0``, the default);
+* the driver turns the Ray error, which carries the original exception only as traceback text, back into
+  that exception's message (:func:`job_error`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ray_certseg.config import ConfigError, JobConfig
+
+T = TypeVar("T")
+PROBE_SIZE = (64, 64)
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): ", re.MULTILINE)
+_RAY_WRAPPERS = ("ray.exceptions.", "ray.data.exceptions.")
+
+
+class ModelError(ValueError):
+    """A model of the config cannot be used; the message starts with its config key (``models.<group>.<name>``)."""
+
+
+class JobError(RuntimeError):
+    """The sampling stage stopped on a job-level fault; the message is the original error and the way on."""
+
+
+def check_class_counts(cfg: JobConfig) -> None:
+    """Every segmenter a method uses and that declares ``num_classes`` must predict the dataset's C classes
+    (the votes, labels and metrics are over C classes)."""
+    used = sorted({m.segmenter for m in cfg.methods.values()})
+    for name in used:
+        declared = cfg.models.segmenters[name].get("num_classes")
+        if declared is not None and declared != cfg.dataset.num_classes:
+            raise ConfigError(
+                f"models.segmenters.{name}.num_classes: the segmenter predicts {declared} classes but dataset "
+                f"{cfg.dataset.name!r} has {cfg.dataset.num_classes} (dataset.num_classes): use a segmenter "
+                "trained for the dataset's classes, or correct the wrong num_classes")
+
+
+def load_model(group: str, name: str, load: Callable[[], T]) -> T:
+    """``load()``, with a failure re-raised as :class:`ModelError` naming the config entry ``models.group.name``."""
+    try:
+        return load()
+    except Exception as exc:  # any loader failure is this model's
+        raise ModelError(f"models.{group}.{name}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_segmenter(name: str, segmenter: Any, num_classes: int, device: Any,
+                    size: tuple[int, int] | None = None) -> None:
+    """One forward pass on a black (1, 3, H, W) image (H x W = ``size``, default 64 x 64) must give
+    (1, num_classes, H, W) logits: a segmenter for another class count fails here, not on every image."""
+    import torch
+
+    h, w = size or PROBE_SIZE
+    fix = (f"the segmenter must map (B, 3, H, W) images to (B, {num_classes}, H, W) logits, one channel per "
+           f"class of the dataset (dataset.num_classes = {num_classes}): check its num_classes, kwargs and weights")
+    with torch.inference_mode():
+        try:
+            logits = segmenter(torch.zeros(1, 3, h, w, device=device))
+        except Exception as exc:  # reported with the config key
+            raise ModelError(f"models.segmenters.{name}: a probe forward on a black {h}x{w} image failed "
+                             f"({type(exc).__name__}: {exc}); {fix}") from exc
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, num_classes, h, w):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(f"models.segmenters.{name}: a probe forward on a black {h}x{w} image gave {got}; {fix}")
+
+
+def root_cause(text: str) -> str:
+    """The original ``Type: message`` in the text of a Ray error: the last exception line that is not one of
+    Ray's own wrappers, up to the next blank line (module prefixes dropped). The first line if there is none."""
+    found = [m for m in _EXCEPTION_LINE.finditer(text) if not m.group().startswith(_RAY_WRAPPERS)]
+    if not found:
+        return text.strip().splitlines()[0] if text.strip() else "unknown error"
+    last = found[-1]
+    message = text[last.end():].split("\n\n", 1)[0].strip()
+    return f"{last.group(1)}: {message}"
+
+
+def job_error(exc: BaseException) -> JobError:
+    """A :class:`JobError` for a Ray error of the sampling stage: an actor whose constructor failed (a model),
+    or a task whose UDF raised (the store failed)."""
+    cause = root_cause(str(exc))
+    if getattr(exc, "actor_init_failed", False):
+        return JobError(f"the sampling actor could not start: {cause}. Fix the config and run again")
+    return JobError(f"sampling stopped: {cause}. Finished vote rows are kept; run again to resume")
