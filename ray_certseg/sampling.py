@@ -133,7 +133,9 @@ def prepare_model(
 ) -> nn.Module:
     """Move a model to ``device``/``dtype`` once per worker: eval mode, no gradients, optionally channels_last
     memory format and ``torch.compile`` (first call compiles: tens of seconds; a GPU-job option)."""
-    module = module.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+    dtype = resolve_dtype(dtype)
+    module = (module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device))
+    module = module.eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     return torch.compile(module) if compile else module

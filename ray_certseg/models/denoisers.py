@@ -409,7 +409,9 @@ class DiffusionDenoiser(nn.Module):
             ]
             options = {k: v for k, v in kwargs.items() if k != "name"}
             kwargs["name"] = f"{_folder_name(unet_src)}-{short_hash([configs, options])}"
-        unet_model = unet_model.to(device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
+        if any(p.dtype != dtype for p in unet_model.parameters()):  # loaded folders already are (torch_dtype)
+            unet_model = unet_model.to(dtype=dtype)
+        unet_model = unet_model.to(device=torch.device(device)).eval().requires_grad_(False)
         return cls(DiffusersUNet(unet_model), sched.alphas_cumprod, **kwargs)
 
 
