@@ -11,8 +11,12 @@ from ray_certseg.demo_data import write_demo_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="assets/demo/data", help="output folder (train/, val/, *.csv, classes.json)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="assets/demo/data", help="output folder (train/, val/, *.csv, classes.json)"
+    )
     parser.add_argument("--num-train", type=int, default=1000)
     parser.add_argument("--num-val", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

@@ -66,21 +66,27 @@ def _matte(patch: np.ndarray, height: int, width: int) -> np.ndarray:
 
     The ramp thickens the strokes (a' >= 0.5 <=> a >= 0.3) and narrows the soft rim.
     """
-    img = Image.fromarray(patch.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    img = Image.fromarray(patch.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
     return np.clip((np.asarray(img, dtype=np.float32) - 0.15) / 0.3, 0.0, 1.0)
 
 
 def _smooth_field(rng: np.random.Generator, size: int, std: float, channels: int) -> np.ndarray:
     """(size, size, channels) low-frequency field: a 6 x 6 N(0, std^2) grid per channel, bicubic-upsampled (PIL)."""
     grids = rng.normal(0.0, std, (channels, 6, 6)).astype(np.float32)
-    up = [np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.Resampling.BICUBIC)) for g in grids]
+    up = [
+        np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.Resampling.BICUBIC)) for g in grids
+    ]
     return np.stack(up, axis=-1)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Grey cloudy texture: 0.5 + tint (N(0, 0.02^2) per scene) + grey field (std 0.08) + colour field (std 0.02)."""
     tint = rng.normal(0.0, 0.02, size=3)
-    return np.clip(0.5 + tint + _smooth_field(rng, size, 0.08, 1) + _smooth_field(rng, size, 0.02, 3), 0.0, 1.0)
+    return np.clip(
+        0.5 + tint + _smooth_field(rng, size, 0.08, 1) + _smooth_field(rng, size, 0.02, 3), 0.0, 1.0
+    )
 
 
 def make_scene(
@@ -102,9 +108,12 @@ def make_scene(
         k = int(rng.integers(1, NUM_CLASSES))
         matte = images[int(rng.choice(pool[k]))]
         h = int(rng.integers(22, 37))
-        w = int(round(h * rng.uniform(0.8, 1.1)))
+        w = round(h * rng.uniform(0.8, 1.1))
         a = _matte(matte, h, w)
-        top, left = int(rng.integers(-h // 4, size - 3 * h // 4)), int(rng.integers(-w // 4, size - 3 * w // 4))
+        top, left = (
+            int(rng.integers(-h // 4, size - 3 * h // 4)),
+            int(rng.integers(-w // 4, size - 3 * w // 4)),
+        )
         colour = np.clip(np.asarray(CLASSES[k].colour) + rng.normal(0.0, 0.05, 3), 0.0, 1.0)
         # crop the box to the canvas
         ys, xs = slice(max(top, 0), min(top + h, size)), slice(max(left, 0), min(left + w, size))
@@ -162,7 +171,9 @@ def write_classes(root: str | Path) -> Path:
     return path
 
 
-def write_demo_dataset(root: str | Path, num_train: int = 1000, num_val: int = 64, seed: int = 0) -> dict[str, Path]:
+def write_demo_dataset(
+    root: str | Path, num_train: int = 1000, num_val: int = 64, seed: int = 0
+) -> dict[str, Path]:
     """Write the whole demo dataset under ``root``; returns the manifest paths per split (and classes.json)."""
     return {
         "train": write_split(root, "train", num_train, seed),
@@ -171,7 +182,9 @@ def write_demo_dataset(root: str | Path, num_train: int = 1000, num_val: int = 6
     }
 
 
-def class_fractions(labels: np.ndarray, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def class_fractions(
+    labels: np.ndarray, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
     """Fraction of labelled (non-ignore) pixels per class over a stack of label maps: bincount / #labelled."""
     flat = np.asarray(labels).ravel()
     flat = flat[flat != ignore_index]

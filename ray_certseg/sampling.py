@@ -96,7 +96,9 @@ def to_tensor_image(array: np.ndarray) -> Tensor:
     if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         desc = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
         raise ValueError(f"image must be a uint8 H x W x 3 RGB array, got {desc}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0).contiguous()
+    # torch.as_tensor copies a read-only array (Arrow/PIL buffers) instead of warning about it
+    tensor = torch.as_tensor(array) if array.flags.writeable else torch.tensor(array)
+    return tensor.permute(2, 0, 1).float().div_(255.0).contiguous()
 
 
 def _as_image(image: Tensor | np.ndarray) -> Tensor:
