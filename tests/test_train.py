@@ -18,21 +18,10 @@ from ray_certseg.train import LOG_NAME, SEGMENTER_SPEC_NAME, TrainConfig, ddpm_s
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        object_store_memory=256 * 1024**2,
-        log_to_driver=False,
-        logging_level="warning",
-    )
+@pytest.fixture
+def ray_local(ray_session):
+    """The session's local Ray instance (tests/conftest.py): one per test session."""
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
