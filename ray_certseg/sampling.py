@@ -134,13 +134,19 @@ def prepare_model(
     compile: bool = False,
 ) -> nn.Module:
     """Move a model to ``device``/``dtype`` once per worker: eval mode, no gradients, optionally channels_last
-    memory format and ``torch.compile`` (first call compiles: tens of seconds; a GPU-job option)."""
+    memory format and ``torch.compile`` (first call compiles: tens of seconds; a GPU-job option).
+
+    Compiled with static shapes (``dynamic=False``): one graph per batch shape (count_votes uses at most four:
+    the clean image, the batch size and the two remainders), so a shape always runs the same kernels. With
+    automatic dynamic shapes the first calls run shape-specialised graphs and later ones a dynamic graph, whose
+    low-precision results differ: an actor's first image would get other votes than the same image later.
+    """
     dtype = resolve_dtype(dtype)
     module = (module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device))
     module = module.eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    return torch.compile(module) if compile else module
+    return torch.compile(module, dynamic=False) if compile else module
 
 
 class _BaseClassifier:

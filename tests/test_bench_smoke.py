@@ -1,0 +1,108 @@
+"""Smoke runs of the benchmark scripts in their tiny modes: each one runs end to end and prints its table.
+
+No timing is asserted (timings belong in bench/README.md); what is checked is that every script completes,
+its own checks pass (the reference and count_votes give identical votes; the GPU script's votes are
+reproducible), and the figures it reports are finite and positive.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def number_after(label: str, text: str) -> float:
+    match = re.search(re.escape(label) + r"\s*([-+0-9.eE]+|nan)", text)
+    assert match, f"{label!r} missing from the output:\n{text}"
+    return float(match.group(1))
+
+
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def finite(x: float) -> bool:
+    """Tiny runs measure nothing: a difference of two short jobs can come out negative, but never NaN."""
+    return math.isfinite(x)
+
+
+def test_reference_quick_votes_identical_and_table(capsys):
+    assert load("reference").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("quick (")]
+    assert len(rows) == 2 and rows[0].split()[-8] == "reference" and rows[1].split()[-8] == "ours"
+    for row in rows:  # wall s, CPU s, counting s, time vs ours, vote MiB, peak MiB, peak vs ours
+        wall, cpu, _, _, vote_mib, peak_mib, _ = (float(v) for v in row.split()[-7:])
+        assert positive(wall) and positive(cpu) and positive(vote_mib) and peak_mib >= 0
+    ref_mib, ours_mib = (float(r.split()[-3]) for r in rows)
+    assert ref_mib > ours_mib  # (n0 + n) H W int64 vs 2 C H W int32 with n0 + n = 24, C = 7
+
+
+def test_gpu_script_cpu_smoke_checks_pass(capsys):
+    gpu = load("gpu")
+    assert gpu.main(["--cpu-smoke", "--batch-sizes", "4", "--options", "fp32", "bf16+channels_last"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines()  # the result table, not the progress lines ("B=  4:")
+             if line.strip().startswith(("fp32 ", "bf16+channels_last ")) and "B=" not in line]
+    assert [row[0] for row in table] == ["fp32", "bf16+channels_last"]
+    assert all(row[-1] == "ok" and positive(float(row[2])) and positive(float(row[4])) for row in table)
+    assert float(table[0][-2]) == 1.0  # fp32 agrees with itself
+    assert "best:" in out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_efficiency_quick(ray_session, capsys):
+    assert load("efficiency").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert finite(number_after("roofline/actor CPU =", out))
+    assert positive(number_after("of which sampling", out))  # in-process, same thread: always measurable
+    assert finite(number_after("job / roofline, wall clock:", out))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_scaling_quick(ray_session, capsys):
+    assert load("scaling").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert finite(number_after("job(2)/job(1) =", out))
+    assert positive(number_after("gave two single-thread processes", out))
+    assert finite(number_after("machine(2)/machine(1) / (1 + o/a) =", out))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_storage_quick(ray_session, capsys):
+    assert load("storage").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    bpp = number_after("bytes/pixel =", out)
+    assert positive(bpp) and bpp < 16  # 2 rows of 64x64 maps in their own small files: footers dominate
+    assert "tiled 128x256" in out
+
+
+def test_marginal_is_the_difference_of_two_runs():
+    """The job benchmarks' steady state: start-up costs cancel in the difference of a short and a long run."""
+    bench = load("benchlib")
+    small = bench.JobTiming(wall=20.0, rows=2, actors=2, cpu_total=30.0, cpu_actors=24.0, sample_seconds=16.0)
+    big = bench.JobTiming(wall=40.0, rows=10, actors=2, cpu_total=70.0, cpu_actors=56.0, sample_seconds=52.0)
+    m = bench.Marginal(small, big)
+    assert m.rows == 8 and m.rows_per_s == pytest.approx(0.4)
+    assert m.actor_cpu_per_row == pytest.approx(4.0) and m.total_cpu_per_row == pytest.approx(5.0)
+    assert m.overhead_ratio == pytest.approx(0.25)  # (40 - 32) / 32
+    assert m.core_share == pytest.approx(0.8)  # 32 CPU s over 20 s x 2 actors
+    assert m.busy_fraction == pytest.approx(0.9)  # 36 s in count_votes over 20 s x 2 actors
