@@ -187,7 +187,7 @@ def test_worker_node_lost_mid_run_job_finishes_on_the_survivor(tmp_path):
     report = tmp_path / "report.json"
     with private_ray_dir() as temp_dir:
         done = subprocess.run([sys.executable, __file__, "node-loss", str(path), str(report)], env=ray_env(temp_dir),
-                              capture_output=True, text=True, timeout=600, check=False)
+                              capture_output=True, text=True, timeout=860, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     r = json.loads(report.read_text())
     assert r["code"] == 0
@@ -221,7 +221,7 @@ def node_loss_main(config: str, report: str) -> None:
     wait_for(lambda: finished_files(out / "votes"), "a first vote file", alive=run.is_alive)
     cluster.remove_node(worker, allow_graceful=False)
     rows_at_removal = sum(len(k) for k in finished_files(out / "votes").values())
-    run.join(timeout=500)
+    run.join(timeout=780)  # generous: on a loaded 2-core machine the survivor alone redoes the lost work
     actor = state.actors()[actor_id]
     Path(report).write_text(json.dumps({
         "code": result.get("code"), "rows_at_removal": rows_at_removal, "head_node": cluster.head_node.node_id,
