@@ -121,22 +121,23 @@ def sync(device: torch.device) -> None:
 
 def forward_seconds(seg, den, x: Tensor, sizes: list[int], sigma: float, autocast, device, repeats: int,
                     channels_last: bool) -> float:
-    """Seconds of segment(denoise(.)) over batches of ``sizes`` (best of ``repeats`` passes); the clean
-    image (size marked 0) goes through the segmenter alone, as in count_votes."""
+    """Seconds of segment(denoise(.)) over batches of ``sizes`` (best of ``repeats`` passes after an untimed
+    one: recompilation, autotuning); the clean image (size marked 0) goes through the segmenter alone, as in
+    count_votes."""
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     batches = {b: (x + sigma * torch.randn(max(b, 1), *x.shape, generator=gen, device=device))
                .contiguous(memory_format=fmt) for b in set(sizes)}
-    best = math.inf
+    times = []
     with torch.inference_mode(), autocast():
-        for _ in range(repeats):
+        for _ in range(repeats + 1):
             sync(device)
             start = time.perf_counter()
             for b in sizes:
                 seg(batches[b]) if b == 0 else seg(den(batches[b], sigma))
             sync(device)
-            best = min(best, time.perf_counter() - start)
-    return best
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def run_option(option: str, batch: int, args: argparse.Namespace, device: torch.device, x: Tensor,
