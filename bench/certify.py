@@ -25,19 +25,12 @@ import platform
 import time
 from collections.abc import Callable
 
+import benchlib  # bench/ is on sys.path when run as `python bench/certify.py`
 import numpy as np
 from scipy.stats import binom, binomtest
 from statsmodels.stats.multitest import multipletests
 
 from ray_certseg.certify import ABSTAIN, Certificate, certify
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -92,9 +85,8 @@ def main() -> None:
 
     print(f"map {args.height}x{args.width} (N={N}), n={n}, C={args.num_classes}, tau={tau}, alpha={alpha}")
     print(
-        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, "
-        f"load average {os.getloadavg()[0]:.2f} (shared machine: figures measured under load)"
+        f"machine: {benchlib.cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, load average {benchlib.load_average()} (shared machine: figures measured under load)"
     )
 
     p_sorted = binom.sf(k.reshape(-1).astype(np.int64) - 1, n, tau)

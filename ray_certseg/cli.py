@@ -31,7 +31,7 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None) -> None:
     """Attach to ``address`` / ``RAY_ADDRESS`` when given, else start a private local instance."""
     import ray
 
@@ -41,7 +41,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  logging_level="warning")
 
 

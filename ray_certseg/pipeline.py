@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import traceback
@@ -190,7 +191,7 @@ def set_aside_partial_files(votes_dir: str, storage_options: dict | None = None)
             continue
         try:
             with fs.open(path, "rb") as f:
-                pq.ParquetFile(f).metadata
+                _ = pq.ParquetFile(f).metadata  # reads and checks the footer
         except Exception as exc:  # noqa: BLE001 - any unreadable footer
             target = f"{aside}/{path.rsplit('/', 1)[-1]}.partial"
             log.warning("vote file %s is unreadable (%s): moved to %s, its rows will be sampled again",
@@ -233,17 +234,13 @@ class Progress:
         self._stop.set()
 
     def _count(self) -> int:
-        fs, root = storage.get_filesystem(self.votes_dir, self.storage_options)
-        if not fs.exists(root):
-            return 0
+        fs, files = votes.parquet_files(self.votes_dir, storage_options=self.storage_options)
         n = 0
-        for path in fs.find(root):
-            if path.endswith(".parquet"):
-                try:
-                    with fs.open(path, "rb") as f:
-                        n += pq.ParquetFile(f).metadata.num_rows
-                except Exception:  # noqa: BLE001 - a file being written
-                    pass
+        for path in files:
+            try:
+                n += pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+            except Exception:  # noqa: BLE001 - a file still being written has no footer yet
+                pass
         return n
 
     def _loop(self) -> None:
@@ -258,7 +255,7 @@ class Progress:
 
 
 def _fmt_seconds(s: float) -> str:
-    if s != s:  # nan
+    if math.isnan(s):
         return "?"
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -270,9 +267,7 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
 
     from ray_certseg.data import list_items
 
-    out = cfg.output
-    fs, _ = storage.get_filesystem(out, cfg.storage_options)
-    votes_dir = storage.join(out, "votes")
+    votes_dir = storage.join(cfg.output, "votes")
     faults.check_class_counts(cfg)
     prepare_output(cfg, overwrite=overwrite)
 

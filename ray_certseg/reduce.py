@@ -183,9 +183,9 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
     t["seconds_per_image"] = t["seconds_per_image"].map(lambda x: f"{x:.2f}")
     lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
-    note = (f"\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
-            f"class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
-            f"radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units.")
+    note = ("\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
+            "class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
+            "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units.")
     if errors:
         note += f"\n\n**{errors} (image, method, sigma) rows failed**: see errors.parquet."
     return "\n".join(lines) + note

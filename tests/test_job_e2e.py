@@ -12,10 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jobworld
 import pyarrow.parquet as pq
 import pytest
-
-import jobworld
 from s3server import free_port, start_moto_server
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,11 +6,11 @@ import collections
 import json
 from pathlib import Path
 
+import jobworld
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import jobworld
 from ray_certseg import cli, pipeline, reduce, votes
 from ray_certseg.config import JobConfig
 
@@ -65,6 +65,7 @@ def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
     from ray_certseg.sampling import count_votes
 
     code, out, path = run(world, tmp_path, extra=["--set", "ray.batch_size=3", "--set", "sampling.batch_size=5"])
+    assert code == 1  # the corrupt image
     from ray_certseg.config import load_config
 
     cfg = load_config(path, ["ray.batch_size=3", "sampling.batch_size=5"])
@@ -119,6 +120,7 @@ def test_resume_refuses_an_output_made_with_another_config(world, tmp_path, ray_
 
 def test_reducer_is_deterministic_and_engines_agree(world, tmp_path, ray_session):
     code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
+    assert code == 0
     files = ["per_image.parquet", "metrics.parquet", "metrics.csv", "summary.md"]
     first = {f: (out / "metrics" / f).read_bytes() for f in files}
     reduce.reduce_output(str(out), engine="local")
@@ -129,6 +131,7 @@ def test_reducer_is_deterministic_and_engines_agree(world, tmp_path, ray_session
 
 def test_reduce_cli_recertifies_at_another_tau(world, tmp_path, ray_session):
     code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
+    assert code == 0
     before = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
     assert cli.main(["reduce", str(out), "--tau", "0.9", "--alpha", "0.1"]) == 0
     after = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
