@@ -103,7 +103,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     cfg = JobConfig.from_dict(spec["config"])
-    seg, den = B.load_models(cfg)
+    seg, den = B.load_models(cfg, keep_host_memory=not spec["memory"])  # memory runs: see measure()
     image_id, image = B.demo_images(cfg)[0]
     x = to_tensor_image(image)
     sigma, n0, n, bs = spec["sigma"], spec["n0"], spec["n"], spec["batch_size"]
@@ -131,12 +131,13 @@ def measure(spec: dict[str, Any], *, memory: bool) -> dict[str, Any]:
 
     ``memory``: with glibc's mmap threshold fixed, every large block goes back to the system when freed, so
     the resident set follows live memory (the default, dynamic threshold keeps freed activations in the heap:
-    noise of tens of MiB); the page faults this costs make such runs useless for timing."""
+    noise of tens of MiB; the job's ``keep_freed_host_memory`` keeps all of them); the page faults this costs
+    make such runs useless for timing. Timing runs are set up as the job's actors are."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if memory:
         env |= {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "memory": memory})], env=env,
+                         check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -442,6 +442,7 @@ class SamplingConfig:
     channels_last: bool = False
     compile: bool = False
     store_counts: bool = False
+    keep_host_memory: bool = True
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "sampling") -> SamplingConfig:
@@ -464,6 +465,7 @@ class SamplingConfig:
             channels_last=_boolean(d.get("channels_last", cls.channels_last), p("channels_last")),
             compile=_boolean(d.get("compile", cls.compile), p("compile")),
             store_counts=_boolean(d.get("store_counts", cls.store_counts), p("store_counts")),
+            keep_host_memory=_boolean(d.get("keep_host_memory", cls.keep_host_memory), p("keep_host_memory")),
         )
 
 

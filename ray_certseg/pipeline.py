@@ -57,10 +57,12 @@ class VoteSampler:
 
         from ray_certseg.models.denoisers import load_denoiser
         from ray_certseg.models.segmenters import load_segmenter
-        from ray_certseg.sampling import prepare_model
+        from ray_certseg.sampling import keep_freed_host_memory, prepare_model
 
         self.cfg = JobConfig.from_dict(config)
         s = self.cfg.sampling
+        if s.keep_host_memory:
+            keep_freed_host_memory()
         self.device = resolve_device(s.device)
         self.dtype = getattr(torch, s.dtype)
         used_seg = {m.segmenter for m in self.cfg.methods.values()}

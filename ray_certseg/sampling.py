@@ -20,6 +20,7 @@ Votes accumulate as integer counts on the model's device; per-sample label maps 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import time
 import zlib
@@ -147,6 +148,27 @@ def prepare_model(
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     return torch.compile(module, dynamic=False) if compile else module
+
+
+def keep_freed_host_memory(limit: int = 1 << 30) -> bool:
+    """Process-wide: let glibc's malloc serve host allocations up to ``limit`` bytes from its heaps and keep
+    freed memory there for reuse (``M_MMAP_THRESHOLD`` = ``limit``, ``M_TRIM_THRESHOLD`` = 2 GiB).
+
+    PyTorch's CPU allocator has no cache, so every batch allocates its activations afresh. With glibc's
+    defaults the large ones are mmap'ed and unmapped again, and the kernel zero-fills them page by page on
+    every batch: 1,800 minor page faults and 3.2 ms of kernel time per 64 x 64 sample through the demo DDPM and
+    segmenter, 7 % of the sampling time (``bench/README.md``). Keeping the memory removes both; the resident
+    set then stays at the peak of one batch. Results are unchanged (allocation only). GPU sampling is
+    unaffected (the CUDA caching allocator reuses device memory already).
+
+    Returns whether the settings took effect (False with another C library: nothing is changed).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 class _BaseClassifier:
