@@ -214,29 +214,41 @@ def _vote(
     x: Tensor,
     *,
     sigma: float,
-    num: int,
+    n0: int,
+    n: int,
     batch_size: int,
     base: int,
-    stage: int,
     num_classes: int,
 ) -> tuple[Tensor, Tensor]:
-    """counts[c, i] = #{j < num : f_i(x + sigma eps_j) = c}, eps_j ~ N(0, I)
-    drawn from seed sample_seed(base, stage, j).
+    """Both sample sets in one stream of n0 + n draws, in ceil((n0 + n) / batch_size) batches:
 
-    Returns (counts (C, H*W) int32 on x's device, 0-d bool: all logits were finite).
+        counts[0, c, i] = #{j < n0 : f_i(x + sigma eps_j^(0)) = c}      (S0, selection)
+        counts[1, c, i] = #{j < n  : f_i(x + sigma eps_j^(1)) = c}      (S, estimation)
+
+    with eps_j^(s) ~ N(0, I) drawn from seed sample_seed(base, s, j). Stream position p < n0 is S0's draw p,
+    position n0 + j is S's draw j. A batch may hold draws of both sets: each draw still has its own noise and
+    its vote goes to its own set's counts, so S0 and S stay independent and apart (no partial batch between
+    them: one batch call fewer per image than drawing the sets one after the other).
+
+    Returns (counts (2 C, H*W) int32 on x's device, S0's then S's; 0-d bool: all logits were finite).
     """
     _, h, w = x.shape
-    counts = torch.zeros(num_classes, h * w, dtype=torch.int32, device=x.device)
-    ones = torch.ones(min(batch_size, num), h * w, dtype=torch.int32, device=x.device)
+    total = n0 + n
+    b_max = min(batch_size, total)
+    counts = torch.zeros(2 * num_classes, h * w, dtype=torch.int32, device=x.device)
+    ones = torch.ones(b_max, h * w, dtype=torch.int32, device=x.device)
+    # row offset of each stream position's set in `counts`, made once on the device (no copy per batch)
+    offset = (torch.arange(total, device=x.device) >= n0).to(torch.int64)[:, None] * num_classes
     finite = torch.ones((), dtype=torch.bool, device=x.device)
     generator = torch.Generator(device=x.device)
-    noise = torch.empty(min(batch_size, num), *x.shape, device=x.device)
-    for start in range(0, num, batch_size):
-        b = min(batch_size, num - start)
-        for j in range(b):
-            noise[j].normal_(generator=generator.manual_seed(sample_seed(base, stage, start + j)))
+    noise = torch.empty(b_max, *x.shape, device=x.device)
+    for start in range(0, total, batch_size):
+        b = min(batch_size, total - start)
+        for row, p in enumerate(range(start, start + b)):
+            stage, j = (SELECTION, p) if p < n0 else (ESTIMATION, p - n0)
+            noise[row].normal_(generator=generator.manual_seed(sample_seed(base, stage, j)))
         labels, ok = classify(x + sigma * noise[:b], sigma)
-        counts.scatter_add_(0, labels.reshape(b, h * w), ones[:b])
+        counts.scatter_add_(0, labels.reshape(b, h * w) + offset[start : start + b], ones[:b])
         finite &= ok
     return counts, finite
 
@@ -263,7 +275,8 @@ def count_votes(
     image: float (3, H, W) in [0, 1] or uint8 H x W x 3. segmenter: (B, 3, H, W) in [0, 1] -> logits
     (B, num_classes, H, W). denoiser: ``(noisy, sigma) -> denoised`` or None (no denoising, SegCertify).
     The noise is added here, in [0, 1] space at the image resolution; the denoiser gets sigma to pick its
-    timestep. Exactly n0 and n draws whatever ``batch_size``; memory O(C H W + batch_size H W).
+    timestep. Exactly n0 and n draws whatever ``batch_size``, in 1 + ceil((n0 + n) / batch_size) model calls
+    (the clean image, then both sets in one stream); memory O(C H W + batch_size H W).
     ``device`` (default CPU) holds the models' inputs and the counts; ``autocast_dtype`` (bf16/fp16) runs the
     models under ``torch.autocast``; ``channels_last`` feeds channels_last batches.
     Raises ValueError if the segmenter produces non-finite (NaN/Inf) logits.
@@ -285,34 +298,16 @@ def count_votes(
     with torch.inference_mode():
         x = _as_image(image).to(dev)
         clean, clean_ok = classify(x[None], 0.0)
-        counts0, ok0 = _vote(
-            classify,
-            x,
-            sigma=sigma,
-            num=n0,
-            batch_size=batch_size,
-            base=base,
-            stage=SELECTION,
-            num_classes=num_classes,
+        both, ok = _vote(
+            classify, x, sigma=sigma, n0=n0, n=n, batch_size=batch_size, base=base, num_classes=num_classes
         )
-        counts, ok = _vote(
-            classify,
-            x,
-            sigma=sigma,
-            num=n,
-            batch_size=batch_size,
-            base=base,
-            stage=ESTIMATION,
-            num_classes=num_classes,
-        )
-        if not bool(clean_ok & ok0 & ok):
+        if not bool(clean_ok & ok):
             raise ValueError(
                 f"the segmenter produced non-finite logits (NaN/Inf) for image {image_id!r} at "
                 f"sigma={sigma}; check the model weights, the autocast dtype (fp16 overflow) and its input"
             )
         _, h, w = x.shape
-        counts0_np = counts0.reshape(num_classes, h, w).cpu().numpy()
-        counts_np = counts.reshape(num_classes, h, w).cpu().numpy()
+        counts0_np, counts_np = both.reshape(2, num_classes, h, w).cpu().numpy()
         clean_np = clean[0].cpu().numpy()
     c_hat = select(counts0_np)
     k = np.take_along_axis(counts_np, c_hat[None].astype(np.intp), axis=0)[0]
