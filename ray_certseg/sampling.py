@@ -137,8 +137,9 @@ def prepare_model(
     """Move a model to ``device``/``dtype`` once per worker: eval mode, no gradients, optionally channels_last
     memory format and ``torch.compile`` (first call compiles: tens of seconds; a GPU-job option).
 
-    Compiled with static shapes (``dynamic=False``): one graph per batch shape (count_votes uses at most four:
-    the clean image, the batch size and the two remainders), so a shape always runs the same kernels. With
+    Compiled in place with ``module.compile`` (a ``DiffusionDenoiser`` compiles its network only, see its
+    ``compile``), with static shapes (``dynamic=False``): one graph per batch shape (count_votes uses at most
+    three: the clean image, the batch size and the remainder), so a shape always runs the same kernels. With
     automatic dynamic shapes the first calls run shape-specialised graphs and later ones a dynamic graph, whose
     low-precision results differ: an actor's first image would get other votes than the same image later.
     """
@@ -147,7 +148,9 @@ def prepare_model(
     module = module.eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    return torch.compile(module, dynamic=False) if compile else module
+    if compile:
+        module.compile(dynamic=False)
+    return module
 
 
 def keep_freed_host_memory(limit: int = 1 << 30) -> bool:

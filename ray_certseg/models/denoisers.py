@@ -197,6 +197,14 @@ class DiffusionDenoiser(nn.Module):
         }
         self.name = name or f"diffusion-{short_hash(options)}"
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the network only, in place (``nn.Module.compile``'s arguments). The schedule
+        arithmetic (t*, abar_t as Python numbers, padding, tiles, resizing) stays eager: it cannot break the
+        graph, and the network gets t as a tensor, so one graph per batch shape serves every sigma. (Compiled
+        whole, the denoiser broke the graph at every ``.item()`` and specialised on each sigma's constants,
+        running eagerly once past dynamo's recompile limit.)"""
+        self.model.compile(*args, **kwargs)
+
     # -------------------------------------------------------------------------------------------- timestep
     def timestep(self, sigma: float) -> int:
         """t* = min { t : (1 - abar_t) / abar_t >= (2 sigma)^2 }, sigma the noise std in [0,1] units at the
