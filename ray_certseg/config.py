@@ -14,7 +14,7 @@ Shape (defaults shown; ``dataset``, ``models`` and ``methods`` have no defaults)
       denoisers:  {NAME: {kind: identity|diffusers|adm, ...}}
     methods: {NAME: {segmenter: NAME, denoiser: NAME | null}}
     sampling: {sigmas: [0.25, 0.5], n0: 10, n: 100, batch_size: 16, seed: 0, device: auto, dtype: float32,
-               channels_last: false, compile: false, store_counts: false}
+               channels_last: false, compile: false, store_counts: false, keep_host_memory: true}
     certify: {taus: [0.75], alphas: [0.001], corrections: [holm, bonferroni]}
     ray: {address: null, actors: 1 | {min: 1, max: 4}, num_gpus_per_actor: 0, num_cpus_per_actor: 1,
           batch_size: 1, max_tasks_in_flight_per_actor: 2}

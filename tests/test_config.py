@@ -115,10 +115,11 @@ def test_overrides_nested_lists_and_new_mappings(config_file):
         "dataset.subset=null",
         "ray.actors=2",
         "sampling.store_counts=true",
+        "sampling.keep_host_memory=false",
     )
     assert cfg.sampling.sigmas == (0.12, 0.5, 1.0) and cfg.sampling.n == 500 and cfg.certify.taus == (0.95,)
     assert cfg.methods["plain"].denoiser == "plain" and cfg.dataset.subset is None and cfg.ray.actors == 2
-    assert cfg.sampling.store_counts is True
+    assert cfg.sampling.store_counts is True and cfg.sampling.keep_host_memory is False
 
 
 def test_override_creates_mapping_under_null(config_file):
