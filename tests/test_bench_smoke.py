@@ -53,6 +53,18 @@ def test_reference_quick_votes_identical_and_table(capsys):
     assert ref_mib > ours_mib  # (n0 + n) H W int64 vs 2 C H W int32 with n0 + n = 24, C = 7
 
 
+def test_malloc_quick_votes_identical_and_table(capsys):
+    assert load("malloc").main(["--quick"]) == 0  # raises if the votes differ between the settings
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("1 process", "2 processes")) and "," in line]
+    assert [" ".join(r.split()[:3]) for r in rows] == ["1 process, default", "1 process, kept",
+                                                       "2 processes, default", "2 processes, kept"]
+    for row in rows:  # wall ms, user ms, kernel ms, faults per sample, speed-up
+        wall, user, kernel, faults, speedup = (float(v) for v in row.split()[-5:])
+        assert positive(wall) and positive(user) and kernel >= 0 and faults >= 0 and positive(speedup)
+    assert positive(number_after("1 process: kept/default speed-up =", out))
+
+
 def test_gpu_script_cpu_smoke_checks_pass(capsys):
     gpu = load("gpu")
     assert gpu.main(["--cpu-smoke", "--batch-sizes", "4", "--options", "fp32", "bf16+channels_last"]) == 0
