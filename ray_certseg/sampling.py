@@ -159,10 +159,11 @@ def keep_freed_host_memory(limit: int = 1 << 30) -> bool:
 
     PyTorch's CPU allocator has no cache, so every batch allocates its activations afresh. With glibc's
     defaults the large ones are mmap'ed and unmapped again, and the kernel zero-fills them page by page on
-    every batch: 1,800 minor page faults and 3.2 ms of kernel time per 64 x 64 sample through the demo DDPM and
-    segmenter, 7 % of the sampling time (``bench/README.md``). Keeping the memory removes both; the resident
-    set then stays at the peak of one batch. Results are unchanged (allocation only). GPU sampling is
-    unaffected (the CUDA caching allocator reuses device memory already).
+    every batch: about 1,500 minor page faults and 3 ms of kernel time per 64 x 64 sample through the demo DDPM
+    and segmenter (``bench/malloc.py``: keeping the memory is 1.06x faster with one process, 1.09x with two
+    computing at once). Keeping the memory removes both; the resident set then stays at the peak of one batch.
+    Results are unchanged (allocation only). GPU sampling is unaffected (the CUDA caching allocator reuses
+    device memory already).
 
     Returns whether the settings took effect (False with another C library: nothing is changed).
     """
