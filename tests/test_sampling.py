@@ -290,9 +290,11 @@ def run():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     v = count_votes(image, net, sigma=0.25, n0=8, n=32, num_classes=3, batch_size=16, seed=0)
     return v, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-run(); a, faults_default = run()
+run()
+a, faults_default = min((run() for _ in range(3)), key=lambda r: r[1])
 ok = keep_freed_host_memory()
-run(); b, faults_kept = run()
+run()
+b, faults_kept = min((run() for _ in range(3)), key=lambda r: r[1])
 for name in ("counts0", "c_hat", "k", "clean_pred"):
     assert np.array_equal(getattr(a, name), getattr(b, name)), name
 print(ok, faults_default, faults_kept)
@@ -303,7 +305,8 @@ print(ok, faults_default, faults_kept)
 def test_keep_freed_host_memory_reuses_memory_and_leaves_votes_unchanged():
     """Process-wide, so in a fresh interpreter: after the call a count_votes pass page-faults (almost) none of
     its activations in again (4 MiB per batch here: about 1,000 pages each time with glibc's defaults), and
-    the votes are the same."""
+    the votes are the same. Fewest faults of 3 passes each: the kernel may reclaim idle heap pages between
+    passes under memory pressure (a loaded CI machine), which faults some back in."""
     out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_SCRIPT], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
     ok, faults_default, faults_kept = out[0] == "True", int(out[1]), int(out[2])
