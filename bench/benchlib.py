@@ -6,9 +6,13 @@ Not a library of the package: imported by the scripts in ``bench/`` (run as ``py
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -151,6 +155,30 @@ def demo_images(cfg: Any) -> list[tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ measurements
+def run_concurrently(script: str, flag: str, spec: dict[str, Any], k: int, tmp: Path) -> list[dict[str, Any]]:
+    """Start ``k`` fresh processes ``python script flag JSON`` (one torch thread each) on ``spec`` plus their
+    ``k``, ``rank`` and a new barrier folder; each calls ``wait_at_barrier`` before timing and prints one JSON
+    line last. Returns those results, by rank."""
+    barrier = tempfile.mkdtemp(dir=tmp, prefix=f"barrier{k}-")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = lambda r: [sys.executable, script, flag,
+                      json.dumps({**spec, "k": k, "rank": r, "barrier": barrier})]
+    procs = [subprocess.Popen(args(r), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for r in range(k)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{Path(script).name}: one of {k} workers failed: {outs}")
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
+
+
+def wait_at_barrier(spec: dict[str, Any]) -> None:
+    """In a ``run_concurrently`` worker: report ready, return once all ``spec["k"]`` workers are."""
+    barrier = Path(spec["barrier"])
+    (barrier / f"ready-{spec['rank']}").touch()
+    while len(list(barrier.glob("ready-*"))) < spec["k"]:
+        time.sleep(0.01)
+
+
 def forward_seconds(seg: Any, den: Any, image: Any, w: Workload) -> float:
     """The roofline: wall time of only the model forwards ``segment(denoise(x))`` for n0 + n noisy samples of
     one image, in batches of ``w.batch_size`` (noise drawn beforehand, no argmax, no counting)."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +45,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     votes = lambda: count_votes(image, seg, denoiser=den, sigma=w.sigma, n0=w.n0, n=w.n, num_classes=B.DEMO_CLASSES,
                                 batch_size=w.batch_size, seed=0, image_id=image_id)
     first = votes()
-    barrier = Path(spec["barrier"])
-    (barrier / f"ready-{spec['rank']}").touch()
-    while len(list(barrier.glob("ready-*"))) < spec["k"]:
-        time.sleep(0.01)
+    B.wait_at_barrier(spec)
     r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(spec["repeats"]):
         votes()
@@ -59,20 +54,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {"wall": wall / samples, "user": (r1.ru_utime - r0.ru_utime) / samples,
             "sys": (r1.ru_stime - r0.ru_stime) / samples, "faults": (r1.ru_minflt - r0.ru_minflt) / samples,
             "votes": [int(first.c_hat.sum()), int(first.k.sum())]}
-
-
-def run(setting: str, k: int, spec: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
-    """``k`` concurrent worker processes with ``setting``; their per-sample figures."""
-    barrier = Path(tempfile.mkdtemp(dir=tmp, prefix=f"barrier-{setting}-{k}-"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker",
-                               json.dumps({**spec, "setting": setting, "k": k, "rank": r, "barrier": str(barrier)})],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for r in range(k)]
-    outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"{setting} x{k} worker failed: {outs}")
-    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             for k in (1, 2):
                 for setting in (SETTINGS if r % 2 == 0 else SETTINGS[::-1]):
-                    got[(setting, k)] += run(setting, k, spec, root)
+                    setting_spec = {**spec, "setting": setting}
+                    got[(setting, k)] += B.run_concurrently(__file__, "--worker", setting_spec, k, root)
             print(f"round {r + 1}/{rounds} done, load average {B.load_average()}", file=sys.stderr)
     if len({json.dumps(x["votes"]) for runs in got.values() for x in runs}) != 1:
         raise AssertionError("the votes differ between settings")

@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -76,26 +73,14 @@ def hw_worker(spec: dict[str, Any]) -> dict[str, float]:
     seg, den = B.load_models(cfg)
     image = B.demo_images(cfg)[0][1]
     B.forward_seconds(seg, den, image, B.Workload(images=1, n0=1, n=w.batch_size - 1, batch_size=w.batch_size))
-    barrier = Path(spec["barrier"])
-    (barrier / f"ready-{spec['rank']}").touch()
-    while len(list(barrier.glob("ready-*"))) < spec["k"]:
-        time.sleep(0.01)
+    B.wait_at_barrier(spec)
     seconds = sum(B.forward_seconds(seg, den, image, w) for _ in range(spec["images"]))
     return {"samples_per_s": spec["images"] * w.samples_per_image / seconds}
 
 
 def machine(k: int, spec: dict[str, Any], tmp: Path) -> float:
     """Aggregate roofline samples/s of k concurrent single-thread processes."""
-    barrier = Path(tempfile.mkdtemp(dir=tmp, prefix=f"barrier{k}-"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--hw-worker",
-                               json.dumps({**spec, "k": k, "rank": r, "barrier": str(barrier)})],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for r in range(k)]
-    outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"machine({k}) worker failed: {outs}")
-    return sum(json.loads(o.strip().splitlines()[-1])["samples_per_s"] for o in outs)
+    return sum(r["samples_per_s"] for r in B.run_concurrently(__file__, "--hw-worker", spec, k, tmp))
 
 
 # -------------------------------------------------------------------------------------------------- main
