@@ -226,6 +226,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._t0 = time.monotonic()
+        self._rows: dict[str, int] = {}  # complete vote files (written once) -> their rows: each footer read once
 
     def __enter__(self) -> Progress:
         if self.interval > 0 and self.plan.pending:
@@ -237,13 +238,13 @@ class Progress:
 
     def _count(self) -> int:
         fs, files = votes.parquet_files(self.votes_dir, storage_options=self.storage_options)
-        n = 0
         for path in files:
-            try:
-                n += pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-            except Exception:  # noqa: BLE001 - a file still being written has no footer yet
-                pass
-        return n
+            if path not in self._rows:
+                try:
+                    self._rows[path] = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+                except Exception:  # noqa: BLE001 - a file still being written has no footer yet
+                    pass
+        return sum(self._rows.values())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
