@@ -181,6 +181,33 @@ def certify(
     )
 
 
+def can_certify(n: int, tau: float, alpha: float, num_pixels: int) -> bool:
+    """Whether any pixel of an image of ``num_pixels`` pixels can be certified at all.
+
+    The smallest p-value n estimation samples can give is that of k = n, p = P[Binom(n, tau) >= n] = tau^n.
+    Holm and Bonferroni both reject nothing unless the smallest p-value is <= alpha / N (Holm's first step is
+    Bonferroni's threshold), so certification is possible iff tau^n <= alpha / N. Otherwise every pixel
+    abstains whatever the model does: certified accuracy 0 and abstain rate 1 say nothing about the model.
+    """
+    return bool(pvalues(_check_n(n), n, _check_tau(tau))[()] <= float(alpha) / float(num_pixels))
+
+
+def min_n(tau: float, alpha: float, num_pixels: int) -> int:
+    """The smallest n with tau^n <= alpha / N (see ``can_certify``): ceil(log(alpha / N) / log(tau))."""
+    n = max(1, math.ceil(math.log(float(alpha) / num_pixels) / math.log(_check_tau(tau))))
+    while n > 1 and can_certify(n - 1, tau, alpha, num_pixels):  # float rounding at the boundary
+        n -= 1
+    while not can_certify(n, tau, alpha, num_pixels):
+        n += 1
+    return n
+
+
+def max_tau(n: int, alpha: float, num_pixels: int) -> float:
+    """The largest tau that n estimation samples can certify: (alpha / N)^(1 / n) (see ``can_certify``);
+    certification needs tau <= this, and the radius sigma * Phi^-1(tau) needs tau > 0.5."""
+    return float((float(alpha) / num_pixels) ** (1.0 / _check_n(n)))
+
+
 def _holm(p: np.ndarray, histogram: np.ndarray, alpha: float) -> np.ndarray:
     """reject[k] of Holm's step-down procedure from p[k] and the pixel counts histogram[k] (see certify)."""
     order = np.argsort(p, kind="stable")

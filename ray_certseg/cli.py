@@ -1,7 +1,7 @@
 """``ray-certseg`` command line: run the job, re-run the reducer, and the other tools.
 
     ray-certseg run [--config configs/demo.yaml] [--output DIR] [--set key=value ...] [--overwrite]
-    ray-certseg reduce OUTPUT [--tau 0.75 ...] [--alpha 0.001 ...] [--correction holm ...]
+    ray-certseg reduce OUTPUT [--tau 0.6 0.75] [--alpha 0.001 ...] [--correction holm ...] [--name NAME]
     ray-certseg report OUTPUT [--replot]
     ray-certseg selftest [--images 1000] [--alpha 0.2] [--correction holm ...] [--seed 0] [--shared-noise]
 
@@ -31,18 +31,39 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
 
 
-def init_ray(address: str | None) -> None:
-    """Attach to ``address`` / ``RAY_ADDRESS`` when given, else start a private local instance."""
+_started_ray = False  # whether this process's init_ray connected or started Ray (so main may shut it down)
+
+
+def init_ray(address: str | None, runtime_env: dict | None = None) -> None:
+    """Attach to ``address`` / ``RAY_ADDRESS`` when given, else start a private local instance. ``runtime_env``
+    (``ray.runtime_env``) is the job's: Ray uploads its local ``py_modules`` / ``working_dir`` and merges it
+    with the runtime env of a job submitted with ``ray job submit``."""
+    global _started_ray
     import ray
 
     if ray.is_initialized():
+        if runtime_env:
+            log.warning("Ray is already initialised in this process: ray.runtime_env %s is not applied",
+                        sorted(runtime_env))
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 logging_level="warning")
+                 logging_level="warning", runtime_env=runtime_env)
+    _started_ray = True
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray connection this process made (flushing the workers' log lines first), so that the
+    job's own error is the last line a person reads."""
+    global _started_ray
+    if _started_ray:
+        import ray
+
+        ray.shutdown()
+        _started_ray = False
 
 
 def _configure_ray_data() -> None:
@@ -71,11 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         overrides.append(f"output={args.output}")
     cfg = load_config(_resolve_config_path(args.config), overrides)
-    init_ray(cfg.ray.address)
-    _configure_ray_data()
-    interval = args.progress_interval if args.progress_interval is not None else \
-        (0.0 if sys.stderr.isatty() else 30.0)
-    pipeline.run_sampling(cfg, overwrite=args.overwrite, progress_interval=interval)
+    job_plan = pipeline.prepare_run(cfg, overwrite=args.overwrite)  # job-level faults fail here, before Ray
+    if job_plan.pending:  # a finished job resumes without starting Ray: it only reduces again
+        init_ray(cfg.ray.address, cfg.ray.runtime_env)
+        _configure_ray_data()
+        interval = args.progress_interval if args.progress_interval is not None else \
+            (0.0 if sys.stderr.isatty() else 30.0)
+        pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
     errors = pipeline.gather_errors(cfg)
     result = reduce.reduce_output(cfg.output, storage_options=cfg.storage_options, errors=errors)
     print(result.summary_markdown)
@@ -93,10 +116,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    from ray_certseg import reduce
+    from ray_certseg import reduce, storage
 
-    result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction)
+    into = "metrics"
+    if not args.replace_metrics and (args.tau or args.alpha or args.correction or args.name):
+        grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction)
+        into = f"reductions/{args.name or reduce.reduction_name(grid)}"
+    result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction,
+                                  into=into)
     print(result.summary_markdown)
+    print(f"\nmetrics: {storage.join(args.output, into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
+          "summary.md)" + ("" if into == "metrics" else f"; the run's own rows stay in {args.output}/metrics/"))
     return 0
 
 
@@ -133,9 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("reduce", help="certify stored votes again (other tau/alpha/correction) and aggregate")
     d.add_argument("output", help="an output folder of `run`")
-    d.add_argument("--tau", type=float, action="append", help="tau values (default: the run's config)")
-    d.add_argument("--alpha", type=float, action="append", help="alpha values (default: the run's config)")
-    d.add_argument("--correction", action="append", choices=["holm", "bonferroni"])
+    d.add_argument("--tau", type=float, nargs="+", action="extend",
+                   help="tau values, e.g. --tau 0.6 0.75 (default: the run's config)")
+    d.add_argument("--alpha", type=float, nargs="+", action="extend",
+                   help="alpha values (default: the run's config)")
+    d.add_argument("--correction", nargs="+", action="extend", choices=["holm", "bonferroni"])
+    d.add_argument("--name", help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "
+                   "after the grid, e.g. tau0.6_alpha0.001_holm-bonferroni); the run's metrics/ stay")
+    d.add_argument("--replace-metrics", action="store_true",
+                   help="write OUTPUT/metrics/ instead (what `report` and the plots read)")
     d.set_defaults(func=cmd_reduce)
 
     o = sub.add_parser("report", help="write OUTPUT/report.md: the metrics table and the plots")
@@ -172,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError, StorageError, JobError) as exc:
         if os.environ.get("RAY_CERTSEG_DEBUG"):
             raise
+        _stop_ray()
         print(f"ray-certseg: error: {exc}", file=sys.stderr)
         return 2
 

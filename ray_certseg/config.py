@@ -8,7 +8,8 @@ Shape (defaults shown; ``dataset``, ``models`` and ``methods`` have no defaults)
     dataset: {kind: manifest|cityscapes|pascal_context, root: PATH, manifest: PATH, split: val, name: <kind>,
               limit: null, subset: null | {count: N} | {every: m}, scale: 1.0, resize: null | [H, W],
               num_classes: (19 cityscapes, 59 pascal_context, required for manifest), ignore_index: 255,
-              class_names: null | [...], label_map: null | {value: class or ignore_index}}
+              class_names: null | [...], label_map: null | {value: class or ignore_index},
+              palette: null | [colour per class], duplicate_ids: error | rename}
     models:
       segmenters: {NAME: {kind: module|torchscript|torchvision|segformer, ...}}
       denoisers:  {NAME: {kind: identity|diffusers|adm, ...}}
@@ -57,6 +58,7 @@ SPLIT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MODEL_PATH_KEYS = ("path", "weights", "checkpoint", "unet", "scheduler")
 MODEL_PATH_SUFFIXES = ("_path", "_file", "_dir")
 MAX_N = 65535
+RUNTIME_ENV_KEYS = ("py_modules", "working_dir", "pip", "uv", "env_vars", "excludes", "config")
 UINT8_LABEL_CLASSES = 254
 
 
@@ -213,6 +215,8 @@ class DatasetConfig:
     ignore_index: int = 255
     class_names: tuple[str, ...] | None = None
     label_map: dict[int, int] | None = None
+    palette: tuple[str, ...] | None = None
+    duplicate_ids: str = "error"
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     KEYS = (
@@ -229,8 +233,11 @@ class DatasetConfig:
         "ignore_index",
         "class_names",
         "label_map",
+        "palette",
+        "duplicate_ids",
         "storage_options",
     )
+    DEFAULTS_ADDED_LATER = {"palette": None, "duplicate_ids": "error"}  # absent from older config.json files
 
     @property
     def label_dtype(self) -> type:
@@ -276,6 +283,8 @@ class DatasetConfig:
             ignore_index=ignore,
             class_names=None if class_names is None else _names(class_names, p("class_names"), num_classes),
             label_map=_label_map(d.get("label_map"), p("label_map"), num_classes, ignore),
+            palette=None if d.get("palette") is None else _palette(d["palette"], p("palette"), num_classes),
+            duplicate_ids=_choice(d.get("duplicate_ids", "error"), p("duplicate_ids"), ("error", "rename")),
             storage_options={
                 **dict(storage_options or {}),
                 **_mapping(d.get("storage_options"), p("storage_options")),
@@ -339,6 +348,26 @@ def _names(value: Any, path: str, num_classes: int) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or len(value) != num_classes:
         raise _fail(path, f"null or a list of {num_classes} names", value)
     return tuple(_string(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+def _palette(value: Any, path: str, num_classes: int) -> tuple[str, ...]:
+    """One matplotlib colour per class: a name ('red', 'tab:blue'), '#rrggbb', or [r, g, b] in [0, 255]."""
+    if not isinstance(value, (list, tuple)) or len(value) != num_classes:
+        raise _fail(path, f"null or a list of {num_classes} colours (names, '#rrggbb' or [r, g, b])", value)
+    out = []
+    for i, colour in enumerate(value):
+        if isinstance(colour, (list, tuple)):
+            rgb = [_integer(c, f"{path}[{i}][{j}]", 0, 255) for j, c in enumerate(colour)]
+            if len(rgb) != 3:
+                raise _fail(f"{path}[{i}]", "[r, g, b] with 3 values in [0, 255]", colour)
+            colour = "#{:02x}{:02x}{:02x}".format(*rgb)
+        colour = _string(colour, f"{path}[{i}]", requirement="a colour name, '#rrggbb' or [r, g, b]")
+        from matplotlib.colors import is_color_like
+
+        if not is_color_like(colour):
+            raise _fail(f"{path}[{i}]", "a matplotlib colour (e.g. 'red', 'tab:blue', '#ff8800')", colour)
+        out.append(colour)
+    return tuple(out)
 
 
 def _label_map(value: Any, path: str, num_classes: int, ignore: int) -> dict[int, int] | None:
@@ -509,9 +538,10 @@ class RayConfig:
     num_cpus_per_actor: float = 1.0
     batch_size: int = 1
     max_tasks_in_flight_per_actor: int = 2
+    runtime_env: dict[str, Any] | None = None
 
     @classmethod
-    def from_dict(cls, data: Any, path: str = "ray") -> RayConfig:
+    def from_dict(cls, data: Any, path: str = "ray", *, base_dir: Path | None = None) -> RayConfig:
         d = _mapping(data, path, cls.__dataclass_fields__)
         p = lambda key: _join(path, key)
         actors = d.get("actors", cls.actors)
@@ -546,7 +576,39 @@ class RayConfig:
                 p("max_tasks_in_flight_per_actor"),
                 1,
             ),
+            runtime_env=_runtime_env(d.get("runtime_env"), p("runtime_env"), base_dir),
         )
+
+
+def _runtime_env(value: Any, path: str, base_dir: Path | None) -> dict[str, Any] | None:
+    """Ray's runtime_env for the sampling actors, so user code and packages reach the workers the same way
+    locally and on a cluster. Local ``py_modules`` entries and ``working_dir`` resolve like model paths and
+    must exist (Ray uploads them); URLs and pip names pass through."""
+    if value is None:
+        return None
+    env = _mapping(value, path, RUNTIME_ENV_KEYS)
+    if "py_modules" in env:
+        modules = env["py_modules"]
+        if not isinstance(modules, (list, tuple)) or not modules:
+            raise _fail(_join(path, "py_modules"), "a non-empty list of package folders or URLs", modules)
+        env["py_modules"] = [_existing(m, f"{path}.py_modules[{i}]", base_dir, "a package folder (the one "
+                                       "holding __init__.py), a .py file, a .whl or a URL")
+                             for i, m in enumerate(modules)]
+    if "working_dir" in env:
+        env["working_dir"] = _existing(env["working_dir"], _join(path, "working_dir"), base_dir,
+                                       "a folder or a URL")
+    if "pip" in env and not isinstance(env["pip"], (list, tuple, dict, str)):
+        raise _fail(_join(path, "pip"), "a list of requirements", env["pip"])
+    if "env_vars" in env:
+        env["env_vars"] = {str(k): str(v) for k, v in _mapping(env["env_vars"], _join(path, "env_vars")).items()}
+    return env
+
+
+def _existing(value: Any, path: str, base_dir: Path | None, requirement: str) -> str:
+    """A local path resolved like model paths (the driver checks that it exists before Ray starts), or a
+    URL as written."""
+    value = _string(value, path, requirement=requirement)
+    return value if "://" in value else _resolve(value, base_dir)
 
 
 # ------------------------------------------------------------------------------------------------------- job
@@ -589,7 +651,7 @@ class JobConfig:
             methods=_methods_from_dict(d.get("methods"), models),
             sampling=SamplingConfig.from_dict(d.get("sampling")),
             certify=CertifyConfig.from_dict(d.get("certify")),
-            ray=RayConfig.from_dict(d.get("ray")),
+            ray=RayConfig.from_dict(d.get("ray"), base_dir=base),
         )
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:

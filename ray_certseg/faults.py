@@ -14,12 +14,17 @@ actor that keeps failing must not be restarted forever. So:
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ray_certseg.config import ConfigError, JobConfig
 
+log = logging.getLogger("ray_certseg")
 T = TypeVar("T")
 PROBE_SIZE = (64, 64)
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): ", re.MULTILINE)
@@ -45,6 +50,66 @@ def check_class_counts(cfg: JobConfig) -> None:
                 f"models.segmenters.{name}.num_classes: the segmenter predicts {declared} classes but dataset "
                 f"{cfg.dataset.name!r} has {cfg.dataset.num_classes} (dataset.num_classes): use a segmenter "
                 "trained for the dataset's classes, or correct the wrong num_classes")
+
+
+def check_runtime_env(cfg: JobConfig) -> None:
+    """Every local path of ``ray.runtime_env`` (py_modules, working_dir) exists on the driver, which uploads it."""
+    env = cfg.ray.runtime_env or {}
+    paths = [(f"ray.runtime_env.py_modules[{i}]", m) for i, m in enumerate(env.get("py_modules", []))]
+    if "working_dir" in env:
+        paths.append(("ray.runtime_env.working_dir", env["working_dir"]))
+    for key, value in paths:
+        if "://" not in value and not os.path.exists(value):
+            raise ConfigError(f"{key}: {value!r} does not exist (relative paths are taken from the working "
+                              "directory, else the config file's folder); give the folder of your package, "
+                              "the one holding its __init__.py")
+
+
+def add_py_modules_to_path(cfg: JobConfig) -> None:
+    """Make ``ray.runtime_env.py_modules`` packages importable in this process too (the driver draws the example
+    plots with the job's models), as Ray makes them importable in the workers."""
+    for module in (cfg.ray.runtime_env or {}).get("py_modules", []):
+        if "://" not in module and os.path.exists(module):
+            parent = os.path.dirname(os.path.abspath(module)) if os.path.isdir(module) or \
+                module.endswith(".py") else os.path.abspath(module)
+            if parent not in sys.path:
+                sys.path.insert(0, parent)
+
+
+def check_feasible(cfg: JobConfig, height: int, width: int) -> list[str]:
+    """The (tau, alpha) points of the grid at which ``sampling.n`` cannot certify any pixel of an image of
+    height x width pixels (:func:`ray_certseg.certify.can_certify`: tau^n <= alpha / N is needed), each logged
+    as a warning before Ray starts with the minimum n for that tau and the largest tau for that n. Such rows
+    certify nothing whatever the model; the reducer marks them ``infeasible`` in the table. Not an error:
+    the votes stay valid for a ``ray-certseg reduce`` at a feasible grid point."""
+    from ray_certseg.certify import can_certify, max_tau, min_n
+
+    n, pixels = cfg.sampling.n, height * width
+    found = []
+    for tau in cfg.certify.taus:
+        for alpha in cfg.certify.alphas:
+            if not can_certify(n, tau, alpha, pixels):
+                found.append(
+                    f"sampling.n={n} cannot certify any pixel of a {height}x{width} image ({pixels} pixels, the "
+                    f"first that loads) at tau={tau:g}, alpha={alpha:g}: that needs n >= "
+                    f"{min_n(tau, alpha, pixels)}, or tau <= {math.floor(max_tau(n, alpha, pixels) * 1000) / 1000:.3f} "
+                    "for this n (certifying needs tau^n <= alpha / N); these rows will be marked infeasible")
+    for line in found:
+        log.warning("%s", line)
+    return found
+
+
+def check_denoiser(name: str, denoiser: Any, height: int, width: int) -> None:
+    """A denoiser whose resolution mode cannot take the dataset's image size (``resolution: resize`` needs
+    integer factors of its sample size) fails once here, not on every image."""
+    effective_sigma = getattr(denoiser, "effective_sigma", None)
+    if effective_sigma is None:
+        return
+    try:
+        effective_sigma(1.0, height, width)
+    except ValueError as exc:
+        raise ModelError(f"models.denoisers.{name}: the dataset's images are {height}x{width} (the first that "
+                         f"loads): {exc}") from exc
 
 
 def load_model(group: str, name: str, load: Callable[[], T]) -> T:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_certseg import faults, storage, votes
-from ray_certseg.config import JobConfig
+from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
 
 log = logging.getLogger("ray_certseg")
 
@@ -52,7 +52,7 @@ class VoteSampler:
     skipped, so one bad image costs nothing else.
     """
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], probe_size: tuple[int, int] | None = None):
         import torch
 
         from ray_certseg.models.denoisers import load_denoiser
@@ -81,6 +81,9 @@ class VoteSampler:
         den_dtype = self.dtype if self.device.type == "cuda" else torch.float32
         self.denoisers = {name: prepare_model(faults.load_model("denoisers", name, lambda name=name: load_denoiser(
             self.cfg.models.denoisers[name], device=self.device, dtype=den_dtype)), **prep) for name in sorted(used_den)}
+        if probe_size is not None:
+            for name, denoiser in self.denoisers.items():
+                faults.check_denoiser(name, denoiser, *probe_size)
         self.errors_dir = storage.join(self.cfg.output, "_errors")
         self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
 
@@ -163,6 +166,7 @@ class Plan:
     total: int           # (image, method, sigma) rows the config asks for
     done: int            # of those, already in <output>/votes
     pending: int = field(init=False)
+    probe_size: tuple[int, int] | None = None  # (H, W) of the first image that loads, for the actors' checks
 
     def __post_init__(self) -> None:
         self.pending = self.total - self.done
@@ -263,26 +267,62 @@ def _fmt_seconds(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: float = 30.0) -> Plan:
-    """Sample votes for every (image, method, sigma) not yet in ``<output>/votes`` (all of them with
-    ``overwrite``). Returns the plan that was executed."""
-    import ray
-
+def prepare_run(cfg: JobConfig, *, overwrite: bool = False) -> Plan:
+    """Everything the driver checks and plans before Ray starts, so a job-level fault fails in seconds: the
+    config's class counts, the output folder (:func:`prepare_output`), the listing, one probe image (whether
+    the (n, tau, alpha) grid can certify anything at its size, :func:`faults.check_feasible`) and the rows
+    already written (resume)."""
     from ray_certseg.data import list_items
 
-    votes_dir = storage.join(cfg.output, "votes")
     faults.check_class_counts(cfg)
+    faults.check_runtime_env(cfg)
+    faults.add_py_modules_to_path(cfg)
     prepare_output(cfg, overwrite=overwrite)
-
     refs = list_items(cfg.dataset)
-    done = completed_rows(votes_dir, cfg.storage_options)
+    probe = probe_size(refs, cfg)
+    if probe is not None:
+        faults.check_feasible(cfg, *probe)
+    done = completed_rows(storage.join(cfg.output, "votes"), cfg.storage_options)
     job_plan = plan(cfg, refs, done)
-    rows_per_image = len(cfg.methods) * len(cfg.sampling.sigmas)
+    job_plan.probe_size = probe
     log.info("%d images x %d methods x %d sigmas = %d vote rows; %d already written, %d to sample",
              len(refs), len(cfg.methods), len(cfg.sampling.sigmas), job_plan.total, job_plan.done,
              job_plan.pending)
+    return job_plan
+
+
+PROBE_TRIES = 3
+
+
+def probe_size(refs: list[dict[str, Any]], cfg: JobConfig) -> tuple[int, int] | None:
+    """(H, W) of the first of the first PROBE_TRIES images that loads (after ``resize`` and ``scale``); None
+    if none does: a bad image is the sampler's to record (with the others' rows kept), a failing store the
+    sampler's to stop the job on (``faults.job_error``), as without the probe."""
+    from ray_certseg.data import load_item
+
+    for ref in refs[:PROBE_TRIES]:
+        try:
+            return tuple(load_item(ref, cfg.dataset)["label"].shape)
+        except storage.StorageError:
+            return None
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: float = 30.0,
+                 job_plan: Plan | None = None) -> Plan:
+    """Sample votes for every (image, method, sigma) not yet in ``<output>/votes`` (all of them with
+    ``overwrite``). ``job_plan``: from :func:`prepare_run` when the driver already made it. Returns the plan
+    that was executed."""
+    import ray
+
+    votes_dir = storage.join(cfg.output, "votes")
+    if job_plan is None:
+        job_plan = prepare_run(cfg, overwrite=overwrite)
     if not job_plan.rows:
         return job_plan
+    rows_per_image = len(cfg.methods) * len(cfg.sampling.sigmas)
 
     r = cfg.ray
     if isinstance(r.actors, int):
@@ -292,7 +332,8 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
         compute = ray.data.ActorPoolStrategy(min_size=r.actors["min"], max_size=r.actors["max"],
                                              max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor)
     ds = ray.data.from_items(job_plan.rows, override_num_blocks=max(1, len(job_plan.rows) // r.batch_size))
-    ds = ds.map_batches(VoteSampler, fn_constructor_kwargs={"config": cfg.to_dict(redact=False)},
+    ds = ds.map_batches(VoteSampler, fn_constructor_kwargs={"config": cfg.to_dict(redact=False),
+                                                            "probe_size": job_plan.probe_size},
                         compute=compute, batch_size=r.batch_size, batch_format="numpy",
                         num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor)
     pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, cfg.storage_options)
@@ -311,6 +352,8 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
         storage.check_bucket(cfg.output, cfg.storage_options)  # never create a bucket by accident
     fs, root = storage.get_filesystem(cfg.output, cfg.storage_options)
     cfg_path = f"{root}/config.json"
+    if fs.isfile(root):
+        raise ConfigError(f"output: {cfg.output} is a file, not a folder: choose another --output")
     if overwrite and fs.exists(root):
         log.info("--overwrite: removing %s", cfg.output)
         fs.rm(root, recursive=True)
@@ -322,9 +365,13 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
             with fs.open(cfg_path, "r") as f:
                 old = json.load(f)
             check_resumable(old, cfg.to_dict(redact=True))
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(cfg_path, "w") as f:
-        json.dump(cfg.to_dict(redact=True), f, indent=2, sort_keys=True)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(cfg_path, "w") as f:
+            json.dump(cfg.to_dict(redact=True), f, indent=2, sort_keys=True)
+    except OSError as exc:  # read-only place, a file in the path, no such device...
+        raise ConfigError(f"output: cannot write to {cfg.output} ({type(exc).__name__}: {exc.strerror or exc}): "
+                          "choose a writable folder with --output") from None
     err_root = f"{root}/_errors"
     if fs.exists(err_root):  # errored rows are retried by this run; stale records would mislead
         fs.rm(err_root, recursive=True)
@@ -333,6 +380,7 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
 WRITE_CPUS = 0.25  # a Parquet write is I/O: a quarter CPU slot, so it schedules beside actors that fill a node
 SAMPLING_KEYS = ("n0", "n", "seed", "dtype")
 SELECTION_KEYS = ("limit", "subset")  # which images are in scope; the rows of each image stay comparable
+PRESENTATION_KEYS = ("palette", "class_names")  # how results are drawn and named, not what is sampled
 
 
 def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -340,7 +388,8 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     rows: same dataset (up to ``limit``/``subset``), same models, same n0/n/seed/dtype, and the same definition for
     every method in both. More images, methods or sigmas are fine: only the new rows are sampled."""
     problems = []
-    same_items = lambda d: {k: v for k, v in (d or {}).items() if k not in SELECTION_KEYS}
+    same_items = lambda d: {k: v for k, v in {**DatasetConfig.DEFAULTS_ADDED_LATER, **(d or {})}.items()
+                            if k not in SELECTION_KEYS + PRESENTATION_KEYS}
     if same_items(old.get("dataset")) != same_items(new.get("dataset")):
         problems.append("dataset")
     for key in SAMPLING_KEYS:

@@ -44,10 +44,16 @@ EXAMPLE_PANEL_INCHES = 1.6
 
 
 # ------------------------------------------------------------------------------------------------- colours
-def class_colours(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) RGB in [0, 1]: matplotlib's tab10 / tab20, then evenly spaced hues."""
+def class_colours(num_classes: int, palette: Sequence[str] | None = None) -> np.ndarray:
+    """(num_classes, 3) RGB in [0, 1]: ``palette`` (matplotlib colours, one per class) when given, else
+    matplotlib's tab10 / tab20, then evenly spaced hues."""
     from matplotlib import colormaps
+    from matplotlib.colors import to_rgb
 
+    if palette is not None:
+        if len(palette) != num_classes:
+            raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
+        return np.asarray([to_rgb(c) for c in palette])
     if num_classes <= 10:
         return np.asarray(colormaps["tab10"].colors[:num_classes])
     if num_classes <= 20:
@@ -55,14 +61,29 @@ def class_colours(num_classes: int) -> np.ndarray:
     return colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))[:, :3]
 
 
-def colourize(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """A class map (classes, ABSTAIN, ignore_index) as an RGB float image: class colours, abstain white,
-    ignore black."""
+def palette_of(cfg: JobConfig | None) -> tuple[str, ...] | None:
+    """The colours classes are drawn in: ``dataset.palette``; else the class names themselves when every one
+    is a named matplotlib colour (a class "red" is drawn red); else None (the default colours)."""
+    if cfg is None:
+        return None
+    if cfg.dataset.palette is not None:
+        return cfg.dataset.palette
+    from matplotlib.colors import get_named_colors_mapping
+
+    names = cfg.dataset.class_names
+    named = get_named_colors_mapping()
+    return tuple(names) if names and all(n in named for n in names) else None
+
+
+def colourize(labels: np.ndarray, num_classes: int, ignore_index: int = 255,
+              palette: Sequence[str] | None = None) -> np.ndarray:
+    """A class map (classes, ABSTAIN, ignore_index) as an RGB float image: class colours (``palette`` or the
+    defaults of :func:`class_colours`), abstain white, ignore black."""
     labels = np.asarray(labels).astype(np.int64)
-    palette = np.vstack([class_colours(num_classes), ABSTAIN_RGB, IGNORE_RGB])
+    colours = np.vstack([class_colours(num_classes, palette), ABSTAIN_RGB, IGNORE_RGB])
     index = np.where(labels == ABSTAIN, num_classes,
                      np.where(labels == ignore_index, num_classes + 1, labels))
-    return palette[index]
+    return colours[index]
 
 
 def _method_colours(methods: Sequence[str]) -> dict[str, Any]:
@@ -170,7 +191,7 @@ Samples = Mapping[tuple[str, float], tuple[np.ndarray, np.ndarray | None]]
 
 def plot_example(rows: pd.DataFrame, image: np.ndarray | None, *, names: Sequence[str], tau: float,
                  alpha: float, correction: str, samples: Samples | None = None,
-                 no_sample: str = "not drawn") -> Figure:
+                 no_sample: str = "not drawn", palette: Sequence[str] | None = None) -> Figure:
     """One image's strip: a row per vote row (method, sigma) of ``rows`` (``load_votes`` rows of one image):
     image | ground truth | clean prediction | certified map at (tau, alpha, correction) | noisy sample |
     denoised sample. ``image``: uint8 (H, W, 3), or None when it cannot be read; ``samples[(method,
@@ -189,8 +210,9 @@ def plot_example(rows: pd.DataFrame, image: np.ndarray | None, *, names: Sequenc
     for r, row in enumerate(rows.to_dict("records")):
         cert = analysis.certify_row(row, tau=tau, alpha=alpha, correction=correction)
         noisy, denoised = (samples or {}).get((row["method"], float(row["sigma"])), (None, None))
-        panels = [None if image is None else image / 255.0, colourize(row["label"], C, ignore),
-                  colourize(row["clean_pred"], C, ignore), colourize(cert.labels, C, ignore), noisy, denoised]
+        panels = [None if image is None else image / 255.0, colourize(row["label"], C, ignore, palette),
+                  colourize(row["clean_pred"], C, ignore, palette), colourize(cert.labels, C, ignore, palette),
+                  noisy, denoised]
         y = pad + r * (h + pad)
         for c, panel in enumerate(panels):
             x = pad + c * (w + pad)
@@ -205,7 +227,7 @@ def plot_example(rows: pd.DataFrame, image: np.ndarray | None, *, names: Sequenc
         row_labels.append((y + h / 2, label))
     inch = EXAMPLE_PANEL_INCHES / (w + pad)  # inches per mosaic pixel
     legend = [Patch(facecolor=col, edgecolor="0.5", label=name)
-              for col, name in zip(class_colours(C), names)]
+              for col, name in zip(class_colours(C, palette), names)]
     legend += [Patch(facecolor=ABSTAIN_RGB, edgecolor="0.5", label="abstain"),
                Patch(facecolor=IGNORE_RGB, edgecolor="0.5", label="ignore")]
     ncols = min(len(legend), 8)
@@ -350,7 +372,7 @@ def _write_examples(output: str, cfg: JobConfig, ids: Sequence[str], names: Sequ
             (m, float(s)): sampler(image, image_id, m, float(s))
             for m, s in rows[["method", "sigma"]].itertuples(index=False, name=None) if m in cfg.methods}
         fig = plot_example(rows, image, names=names, tau=tau, alpha=alpha, correction=correction,
-                           samples=samples, no_sample=f"image > {max_sample_pixels} px")
+                           samples=samples, no_sample=f"image > {max_sample_pixels} px", palette=palette_of(cfg))
         path = storage.join(output, "plots", "examples", f"{image_id}.png")
         written.append(_save(fig, path, storage_options))
     return written

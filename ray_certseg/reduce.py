@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_certseg import storage, votes
-from ray_certseg.certify import certify
+from ray_certseg.certify import can_certify, certify, max_tau, min_n
 from ray_certseg.metrics import dataset_metrics, image_stats
 
 log = logging.getLogger("ray_certseg")
@@ -62,6 +63,7 @@ def image_rows(rec: votes.VoteRecord, grid: Grid) -> list[dict[str, Any]]:
             image_id=rec.image_id, dataset=rec.dataset, method=rec.method, denoiser=rec.denoiser,
             segmenter=rec.segmenter, sigma=rec.sigma, tau=float(tau), alpha=float(alpha), correction=correction,
             n0=rec.n0, n=rec.n, num_classes=C, radius=cert.radius, num_certified=cert.num_certified,
+            family_size=rec.c_hat.size, certifiable=can_certify(rec.n, tau, alpha, rec.c_hat.size),
             num_pixels=st.num_pixels, num_abstained=st.num_abstained,
             confusion=st.confusion.reshape(-1), clean_confusion=clean.confusion.reshape(-1),
             vote_confusion=vote.confusion.reshape(-1), sample_seconds=rec.sample_seconds))
@@ -72,7 +74,8 @@ PER_IMAGE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("dataset", pa.string()), ("method", pa.string()), ("denoiser", pa.string()),
     ("segmenter", pa.string()), ("sigma", pa.float64()), ("tau", pa.float64()), ("alpha", pa.float64()),
     ("correction", pa.string()), ("n0", pa.int32()), ("n", pa.int32()), ("num_classes", pa.int32()),
-    ("radius", pa.float64()), ("num_certified", pa.int64()), ("num_pixels", pa.int64()),
+    ("radius", pa.float64()), ("num_certified", pa.int64()), ("family_size", pa.int64()),
+    ("certifiable", pa.bool_()), ("num_pixels", pa.int64()),
     ("num_abstained", pa.int64()), ("confusion", pa.large_list(pa.int64())),
     ("clean_confusion", pa.large_list(pa.int64())), ("vote_confusion", pa.large_list(pa.int64())),
     ("sample_seconds", pa.float64())])
@@ -106,6 +109,8 @@ def per_image_ray(votes_dir: str, grid: Grid, storage_options: dict | None = Non
     """The reducer's map as a Ray Data stage: read_parquet(votes) -> map_batches(CertifyBatch) -> small rows."""
     import ray
 
+    if not votes.parquet_files(votes_dir, storage_options=storage_options)[1]:
+        return PER_IMAGE_SCHEMA.empty_table()  # every row failed, or nothing was sampled yet
     pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, storage_options)
     ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
     ds = ds.map_batches(CertifyBatch, fn_constructor_args=(grid,), batch_format="pyarrow", batch_size=8,
@@ -146,7 +151,8 @@ def pool(per_image: pd.DataFrame) -> pd.DataFrame:
             miou=cert.miou, miou_present=cert.miou_present, classes_present=cert.num_present_classes,
             abstain_rate=cert.abstain_rate, abstain_rate_pooled=cert.abstain_rate_pooled,
             clean_accuracy=clean.accuracy, clean_miou=clean.miou, vote_accuracy=vote.accuracy,
-            vote_miou=vote.miou, images=len(g), pixels=cert.num_pixels,
+            vote_miou=vote.miou, images=len(g), infeasible_images=int((~g["certifiable"]).sum()),
+            max_family_size=int(g["family_size"].max()), pixels=cert.num_pixels,
             seconds_per_image=float(g["sample_seconds"].mean()),
             iou_per_class=cert.iou.tolist(), abstain_rate_per_class=np.nan_to_num(
                 cert.abstain_rate_per_class, nan=-1.0).tolist())
@@ -179,6 +185,10 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
     t = metrics[SUMMARY_COLUMNS].copy()
     for c in ("certified_accuracy", "certified_error", "miou", "abstain_rate", "clean_accuracy", "clean_miou"):
         t[c] = t[c].map(lambda x: f"{x:.3f}")
+    infeasible = metrics.get("infeasible_images", pd.Series(0, index=metrics.index))
+    t["certified_accuracy"] = [
+        f"{a} (infeasible)" if bad == imgs else f"{a} ({bad} of {imgs} images infeasible)" if bad else a
+        for a, bad, imgs in zip(t["certified_accuracy"], infeasible, metrics["images"])]
     t["radius"] = t["radius"].map(lambda x: f"{x:.3f}")
     t["seconds_per_image"] = t["seconds_per_image"].map(lambda x: f"{x:.2f}")
     lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
@@ -186,9 +196,27 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
     note = ("\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
             "class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
             "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units.")
+    note += infeasible_note(metrics)
     if errors:
         note += f"\n\n**{errors} (image, method, sigma) rows failed**: see errors.parquet."
     return "\n".join(lines) + note
+
+
+def infeasible_note(metrics: pd.DataFrame) -> str:
+    """Why rows marked infeasible certify nothing, and what would (``certify.can_certify``): per (n, tau,
+    alpha) with an image that cannot certify any pixel, the minimum n for that tau and the largest tau for n,
+    at the largest image of the rows (N pixels in the family)."""
+    if "infeasible_images" not in metrics or not (metrics["infeasible_images"] > 0).any():
+        return ""
+    bad = metrics[metrics["infeasible_images"] > 0]
+    lines = []
+    for (n, tau, alpha), g in bad.groupby(["n", "tau", "alpha"], sort=True):
+        pixels = int(g["max_family_size"].max())
+        lines.append(f"- n = {int(n)}, tau = {tau:g}, alpha = {alpha:g}, N = {pixels} pixels: no pixel can be "
+                     f"certified, whatever the model (tau^n > alpha / N). Needs n >= {min_n(tau, alpha, pixels)} "
+                     f"for this tau, or tau <= {math.floor(max_tau(int(n), alpha, pixels) * 1000) / 1000:.3f} for this n.")
+    return ("\n\n**Infeasible rows** (certified accuracy 0 and abstain rate 1 there say nothing about the "
+            "model):\n" + "\n".join(lines))
 
 
 @dataclass
@@ -198,7 +226,13 @@ class ReduceResult:
     summary_markdown: str
 
 
-def _grid_from_output(output: str, storage_options: dict | None, taus, alphas, corrections) -> Grid:
+def reduction_name(grid: Grid) -> str:
+    """A folder name for a re-reduction: ``tau0.6-0.75_alpha0.001_holm-bonferroni``."""
+    join = lambda values: "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return f"tau{join(grid.taus)}_alpha{join(grid.alphas)}_{join(grid.corrections)}"
+
+
+def grid_from_output(output: str, storage_options: dict | None, taus, alphas, corrections) -> Grid:
     fs, root = storage.get_filesystem(output, storage_options)
     cfg = {}
     if fs.exists(f"{root}/config.json"):
@@ -214,12 +248,14 @@ def _grid_from_output(output: str, storage_options: dict | None, taus, alphas, c
 
 def reduce_output(output: str, *, storage_options: dict | None = None, taus: Sequence[float] | None = None,
                   alphas: Sequence[float] | None = None, corrections: Iterable[str] | None = None,
-                  errors: pa.Table | None = None, engine: str = "auto") -> ReduceResult:
-    """Certify ``<output>/votes`` for the grid (defaults: the run's config) and write ``<output>/metrics/``.
+                  errors: pa.Table | None = None, engine: str = "auto", into: str = "metrics") -> ReduceResult:
+    """Certify ``<output>/votes`` for the grid (defaults: the run's config) and write ``<output>/<into>/``
+    (default ``metrics/``, the run's own; ``ray-certseg reduce`` with another grid writes
+    ``reductions/<name>/`` so the run's rows stay).
 
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
     ``auto`` picks ``ray`` when Ray is initialised. Both give identical files."""
-    grid = _grid_from_output(output, storage_options, taus, alphas, corrections)
+    grid = grid_from_output(output, storage_options, taus, alphas, corrections)
     votes_dir = storage.join(output, "votes")
     if engine == "auto":
         import sys
@@ -236,14 +272,14 @@ def reduce_output(output: str, *, storage_options: dict | None = None, taus: Seq
     summary = summary_markdown(metrics, n_errors)
     if n_errors:  # which images failed and why, next to the numbers they are missing from
         summary += "\n\n" + errors_markdown(errors)
-    write_metrics(output, storage_options, per_image, metrics, summary)
+    write_metrics(output, storage_options, per_image, metrics, summary, into=into)
     return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary)
 
 
 def write_metrics(output: str, storage_options: dict | None, per_image: pd.DataFrame, metrics: pd.DataFrame,
-                  summary: str) -> None:
+                  summary: str, *, into: str = "metrics") -> None:
     fs, root = storage.get_filesystem(output, storage_options)
-    mdir = f"{root}/metrics"
+    mdir = f"{root}/{into}"
     fs.makedirs(mdir, exist_ok=True)
     for name, df, schema in (("per_image.parquet", per_image, PER_IMAGE_SCHEMA), ("metrics.parquet", metrics, None)):
         table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)

@@ -357,3 +357,40 @@ def test_no_credential_in_logs_errors_or_outputs(models, tmp_path, secrets_in_en
                 assert secret.encode() not in p.read_bytes(), p
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ what a new user hit
+def test_every_row_failing_prints_the_error_table_and_exits_1(models, tmp_path, capsys, ray_session):
+    manifest = jobworld.write_dataset(tmp_path / "data", 2, corrupt=(0, 1))
+    out = tmp_path / "out"
+    assert run(base_config(models, manifest, out), tmp_path) == 1
+    printed = capsys.readouterr().out
+    assert "No vote rows to certify. 2 rows failed" in printed
+    for image_id in ("img000", "img001"):
+        line = next(x for x in printed.splitlines() if x.startswith(f"| {image_id} |"))
+        assert "decode_image" in line and "re-download or re-export" in line
+    assert pq.read_table(out / "errors.parquet").num_rows == 2
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_unusable_output_names_output_and_exits_2(models, tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = base_config(models, jobworld.write_dataset(tmp_path / "data", 1), tmp_path / where)
+    assert run(cfg, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ray-certseg: error: output: ")
+    assert "--output" in err[0] and str(tmp_path / where) in err[0]
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_resize_mode_with_non_integer_factors_is_one_job_error(models, tmp_path, capsys, ray_session):
+    out = tmp_path / "out"
+    cfg = base_config(models, jobworld.write_dataset(tmp_path / "data", 3), out)
+    cfg["models"]["denoisers"]["ddpm"]["resolution"] = "resize"
+    cfg["dataset"]["resize"] = [24, 24]  # 24 / sample_size 16 is no integer factor
+    actors_before = sampler_actors()
+    assert run(cfg, tmp_path) == 2
+    assert_stopped_before_sampling(out, capsys.readouterr().err, "models.denoisers.ddpm",
+                                   "images are 24x24", "integer multiples of sample_size=16")
+    new = {k: a for k, a in sampler_actors().items() if k not in actors_before}
+    assert len(new) <= 1 and all(a["NumRestarts"] == 0 for a in new.values())

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import jobworld
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ray_certseg import cli, pipeline, reduce, votes
+from ray_certseg import analysis, cli, pipeline, reduce, votes
 from ray_certseg.config import JobConfig
 
 pytestmark = pytest.mark.ray
@@ -133,8 +134,11 @@ def test_reduce_cli_recertifies_at_another_tau(world, tmp_path, ray_session):
     code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
     assert code == 0
     before = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
+    own = (out / "metrics" / "metrics.parquet").read_bytes()
     assert cli.main(["reduce", str(out), "--tau", "0.9", "--alpha", "0.1"]) == 0
-    after = pq.read_table(out / "metrics" / "metrics.parquet").to_pandas()
+    assert (out / "metrics" / "metrics.parquet").read_bytes() == own  # the run's own rows stay
+    after = pq.read_table(out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni" / "metrics.parquet").to_pandas()
+    pd.testing.assert_frame_equal(after, analysis.load_metrics(str(out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni")))
     assert set(after["tau"]) == {0.9}
     assert (after["radius"] > before["radius"].max()).all()
     # a higher tau can only certify fewer pixels
@@ -153,3 +157,15 @@ def test_check_resumable_names_what_changed():
     new = json.loads(json.dumps(old))
     new["sampling"]["sigmas"] = [0.25, 0.5, 1.0]  # more sigmas: resumable, only the new rows are sampled
     pipeline.check_resumable(old, new)
+
+
+def test_reduce_cli_takes_lists_and_names_its_folder(world, tmp_path, ray_session):
+    code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=1"])
+    assert code == 0
+    assert cli.main(["reduce", str(out), "--tau", "0.6", "0.9", "--alpha", "0.1", "0.2", "--correction", "holm",
+                     "--name", "sweep"]) == 0
+    sweep = analysis.load_metrics(str(out / "reductions" / "sweep"))
+    assert set(zip(sweep["tau"], sweep["alpha"])) == {(0.6, 0.1), (0.6, 0.2), (0.9, 0.1), (0.9, 0.2)}
+    assert set(sweep["correction"]) == {"holm"}
+    assert cli.main(["reduce", str(out), "--tau", "0.9", "--replace-metrics"]) == 0
+    assert set(analysis.load_metrics(str(out))["tau"]) == {0.9}

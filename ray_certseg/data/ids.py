@@ -10,12 +10,14 @@ on the items, never on the order of listing or on the Python hash seed.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 
+log = logging.getLogger("ray_certseg")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 MAX_LENGTH = 160
 
@@ -51,9 +53,13 @@ def unique_ids(raw_ids: Sequence[str], keys: Sequence[str]) -> list[str]:
         if len(members) == 1:
             continue
         kept = [i for i in members if raw_ids[i] == name]
+        renamed = []
         for i in members:
             if not (len(kept) == 1 and kept[0] == i):
                 out[i] = f"{name}-{_crc(str(keys[i]))}"
+                renamed.append(f"{raw_ids[i]!r} -> {out[i]!r}")
+        log.warning("image ids %s collide once made file-name safe (as %r): renamed %s", sorted({raw_ids[i] for i
+                    in members}), name, ", ".join(renamed))
     if len(set(out)) != len(out):
         seen: dict[str, int] = {}
         for i, name in enumerate(out):

@@ -11,6 +11,7 @@ label values appear.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray_certseg import storage
 from ray_certseg.config import DatasetConfig
 from ray_certseg.data import cityscapes, manifest, pascal_context
 
+log = logging.getLogger("ray_certseg")
 LAYOUTS = {"cityscapes": cityscapes, "pascal_context": pascal_context, "manifest": manifest}
 LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I")
 SHOWN_VALUES = 8
@@ -63,9 +65,42 @@ def _open(data: bytes, path: str, image_id: str, what: str) -> Image.Image:
 
 
 def decode_image(data: bytes, path: str, image_id: str) -> np.ndarray:
-    """Any Pillow-readable image -> uint8 (H, W, 3) RGB."""
+    """Any Pillow-readable image -> uint8 (H, W, 3) RGB.
+
+    16-bit grayscale (modes I;16*, and I from a PNG) is scaled to 8 bits, v8 = round(v16 * 255 / 65535), and
+    repeated over the three channels (Pillow's ``convert("RGB")`` would clip every value above 255 to white).
+    Other 32-bit integer or float images (modes I, F) are refused: their range is unknown. An alpha channel
+    is dropped (pixels used as stored, not composited), with a warning."""
     with _open(data, path, image_id, "image") as im:
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+            grey = np.array(im).astype(np.uint32)
+            if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                raise ItemError(image_id, "decode_image", f"{path} holds values outside [0, 65535]")
+            grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
+        if im.mode in ("I", "F"):
+            raise ItemError(
+                image_id,
+                "decode_image",
+                f"{path} is a 32-bit {'integer' if im.mode == 'I' else 'float'} image (mode {im.mode}) of "
+                "unknown range; convert it to 8-bit RGB (or 16-bit grayscale PNG) first",
+            )
+        if "A" in im.mode or "a" in im.mode or (im.mode == "P" and "transparency" in im.info):
+            _note_alpha(image_id, path, im.mode)
         return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+ALPHA_NOTES = 3
+_alpha_notes = [0]
+
+
+def _note_alpha(image_id: str, path: str, mode: str) -> None:
+    """A warning for the first ALPHA_NOTES images of this process whose alpha channel is dropped."""
+    _alpha_notes[0] += 1
+    if _alpha_notes[0] <= ALPHA_NOTES:
+        more = "; further such notices in this worker are not shown" if _alpha_notes[0] == ALPHA_NOTES else ""
+        log.warning("image %r: %s has an alpha channel (mode %s): dropped, the colour values are used as "
+                    "stored%s", image_id, path, mode, more)
 
 
 def decode_label(data: bytes, path: str, image_id: str) -> np.ndarray:

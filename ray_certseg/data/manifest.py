@@ -3,18 +3,21 @@
 Relative paths resolve against the manifest's folder. Without ``image_id`` the id is the image path
 relative to that folder without its extension (``imgs/a.png`` -> ``imgs_a`` once sanitised), or the file
 stem for absolute paths and URLs. With a ``split`` column only the rows of ``dataset.split`` are kept.
-Label values are used as stored (plus ``dataset.label_map``)."""
+Label values are used as stored (plus ``dataset.label_map``). Two rows with different images and the same id
+(given or derived) are an error naming both rows, unless ``dataset.duplicate_ids: rename``."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import posixpath
 from typing import Any
 
 from ray_certseg import storage
 from ray_certseg.config import DatasetConfig
 
+log = logging.getLogger("ray_certseg")
 REQUIRED = ("image_path", "label_path")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -51,6 +54,7 @@ def list_refs(cfg: DatasetConfig) -> list[dict[str, Any]]:
         )
     base = posixpath.dirname(manifest)
     refs = []
+    first_row: dict[str, tuple[int, str]] = {}  # raw id -> (row number, image path) of its first row
     for number, row in enumerate(rows, start=1):
         if "split" in row and str(row["split"]) != cfg.split:
             continue
@@ -58,16 +62,33 @@ def list_refs(cfg: DatasetConfig) -> list[dict[str, Any]]:
             if row[column] in (None, ""):
                 raise ValueError(f"dataset.manifest: {manifest} row {number}: empty {column}")
         image_path, label_path = str(row["image_path"]), str(row["label_path"])
-        image_id = row.get("image_id")
+        explicit = row.get("image_id") not in (None, "")
+        image_id = str(row["image_id"]) if explicit else default_id(image_path)
+        if image_id in first_row and first_row[image_id][1] != image_path:
+            _duplicate(cfg, manifest, image_id, explicit, first_row[image_id], (number, image_path))
+        first_row.setdefault(image_id, (number, image_path))
         refs.append(
             {
-                "image_id": str(image_id) if image_id not in (None, "") else default_id(image_path),
+                "image_id": image_id,
                 "dataset": cfg.name,
                 "image_path": storage.join(base, image_path),
                 "label_path": storage.join(base, label_path),
             }
         )
     return refs
+
+
+def _duplicate(cfg: DatasetConfig, manifest: str, image_id: str, explicit: bool, first: tuple[int, str],
+               again: tuple[int, str]) -> None:
+    """Two different images under one id: an error naming both rows (data rows, counted from 1 after the
+    header), or with ``dataset.duplicate_ids: rename`` a warning (both get a ``-<crc32 of the path>`` suffix)."""
+    source = "image_id" if explicit else "the id derived from image_path (no image_id column value)"
+    what = (f"dataset.manifest: {manifest} rows {first[0]} ({first[1]}) and {again[0]} ({again[1]}) are "
+            f"different images with the same {source} {image_id!r}")
+    if cfg.duplicate_ids == "error":
+        raise ValueError(f"{what}: give each image its own image_id, or set dataset.duplicate_ids: rename to "
+                         "suffix both with a hash of their path")
+    log.warning("%s: both renamed with a hash suffix (dataset.duplicate_ids: rename)", what)
 
 
 def label_map(label_path: str) -> None:

@@ -163,9 +163,20 @@ def _import_factory(target: str) -> Callable[..., Any]:
         raise ValueError(f"factory must look like 'package.module:callable', got {target!r}")
     try:
         obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        raise ValueError(
+            f"cannot import segmenter factory {target!r}: {exc}. The package {top!r} must be importable "
+            f"where the sampling actors run: name its folder (the one holding {top}/__init__.py, or {top}.py) "
+            f"in the config, ray: {{runtime_env: {{py_modules: [path/to/{top}]}}}}, which works locally and "
+            "under `ray job submit` alike; or pip-install it on every node (docs/own-data.md)"
+        ) from exc
+    except ImportError as exc:
+        raise ValueError(f"cannot import segmenter factory {target!r}: {exc}") from exc
+    try:
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
+    except AttributeError as exc:
         raise ValueError(f"cannot import segmenter factory {target!r}: {exc}") from exc
     if not callable(obj):
         raise TypeError(f"segmenter factory {target!r} is not callable")
@@ -233,6 +244,9 @@ def _build_torchvision(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
 
 def _build_segformer(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     from transformers import SegformerForSemanticSegmentation
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in a job log
 
     path = Path(spec.get("path", "")).expanduser()
     if not (path / "config.json").is_file():
