@@ -378,23 +378,42 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
 
 
 WRITE_CPUS = 0.25  # a Parquet write is I/O: a quarter CPU slot, so it schedules beside actors that fill a node
-SAMPLING_KEYS = ("n0", "n", "seed", "dtype")
+# Per sampling key, whether rows sampled before and after a change stay comparable (tests/test_pipeline.py):
+# - VOTE_KEYS change the votes: n0, n, seed (the noise), dtype (the arithmetic), device (the kernels), compile
+#   and channels_last (fused or re-laid-out kernels round differently, in float32 too). Resuming is refused.
+# - batch_size may change (e.g. after an out-of-memory): the per-draw seeding makes the noise independent of
+#   it, and on the CPU in float32 the votes are bit-identical (tested); on a GPU, kernels picked per batch
+#   shape can round differently, so resuming warns: every row is still a valid certificate of the same model.
+# - sigmas (new rows only), store_counts (adds a column), keep_host_memory (memory only): free to change.
+VOTE_KEYS = ("n0", "n", "seed", "dtype", "device", "compile", "channels_last")
+WARN_KEYS = ("batch_size",)
 SELECTION_KEYS = ("limit", "subset")  # which images are in scope; the rows of each image stay comparable
 PRESENTATION_KEYS = ("palette", "class_names")  # how results are drawn and named, not what is sampled
 
 
 def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Votes already in an output folder may only be reused when the new config would produce the same
-    rows: same dataset (up to ``limit``/``subset``), same models, same n0/n/seed/dtype, and the same definition for
-    every method in both. More images, methods or sigmas are fine: only the new rows are sampled."""
+    rows: same dataset (up to ``limit``/``subset``), same models, the same VOTE_KEYS, and the same definition
+    for every method in both. More images, methods or sigmas are fine: only the new rows are sampled. A
+    changed batch_size is allowed with a warning (see VOTE_KEYS above)."""
+    from ray_certseg.config import SamplingConfig
+
     problems = []
     same_items = lambda d: {k: v for k, v in {**DatasetConfig.DEFAULTS_ADDED_LATER, **(d or {})}.items()
                             if k not in SELECTION_KEYS + PRESENTATION_KEYS}
     if same_items(old.get("dataset")) != same_items(new.get("dataset")):
         problems.append("dataset")
-    for key in SAMPLING_KEYS:
-        if old.get("sampling", {}).get(key) != new.get("sampling", {}).get(key):
+    sampling = lambda d, key: d.get("sampling", {}).get(key, getattr(SamplingConfig, key))
+    for key in VOTE_KEYS:
+        if sampling(old, key) != sampling(new, key):
             problems.append(f"sampling.{key}")
+    for key in WARN_KEYS:
+        if sampling(old, key) != sampling(new, key):
+            log.warning("sampling.%s changed from %s to %s since these votes were written: the noise is the "
+                        "same (per-draw seeds) and CPU float32 votes are bit-identical, but on a GPU kernels "
+                        "chosen per batch shape may round differently, so old and new rows can differ in "
+                        "low-order bits; keep %s for bit-identical rows", key, sampling(old, key),
+                        sampling(new, key), key)
     for name in set(old.get("methods", {})) & set(new.get("methods", {})):
         o, n = old["methods"][name], new["methods"][name]
         if o != n:

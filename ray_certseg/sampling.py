@@ -47,8 +47,9 @@ class Votes:
     counts0: (C, H, W) int32, selection votes (n0 draws); c_hat: (H, W) ``certify.select(counts0)`` (argmax,
     ties to the lowest class; uint8 when C <= 256); k: (H, W) votes for c_hat among the n estimation draws
     (uint16 when n < 2**16, else int32);
-    counts: (C, H, W) int32 estimation votes, only with ``return_counts=True``; clean_pred: (H, W) prediction
-    at sigma = 0 through the same pipeline (no noise), dtype of c_hat; seconds: wall time of the sampling.
+    counts: (C, H, W) int32 estimation votes, only with ``return_counts=True``; clean_pred: (H, W) argmax of
+    the segmenter on the clean image, dtype of c_hat: no noise and no denoising (a denoiser is the identity at
+    sigma = 0), so methods sharing a segmenter share it; seconds: wall time of the sampling.
     """
 
     counts0: np.ndarray
@@ -176,7 +177,8 @@ def keep_freed_host_memory(limit: int = 1 << 30) -> bool:
 
 
 class _BaseClassifier:
-    """f(x) = argmax segment(denoise(x, sigma)) on a batch, with autocast and output checks."""
+    """f(x) = argmax segment(denoise(x, sigma)) on a batch, with autocast and output checks. At sigma = 0 (the
+    clean prediction) there is nothing to denoise and the denoiser is not called: f(x) = argmax segment(x)."""
 
     def __init__(
         self,
@@ -200,7 +202,7 @@ class _BaseClassifier:
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            images = noisy if self.denoiser is None else self.denoiser(noisy, sigma)
+            images = noisy if self.denoiser is None or sigma == 0 else self.denoiser(noisy, sigma)
             logits = self.segmenter(images)
         b, _, h, w = noisy.shape
         if not isinstance(logits, Tensor) or tuple(logits.shape) != (b, self.num_classes, h, w):

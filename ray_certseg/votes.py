@@ -5,8 +5,9 @@ file and plain pyarrow/pandas read it without Ray):
 
 - ``c_hat[i]``: the class selected on the n0 selection samples (mode, ties to the lowest index);
 - ``k[i]``: how many of the n independent estimation samples predict ``c_hat[i]`` (0 <= k <= n < 65536);
-- ``label[i]``: the ground truth (``ignore_index`` for unlabelled pixels); ``clean_pred[i]``: the sigma = 0
-  prediction through the same pipeline;
+- ``label[i]``: the ground truth (``ignore_index`` for unlabelled pixels); ``clean_pred[i]``: the segmenter's
+  prediction on the clean image (no noise, no denoiser: at sigma = 0 every denoiser is the identity), so it
+  is the same for every method that shares a segmenter; an uncertified reference, not a smoothed prediction;
 - ``counts``: optionally the full estimation counts, (C, H, W) flattened (null unless ``store_counts``).
 
 That is all SegCertify needs: p_i = P[Binomial(n, tau) >= k_i], then Holm/Bonferroni over the pixels, for any

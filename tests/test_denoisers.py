@@ -291,6 +291,96 @@ def test_multistep_matches_ancestral_ddpm_steps():
     torch.testing.assert_close(out, (x0 + 1) / 2, atol=1e-4, rtol=0)
 
 
+class SixChannel(nn.Module):
+    """epsilon from 3x3 convs, and variance channels v = tanh(conv(x_t)) in (-1, 1): a learned-variance net."""
+
+    def __init__(self, seed: int = 13):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.eps, self.var = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x_t, t):
+        return torch.cat([self.eps(x_t), torch.tanh(self.var(x_t))], 1)
+
+
+def guided_diffusion_chain(model, abar: torch.Tensor, t_star: int, k: int, x_t, seed: int, learned: bool):
+    """Reference: guided-diffusion's p_sample on the respaced timesteps (SpacedDiffusion), written from its
+    formulas: betas_i = 1 - abar_i / abar_{i-1}; posterior_variance = betas (1 - abar_prev) / (1 - abar);
+    posterior_log_variance_clipped = log(append(pv[1], pv[1:])); LEARNED_RANGE: min_log = that, max_log =
+    log(betas), frac = (v + 1) / 2; sample = mean + exp(log_var / 2) z; the final index returns x0."""
+    used = sorted({round(t_star * (k - j) / k) for j in range(k)})
+    a = abar.double()[used]
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    betas = 1 - a / a_prev
+    pv = betas * (1 - a_prev) / (1 - a)
+    log_pv = torch.log(torch.cat([pv[1:2], pv[1:]]))
+    gen = torch.Generator().manual_seed(seed)
+    x = x_t
+    for i in range(len(used) - 1, 0, -1):
+        out = model(x, torch.tensor([used[i]]))
+        eps, v = out[:, :3], out[:, 3:]
+        x0 = ((x - (1 - a[i]).sqrt() * eps) / a[i].sqrt()).clamp(-1, 1)
+        mean = (a_prev[i].sqrt() * betas[i] / (1 - a[i])) * x0 + (
+            (1 - a_prev[i]) * (1 - betas[i]).sqrt() / (1 - a[i])
+        ) * x
+        frac = (v + 1) / 2
+        log_var = frac * torch.log(betas[i]) + (1 - frac) * log_pv[i] if learned else log_pv[i]
+        x = (mean + torch.exp(0.5 * log_var) * torch.randn((1, *x.shape[1:]), generator=gen)).float()
+    out = model(x, torch.tensor([used[0]]))
+    return ((x - (1 - a[0]).sqrt() * out[:, :3]) / a[0].sqrt()).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("variance", ["auto", "learned", "fixed"])
+def test_multistep_learned_variance_matches_guided_diffusion(variance):
+    """A 6-channel model's variance channels set the step noise (auto = learned), as guided-diffusion does."""
+    sched = linear_scheduler()
+    model = SixChannel()
+    noisy = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(14))
+    den = DiffusionDenoiser(model, sched.alphas_cumprod, multistep=4, multistep_seed=5, variance=variance)
+    t_star = den.timestep(0.25)
+    with torch.no_grad():
+        out = den(noisy, 0.25)
+        x_t = math.sqrt(sched.alphas_cumprod[t_star].item()) * (2 * noisy - 1)
+        learned = guided_diffusion_chain(model, sched.alphas_cumprod, t_star, 4, x_t, 5, learned=True)
+        fixed = guided_diffusion_chain(model, sched.alphas_cumprod, t_star, 4, x_t, 5, learned=False)
+    ref, other = (fixed, learned) if variance == "fixed" else (learned, fixed)
+    torch.testing.assert_close(out, (ref + 1) / 2, atol=1e-5, rtol=0)
+    assert (out - (other + 1) / 2).abs().max() > 1e-3  # the two variances differ: the test can tell
+
+
+def test_multistep_learned_variance_matches_diffusers_learned_range():
+    """Second reference, K = t*: DDPMScheduler(variance_type="learned_range").step with the same generator."""
+    sched = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range", clip_sample=True
+    )
+    model = SixChannel(seed=15)
+    sigma = 0.03
+    noisy = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(16))
+    t_star = DiffusionDenoiser(model, sched.alphas_cumprod).timestep(sigma)
+    den = DiffusionDenoiser(model, sched.alphas_cumprod, multistep=t_star, multistep_seed=17)
+    with torch.no_grad():
+        out = den(noisy, sigma)
+        generator = torch.Generator().manual_seed(17)
+        x = math.sqrt(sched.alphas_cumprod[t_star].item()) * (2 * noisy - 1)
+        for t in range(t_star, 1, -1):
+            x = sched.step(model(x, torch.tensor([t])), t, x, generator=generator).prev_sample
+        x0 = sched.step(model(x, torch.tensor([1])), 1, x).pred_original_sample
+    torch.testing.assert_close(out, (x0 + 1) / 2, atol=1e-4, rtol=0)
+
+
+def test_learned_variance_needs_six_channels_and_names_the_choice():
+    sched = linear_scheduler()
+    with pytest.raises(ValueError, match="variance must be one of"):
+        DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, variance="big")
+    den = DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, multistep=2, variance="learned")
+    with pytest.raises(ValueError, match="6 output channels"):
+        den(torch.rand(1, 3, 8, 8), 0.25)
+    one_shot = [DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, variance=v).name for v in ("auto", "fixed")]
+    chains = [DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, multistep=2, variance=v).name
+              for v in ("auto", "fixed")]
+    assert one_shot[0] == one_shot[1] and chains[0] != chains[1]
+
+
 def test_multistep_is_deterministic_and_batch_independent():
     torch.manual_seed(12)
     sched = linear_scheduler()

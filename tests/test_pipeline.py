@@ -159,6 +159,51 @@ def test_check_resumable_names_what_changed():
     pipeline.check_resumable(old, new)
 
 
+@pytest.mark.parametrize("key, value", [("n0", 4), ("n", 7), ("seed", 1), ("dtype", "bfloat16"),
+                                        ("device", "cuda"), ("compile", True), ("channels_last", True)])
+def test_check_resumable_refuses_keys_that_change_votes(key, value):
+    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    old = cfg.to_dict()
+    new = json.loads(json.dumps(old))
+    new["sampling"][key] = value
+    with pytest.raises(ValueError, match=f"sampling.{key}"):
+        pipeline.check_resumable(old, new)
+    from ray_certseg.config import SamplingConfig
+
+    del old["sampling"][key]  # a config.json from before the key existed means its default
+    new["sampling"][key] = getattr(SamplingConfig, key)
+    pipeline.check_resumable(old, new)
+
+
+def test_check_resumable_allows_batch_size_with_a_warning(caplog):
+    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    old = cfg.to_dict()
+    new = json.loads(json.dumps(old))
+    new["sampling"]["batch_size"] = old["sampling"]["batch_size"] + 3
+    new["sampling"]["store_counts"] = not old["sampling"]["store_counts"]
+    with caplog.at_level("WARNING", logger="ray_certseg"):
+        pipeline.check_resumable(old, new)
+    assert "sampling.batch_size changed" in caplog.text and "store_counts" not in caplog.text
+
+
+def test_votes_bit_identical_across_batch_sizes_with_the_job_models(world):
+    """The decision above: on the CPU in float32, a real segmenter and diffusion denoiser give the same votes
+    at any batch_size, so a resume after a batch_size change mixes no incomparable rows there."""
+    from ray_certseg.models.denoisers import load_denoiser
+    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.sampling import count_votes
+
+    cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], world["root"] / "o"))
+    seg = load_segmenter(cfg.models.segmenters[cfg.methods["diffusion"].segmenter])
+    den = load_denoiser(cfg.models.denoisers[cfg.methods["diffusion"].denoiser])
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    runs = [count_votes(image, seg, denoiser=den, sigma=0.25, n0=2, n=9, num_classes=cfg.dataset.num_classes,
+                        batch_size=b, seed=3, image_id="x", return_counts=True) for b in (1, 4, 11)]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.counts, runs[0].counts)
+        np.testing.assert_array_equal(other.counts0, runs[0].counts0)
+
+
 def test_reduce_cli_takes_lists_and_names_its_folder(world, tmp_path, ray_session):
     code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=1"])
     assert code == 0

@@ -212,6 +212,21 @@ def test_with_diffusion_denoiser_votes_and_clean_prediction(image):
     np.testing.assert_array_equal(v.clean_pred, image.argmax(0).numpy())
 
 
+def test_clean_prediction_never_calls_the_denoiser(image):
+    """clean_pred is the segmenter on the clean image for any denoiser, even one that is not the identity at
+    sigma = 0 (docs/schema.md): the denoiser sees only the noisy draws."""
+    sigmas = []
+
+    def darken(noisy, sigma):
+        sigmas.append(sigma)
+        return noisy * 0.0
+
+    v = count_votes(image, channel_argmax, denoiser=darken, sigma=0.25, n0=2, n=3, num_classes=3, batch_size=8,
+                    seed=0)
+    assert sigmas == [0.25]  # one batch of n0 + n draws; nothing at sigma = 0
+    np.testing.assert_array_equal(v.clean_pred, image.argmax(0).numpy())
+
+
 def test_non_finite_logits_raise(image):
     def nan_segmenter(images):
         out = images.clone()

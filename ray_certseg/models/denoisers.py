@@ -6,11 +6,18 @@ where the noise is 2*sigma. With abar_t the cumulative product of (1 - beta) and
 r_t = sqrt((1 - abar_t) / abar_t):
 
     t*      = min { t : r_t >= 2 * sigma_eff }
-    x_t*    = sqrt(abar_t*) * (2 (x + delta) - 1)          (= sqrt(abar)(x0 + r delta'), r >= 2 sigma_eff)
+    x_t*    = sqrt(abar_t*) * (2 (x + delta) - 1) = sqrt(abar_t*) (x0 + 2 delta),   x0 = 2x - 1
     x0_hat  = (x_t* - sqrt(1 - abar_t*) eps_hat) / sqrt(abar_t*)     (epsilon prediction)
             =  sqrt(abar_t*) x_t* - sqrt(1 - abar_t*) v_hat           (v prediction)
             =  model output                                            (sample prediction)
     output  = (clip(x0_hat, -1, 1) + 1) / 2
+
+No noise is added here: x_t* / sqrt(abar_t*) carries exactly the sampler's noise, 2 delta of std
+2 sigma_eff, and nothing else. The model is told the noise level r_t* of its own schedule, the smallest one
+>= 2 sigma_eff, so it assumes slightly more noise than there is: r_t* / (2 sigma) - 1 = 0.63% at sigma 0.25,
+0.03% at 0.33 and 0.48% at 0.5 on the linear 1000-step schedule. That mismatch affects only how well the
+model denoises. The smoothing noise is exactly N(0, sigma^2 I), so the certificate holds exactly at sigma
+(it is not conservative, and nothing needs to be assumed about the model).
 
 Indexing: t is the 0-based index into ``alphas_cumprod`` (diffusers' ``scheduler.alphas_cumprod`` and
 guided-diffusion's array), i.e. abar_t = prod_{s<=t} (1 - beta_s), and the same integer is the timestep given
@@ -117,18 +124,25 @@ class DiffusionDenoiser(nn.Module):
         (position-dependent, correlated noise) are refused.
 
     multistep = K > 0: instead of one-shot x0_hat, K reverse DDPM steps on the timesteps
-    round(t* (K - j) / K), j = 0..K-1 (DensePure-style): at each step x0_hat is clipped and x moves to the
-    posterior q(x_prev | x_t, x0_hat) with variance
-    beta~ = (1 - abar_prev / abar_t)(1 - abar_prev) / (1 - abar_t); the last step returns x0_hat. The
-    posterior noise comes from a generator re-seeded with ``multistep_seed`` on every call and is shared by
-    all images of a batch, so the denoiser is a fixed deterministic function of each noisy image (independent
-    of batching).
+    round(t* (K - j) / K), j = 0..K-1 (DensePure-style): at each step s -> p, with beta = 1 - abar_s / abar_p
+    (the respaced chain's beta, as guided-diffusion's SpacedDiffusion), x0_hat is clipped and x moves to the
+    posterior q(x_p | x_s, x0_hat): mean (sqrt(abar_p) beta x0_hat + sqrt(abar_s / abar_p)(1 - abar_p) x_s)
+    / (1 - abar_s), log-variance
+      * ``fixed``:   log beta~,  beta~ = beta (1 - abar_p) / (1 - abar_s) (the posterior variance);
+      * ``learned``: f log beta + (1 - f) log beta~, f = (v + 1) / 2, v the model's last 3 output channels
+        (guided-diffusion's LEARNED_RANGE, ``p_mean_variance``; diffusers' ``variance_type="learned_range"``).
+        beta~ needs no clipping here: p is never the chain's final index, so abar_p < 1 and beta~ > 0.
+    ``variance="auto"`` (default) is ``learned`` for a model with 6 output channels, else ``fixed``. The last
+    step returns x0_hat. The posterior noise comes from a generator re-seeded with ``multistep_seed`` on every
+    call and is shared by all images of a batch, so the denoiser is a fixed deterministic function of each
+    noisy image (independent of batching).
 
     sigma == 0 returns the input unchanged (the clean prediction bypasses denoising).
     ``name`` is recorded in outputs verbatim; when empty, ``"diffusion-<hash of schedule and options>"``.
     """
 
     RESOLUTIONS = ("native", "tile", "resize")
+    VARIANCES = ("auto", "learned", "fixed")
     PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
     def __init__(
@@ -143,6 +157,7 @@ class DiffusionDenoiser(nn.Module):
         multiple_of: int = 8,
         multistep: int = 0,
         multistep_seed: int = 0,
+        variance: str = "auto",
         name: str = "",
     ):
         super().__init__()
@@ -179,12 +194,14 @@ class DiffusionDenoiser(nn.Module):
             raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
         if not (isinstance(multistep, int) and multistep >= 0):
             raise ValueError(f"multistep must be an int >= 0 (0 = one-shot), got {multistep!r}")
+        if variance not in self.VARIANCES:
+            raise ValueError(f"variance must be one of {self.VARIANCES}, got {variance!r}")
         self.model = model
         # float64 on the CPU, deliberately not a buffer: module.to(dtype) must not round the schedule.
         self.alphas_cumprod = abar
         self.prediction_type, self.resolution, self.sample_size = prediction_type, resolution, sample_size
         self.tile_overlap, self.multiple_of = tile_overlap, multiple_of
-        self.multistep, self.multistep_seed = multistep, int(multistep_seed)
+        self.multistep, self.multistep_seed, self.variance = multistep, int(multistep_seed), variance
         options = {
             "prediction_type": prediction_type,
             "resolution": resolution,
@@ -195,6 +212,8 @@ class DiffusionDenoiser(nn.Module):
             "multistep_seed": self.multistep_seed,
             "alphas_cumprod": abar.tolist(),
         }
+        if multistep:  # one-shot denoising never uses a variance: its default names stay as they were
+            options["variance"] = variance
         self.name = name or f"diffusion-{short_hash(options)}"
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
@@ -307,6 +326,10 @@ class DiffusionDenoiser(nn.Module):
 
     def x0_hat(self, x_t: Tensor, t: int) -> Tensor:
         """Clipped estimate of x0 in [-1,1] from one network call at timestep t (see module doc)."""
+        return self._predict(x_t, t)[0]
+
+    def _predict(self, x_t: Tensor, t: int) -> tuple[Tensor, Tensor | None]:
+        """(clipped x0_hat, the variance channels v of a 6-channel model or None) from one network call."""
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
         out = self.model(x_t, tt)
         c = x_t.shape[1]
@@ -320,6 +343,7 @@ class DiffusionDenoiser(nn.Module):
             raise ValueError(
                 f"denoiser model must return (B, {c} or {2 * c}, h, w) at its input size, got {got}"
             )
+        var_values = out[:, c:].float() if out.shape[1] == 2 * c else None
         out = out[:, :c].float()
         a = self.alphas_cumprod[t].item()
         if self.prediction_type == "epsilon":
@@ -328,7 +352,7 @@ class DiffusionDenoiser(nn.Module):
             x0 = math.sqrt(a) * x_t - math.sqrt(1 - a) * out
         else:
             x0 = out
-        return x0.clamp(-1.0, 1.0)
+        return x0.clamp(-1.0, 1.0), var_values
 
     def _reverse_chain(self, x_t: Tensor, t: int) -> Tensor:
         """K ancestral DDPM steps on round(t (K - j) / K), j = 0..K-1, ending with x0_hat (see class doc)."""
@@ -339,12 +363,22 @@ class DiffusionDenoiser(nn.Module):
         for s, prev in itertools.pairwise(steps):
             a_s, a_p = self.alphas_cumprod[s].item(), self.alphas_cumprod[prev].item()
             beta = 1 - a_s / a_p
-            x0 = self.x0_hat(x, s)
+            x0, v = self._predict(x, s)
             mean = (math.sqrt(a_p) * beta / (1 - a_s)) * x0 + (
                 math.sqrt(a_s / a_p) * (1 - a_p) / (1 - a_s)
             ) * x
+            log_var = math.log(beta * (1 - a_p) / (1 - a_s))
+            if self.variance == "learned" and v is None:
+                raise ValueError(
+                    "variance='learned' needs a model with 6 output channels (learned variance, e.g. an ADM "
+                    "checkpoint with learn_sigma); this one returns 3: use variance='fixed' or 'auto'"
+                )
             z = torch.randn((1, *x.shape[1:]), generator=generator, device=x.device)
-            x = mean + math.sqrt(beta * (1 - a_p) / (1 - a_s)) * z
+            if v is not None and self.variance != "fixed":
+                frac = (v + 1) / 2
+                x = mean + torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * log_var)) * z
+            else:
+                x = mean + math.exp(0.5 * log_var) * z
         return self.x0_hat(x, steps[-1])
 
     # ---------------------------------------------------------------------------------------------- loading
@@ -480,6 +514,7 @@ _DIFFUSERS_KEYS = {
     "multiple_of",
     "multistep",
     "multistep_seed",
+    "variance",
     "sample_size",
     "prediction_type",
     "name",
