@@ -39,7 +39,7 @@ from scipy.stats import norm
 
 from ray_certseg import reduce, storage, votes
 from ray_certseg.certify import CORRECTIONS, Certificate, certify
-from ray_certseg.config import JobConfig
+from ray_certseg.config import DatasetConfig, JobConfig
 from ray_certseg.sampling import ESTIMATION, noise_seed, sample_seed, to_tensor_image
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(votes.VoteRecord))
@@ -121,6 +121,7 @@ def load_config(path: str, *, storage_options: Mapping[str, Any] | None = None) 
     if not storage.exists(target, storage_options):
         raise FileNotFoundError(f"no config.json in {path}: pass the output folder of a `ray-certseg run`")
     data = json.loads(storage.read_bytes(target, storage_options))
+    data["dataset"] = DatasetConfig.upgrade_recorded(data.get("dataset") or {})
     if storage_options is not None:
         data["storage_options"] = dict(storage_options)
     return JobConfig.from_dict(data)

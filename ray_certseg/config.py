@@ -6,7 +6,8 @@ Shape (defaults shown; ``dataset``, ``models`` and ``methods`` have no defaults)
     output: outputs/<name>               # local or s3://
     storage_options: {}                  # fsspec options (object stores); redacted in to_dict(), never logged
     dataset: {kind: manifest|cityscapes|pascal_context, root: PATH, manifest: PATH, split: val, name: <kind>,
-              limit: null, subset: null | {count: N} | {every: m}, scale: 1.0, resize: null | [H, W],
+              limit: null, subset: null | {count: N} | {every: m}, certify_at_scale: 1.0,
+              resize: null | [H, W],
               num_classes: (19 cityscapes, 59 pascal_context, required for manifest), ignore_index: 255,
               class_names: null | [...], label_map: null | {value: class or ignore_index},
               palette: null | [colour per class], duplicate_ids: error | rename}
@@ -210,7 +211,7 @@ class DatasetConfig:
     name: str = ""
     limit: int | None = None
     subset: Subset | None = None
-    scale: float = 1.0
+    certify_at_scale: float = 1.0
     resize: tuple[int, int] | None = None
     ignore_index: int = 255
     class_names: tuple[str, ...] | None = None
@@ -227,7 +228,8 @@ class DatasetConfig:
         "name",
         "limit",
         "subset",
-        "scale",
+        "certify_at_scale",
+        "scale",  # renamed: refused unless 1.0 (see from_dict)
         "resize",
         "num_classes",
         "ignore_index",
@@ -237,7 +239,25 @@ class DatasetConfig:
         "duplicate_ids",
         "storage_options",
     )
-    DEFAULTS_ADDED_LATER = {"palette": None, "duplicate_ids": "error"}  # absent from older config.json files
+    # absent from older config.json files
+    DEFAULTS_ADDED_LATER = {"palette": None, "duplicate_ids": "error", "certify_at_scale": 1.0}
+    SCALE_RENAMED = (
+        "{path}.scale was renamed, because it did not do what SegCertify's scale does. It resized the image and "
+        "label before the noise, so the certificate, its radius and every metric are stated at the reduced "
+        "resolution; for that, write {path}.certify_at_scale: {value}. For SegCertify's scales (noise, "
+        "certificate and scoring at full resolution; the segmenter sees the noisy image resized and its logits "
+        "are upsampled back), give the segmenter spec input_scale: {value} instead (docs/paper.md)"
+    )
+
+    @staticmethod
+    def upgrade_recorded(data: Mapping[str, Any]) -> dict[str, Any]:
+        """A dataset mapping as recorded in an older run's config.json, in today's keys: ``scale`` did then
+        what ``certify_at_scale`` does now, so a record is translated (a user's config is refused instead)."""
+        d = dict(data)
+        if "scale" in d:
+            d.setdefault("certify_at_scale", d.pop("scale"))
+            d.pop("scale", None)
+        return d
 
     @property
     def label_dtype(self) -> type:
@@ -265,6 +285,8 @@ class DatasetConfig:
         num_classes = _integer(num_classes, p("num_classes"), 1, MAX_N)
         ignore = _ignore_index(d.get("ignore_index", 255), p("ignore_index"), num_classes)
         limit, resize, class_names = d.get("limit"), d.get("resize"), d.get("class_names")
+        if "scale" in d and (d["scale"] != 1.0 or "certify_at_scale" in d):  # 1.0 alone did nothing then or now
+            raise ConfigError(cls.SCALE_RENAMED.format(path=path, value=d["scale"]))
         return cls(
             kind=kind,
             num_classes=num_classes,
@@ -278,7 +300,9 @@ class DatasetConfig:
             name=_name(d.get("name") or kind, p("name")),
             limit=None if limit is None else _integer(limit, p("limit"), 1),
             subset=Subset.from_dict(d.get("subset"), p("subset")),
-            scale=_number(d.get("scale", 1.0), p("scale"), lambda x: x > 0, "a number > 0"),
+            certify_at_scale=_number(
+                d.get("certify_at_scale", 1.0), p("certify_at_scale"), lambda x: x > 0, "a number > 0"
+            ),
             resize=None if resize is None else _pair(resize, p("resize")),
             ignore_index=ignore,
             class_names=None if class_names is None else _names(class_names, p("class_names"), num_classes),
@@ -293,7 +317,7 @@ class DatasetConfig:
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """A plain mapping that :meth:`from_dict` reads back; label_map keys become strings (JSON-stable)."""
-        d = {k: getattr(self, k) for k in self.KEYS if k not in ("subset", "label_map", "storage_options")}
+        d = {k: getattr(self, k) for k in self.KEYS if k not in ("subset", "label_map", "storage_options", "scale")}
         d["subset"] = self.subset.to_dict() if self.subset else None
         d["label_map"] = (
             {str(k): v for k, v in self.label_map.items()} if self.label_map is not None else None

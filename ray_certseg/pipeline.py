@@ -295,7 +295,7 @@ PROBE_TRIES = 3
 
 
 def probe_size(refs: list[dict[str, Any]], cfg: JobConfig) -> tuple[int, int] | None:
-    """(H, W) of the first of the first PROBE_TRIES images that loads (after ``resize`` and ``scale``); None
+    """(H, W) of the first of the first PROBE_TRIES images that loads (after ``resize`` and ``certify_at_scale``); None
     if none does: a bad image is the sampler's to record (with the others' rows kept), a failing store the
     sampler's to stop the job on (``faults.job_error``), as without the probe."""
     from ray_certseg.data import load_item
@@ -398,6 +398,7 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     changed batch_size is allowed with a warning (see VOTE_KEYS above)."""
     from ray_certseg.config import SamplingConfig
 
+    old = {**old, "dataset": DatasetConfig.upgrade_recorded(old.get("dataset") or {})}
     problems = []
     same_items = lambda d: {k: v for k, v in {**DatasetConfig.DEFAULTS_ADDED_LATER, **(d or {})}.items()
                             if k not in SELECTION_KEYS + PRESENTATION_KEYS}

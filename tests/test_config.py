@@ -170,7 +170,7 @@ def test_override_through_a_scalar_is_an_error():
         ("dataset.subset={count: 1, every: 2}", "dataset.subset: must be null, {count: N} or {every: m}"),
         ("dataset.resize=[480]", "dataset.resize: must be null or [height, width]"),
         ("dataset.resize=[480, 0]", "dataset.resize[1]: must be an integer >= 1, got 0"),
-        ("dataset.scale=0", "dataset.scale: must be a number > 0, got 0"),
+        ("dataset.certify_at_scale=0", "dataset.certify_at_scale: must be a number > 0, got 0"),
         ("dataset.limit=0", "dataset.limit: must be an integer >= 1, got 0"),
         ("dataset.split=../x", "dataset.split: must be a split name"),
         ("dataset.name=a/b", "dataset.name: must be a name"),
@@ -247,3 +247,21 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_dataset_scale_renamed_with_both_meanings_explained(config_file, tmp_path):
+    """dataset.scale downsampled before the noise (certificate at low resolution), unlike SegCertify's scale:
+    a user's scale other than 1.0 is refused with both fixes; a run's recorded config.json is translated."""
+    with pytest.raises(ConfigError, match=r"dataset.scale was renamed.*certify_at_scale: 0.25.*input_scale: 0.25"):
+        load(config_file, "dataset.scale=0.25")
+    assert load(config_file, "dataset.scale=1.0").dataset.certify_at_scale == 1.0  # a no-op then and now
+    assert load(config_file, "dataset.certify_at_scale=0.5").dataset.certify_at_scale == 0.5
+    assert "scale" not in load(config_file).to_dict()["dataset"]
+    from ray_certseg import analysis
+
+    recorded = load(config_file).to_dict(redact=False)
+    recorded["dataset"].pop("certify_at_scale")
+    recorded["dataset"]["scale"] = 0.5  # as an older run wrote it
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
+    assert analysis.load_config(str(tmp_path / "run")).dataset.certify_at_scale == 0.5

@@ -274,9 +274,9 @@ def test_subset_then_limit_on_listing(tmp_path):
     assert [r["image_id"] for r in refs] == ["imgs_000", "imgs_002", "imgs_004"]
 
 
-def test_scale_half_image_area_label_nearest(tmp_path):
+def test_certify_at_scale_half_image_area_label_nearest(tmp_path):
     path, images, labels = manifest_tree(tmp_path, 1, h=8, w=12)
-    cfg = manifest_cfg(path, scale=0.5)
+    cfg = manifest_cfg(path, certify_at_scale=0.5)
     item = load_item(list_items(cfg)[0], cfg)
     assert item["image"].shape == (4, 6, 3) and item["label"].shape == (4, 6)
     block_mean = images[0].astype(float).reshape(4, 2, 6, 2, 3).mean(axis=(1, 3))

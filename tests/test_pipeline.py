@@ -214,3 +214,13 @@ def test_reduce_cli_takes_lists_and_names_its_folder(world, tmp_path, ray_sessio
     assert set(sweep["correction"]) == {"holm"}
     assert cli.main(["reduce", str(out), "--tau", "0.9", "--replace-metrics"]) == 0
     assert set(analysis.load_metrics(str(out))["tau"]) == {0.9}
+
+
+def test_check_resumable_reads_an_older_run_that_wrote_dataset_scale():
+    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    old, new = cfg.to_dict(), cfg.to_dict()
+    old["dataset"]["scale"] = old["dataset"].pop("certify_at_scale")
+    pipeline.check_resumable(old, new)
+    old["dataset"]["scale"] = 0.5
+    with pytest.raises(ValueError, match="dataset"):
+        pipeline.check_resumable(old, new)

@@ -58,6 +58,57 @@ def test_segmenter_normalises_and_upsamples():
         assert not torch.allclose(plain(x), out)
 
 
+class SeesSize(nn.Module):
+    """Records the input size it sees; 1x1 conv logits at that size."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.conv, self.sizes = nn.Conv2d(3, num_classes, 1), []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.conv(x)
+
+
+def test_input_scale_resizes_inside_f_as_segcertify():
+    """SegCertify's scale: normalise, bilinear resize to (round(H s), round(W s)) without antialiasing, net,
+    bilinear upsampling of the logits back to H x W (method.md 1.3); votes stay at full resolution."""
+    torch.manual_seed(1)
+    net = SeesSize()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    seg = Segmenter(net, num_classes=4, mean=mean, std=std, input_scale=0.25)
+    x = torch.rand(2, 3, 16, 30)
+    with torch.no_grad():
+        out = seg(x)
+        normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        small = F.interpolate(normalised, size=(4, 8), mode="bilinear", align_corners=False, antialias=False)
+        expected = F.interpolate(net(small), size=(16, 30), mode="bilinear", align_corners=False)
+    assert net.sizes[0] == (4, 8) and out.shape == (2, 4, 16, 30)  # round(30 / 4) = 8
+    torch.testing.assert_close(out, expected)
+    fixed = Segmenter(net, num_classes=4, input_size=(5, 7))
+    with torch.no_grad():
+        assert fixed(x).shape == (2, 4, 16, 30) and net.sizes[-1] == (5, 7)
+    with pytest.raises(ValueError, match="not both"):
+        Segmenter(net, num_classes=4, input_scale=0.5, input_size=(5, 7))
+    with pytest.raises(ValueError, match="input_scale"):
+        Segmenter(net, num_classes=4, input_scale=0)
+
+
+def test_input_scale_spec_key_and_full_resolution_votes():
+    """From a spec: the key is accepted and named in the model's hash; count_votes then certifies at the image's
+    own resolution, while the network runs at the reduced one."""
+    from ray_certseg.sampling import count_votes
+
+    base = load_segmenter(CONV_SPEC)
+    scaled = load_segmenter({**CONV_SPEC, "input_scale": 0.5})
+    assert scaled.input_scale == 0.5 and scaled.network_size(12, 10) == (6, 5) and scaled.name != base.name
+    sized = load_segmenter({**CONV_SPEC, "input_size": [3, 4]})
+    assert sized.network_size(12, 10) == (3, 4)
+    image = torch.rand(3, 12, 10)
+    v = count_votes(image, scaled, sigma=0.25, n0=2, n=3, num_classes=4, batch_size=5, seed=0)
+    assert v.c_hat.shape == (12, 10) and v.clean_pred.shape == (12, 10)
+
+
 def test_segmenter_rejects_bad_shapes_and_options():
     seg = Segmenter(Strided(5), num_classes=4)
     with pytest.raises(ValueError, match=r"logits \(B, 4, h, w\)"):

@@ -1,11 +1,17 @@
 """Read and decode one item: image (uint8 H x W x 3 RGB) and label (H x W, uint8 for <= 254 classes else
-uint16), then the layout's label map, ``dataset.label_map``, value checks, ``resize`` and ``scale``.
+uint16), then the layout's label map, ``dataset.label_map``, value checks, ``resize`` and
+``certify_at_scale``.
 
 Order of operations: decode both files -> check equal sizes -> label map (layout's built-in map, e.g.
 Cityscapes labelIds -> trainIds or the Pascal-Context shift, then ``dataset.label_map``) -> check every value
-is a class in [0, C) or the ignore index -> ``resize`` to [H, W] -> ``scale``. Images are resized bilinearly
-(area averaging when shrinking by ``scale``), labels with nearest neighbour (pixel centres), so no new
-label values appear.
+is a class in [0, C) or the ignore index -> ``resize`` to [H, W] -> ``certify_at_scale``. Images are resized
+bilinearly (area averaging when shrinking by ``certify_at_scale``), labels with nearest neighbour (pixel
+centres), so no new label values appear.
+
+Both resizes happen before the noise, so the job then certifies the resized image: the certificate, R and
+every metric are in its pixels. That is ``resize``'s purpose (Pascal-Context is evaluated at 480x480) and
+what ``certify_at_scale`` says. SegCertify's scales instead keep noise and certificate at full resolution and
+resize inside the base classifier: the segmenter spec's ``input_scale`` (models/segmenters.py).
 """
 
 from __future__ import annotations
@@ -193,9 +199,9 @@ def load_item(ref: Mapping[str, Any], cfg: DatasetConfig) -> dict[str, Any]:
     if cfg.resize is not None and tuple(cfg.resize) != label.shape:
         image = resize_image(image, *cfg.resize, Image.Resampling.BILINEAR)
         label = resize_nearest(label, *cfg.resize)
-    if cfg.scale != 1.0:
-        size = scaled_size(*label.shape, cfg.scale)
-        resample = Image.Resampling.BOX if cfg.scale < 1 else Image.Resampling.BILINEAR
+    if cfg.certify_at_scale != 1.0:
+        size = scaled_size(*label.shape, cfg.certify_at_scale)
+        resample = Image.Resampling.BOX if cfg.certify_at_scale < 1 else Image.Resampling.BILINEAR
         image = resize_image(image, *size, resample)
         label = resize_nearest(label, *size)
     return {

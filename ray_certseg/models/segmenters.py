@@ -1,7 +1,13 @@
 """Segmenters: one interface, (B, 3, H, W) images in [0, 1] -> logits (B, C, H, W) at the input size.
 
 ``Segmenter`` wraps any network: it applies the per-channel normalisation (x - mean) / std inside, and
-upsamples logits bilinearly (align_corners=False) when the network returns another size. ``load_segmenter``
+upsamples logits bilinearly (align_corners=False) when the network returns another size.
+
+``input_scale`` s (or ``input_size`` (h, w)) is SegCertify's ``scale``: the noisy image is resized bilinearly
+(no antialiasing, as cv2.INTER_LINEAR) to (round(H s), round(W s)) inside f, and the logits come back to H x W.
+The resize is part of the base classifier, so the noise, the certificate (R in full-resolution [0,1] pixel
+units) and the scores all stay at the image's resolution. ``dataset.certify_at_scale`` is the other thing: it
+resizes before the noise and certifies the small image. ``load_segmenter``
 builds one from a config dict (kinds: module, torchscript, torchvision, segformer).
 
 Checkpoints load only as safetensors or with ``torch.load(weights_only=True)``: pickles are never executed.
@@ -31,7 +37,8 @@ class Segmenter(nn.Module):
     """logits = upsample(net((x - mean) / std)) for x (B, 3, H, W) in [0, 1]; logits (B, num_classes, H, W).
 
     net: a module or callable returning a logits tensor (B, num_classes, h, w); mean/std: 3 floats each, or
-    None for none (the net gets [0, 1] images). ``name`` identifies the model in outputs.
+    None for none (the net gets [0, 1] images). input_scale / input_size: resize the input inside f (module
+    doc); at most one. ``name`` identifies the model in outputs.
     """
 
     def __init__(
@@ -42,6 +49,8 @@ class Segmenter(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         name: str = "",
+        input_scale: float | None = None,
+        input_size: Sequence[int] | None = None,
     ):
         super().__init__()
         if not callable(net):
@@ -50,6 +59,16 @@ class Segmenter(nn.Module):
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std (3 floats each) or neither")
+        if input_scale is not None and input_size is not None:
+            raise ValueError("give input_scale or input_size, not both")
+        if input_scale is not None and not (isinstance(input_scale, (int, float)) and 0 < input_scale):
+            raise ValueError(f"input_scale must be a number > 0, got {input_scale!r}")
+        if input_size is not None and not (
+            len(input_size) == 2 and all(isinstance(v, int) and v >= 1 for v in input_size)
+        ):
+            raise ValueError(f"input_size must be [height, width] of ints >= 1, got {input_size!r}")
+        self.input_scale = None if input_scale in (None, 1, 1.0) else float(input_scale)
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
         self.net, self.num_classes, self.name = net, num_classes, name or "segmenter"
         self.normalize = mean is not None
         if mean is not None:
@@ -65,11 +84,23 @@ class Segmenter(nn.Module):
                 "std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
             )
 
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the network sees for an H x W image: ``input_size``, (round(H s), round(W s)) for
+        ``input_scale`` s (at least 1 x 1), else (H, W)."""
+        if self.input_size is not None:
+            return self.input_size
+        if self.input_scale is not None:
+            return max(1, round(height * self.input_scale)), max(1, round(width * self.input_scale))
+        return height, width
+
     def forward(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"segmenter input must be (B, 3, H, W) images in [0, 1], got {got}")
         x = (images - self.mean) / self.std if self.normalize else images
+        size = self.network_size(*images.shape[-2:])
+        if size != tuple(images.shape[-2:]):  # per-channel affine and bilinear weights commute: order is free
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         param = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
         if param is not None and param.is_floating_point():
             x = x.to(param.dtype)
@@ -272,7 +303,7 @@ _BUILDERS: dict[str, tuple[Callable[[Mapping[str, Any]], tuple[nn.Module, int, A
     "torchvision": (_build_torchvision, {"arch", "num_classes", "weights"}),
     "segformer": (_build_segformer, {"path"}),
 }
-_COMMON_KEYS = {"kind", "name", "mean", "std", "state_dict_key", "strip_prefix"}
+_COMMON_KEYS = {"kind", "name", "mean", "std", "state_dict_key", "strip_prefix", "input_scale", "input_size"}
 
 
 def load_segmenter(
@@ -280,7 +311,8 @@ def load_segmenter(
 ) -> Segmenter:
     """Build a ``Segmenter`` from a config dict, on ``device`` in ``dtype``, eval mode, no gradients.
 
-    Kinds (all accept ``name``, ``mean``, ``std``; checkpoints also ``state_dict_key``, ``strip_prefix``):
+    Kinds (all accept ``name``, ``mean``, ``std``, ``input_scale`` or ``input_size``; checkpoints also
+    ``state_dict_key``, ``strip_prefix``):
       * ``{"kind": "module", "factory": "pkg.mod:fn", "kwargs": {...}, "weights": "w.safetensors",
         "num_classes": C}``
       * ``{"kind": "torchscript", "path": "m.pt", "num_classes": C}``
@@ -305,5 +337,7 @@ def load_segmenter(
     net, num_classes, (mean, std) = build(spec)
     source = spec.get("weights") or spec.get("path") or spec.get("factory") or kind
     name = spec.get("name") or f"{Path(str(source).split(':')[-1]).stem}-{short_hash(dict(spec))}"
-    segmenter = Segmenter(net, num_classes=num_classes, mean=mean, std=std, name=name)
+    size = spec.get("input_size")
+    segmenter = Segmenter(net, num_classes=num_classes, mean=mean, std=std, name=name,
+                          input_scale=spec.get("input_scale"), input_size=None if size is None else list(size))
     return segmenter.to(device=torch.device(device), dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
