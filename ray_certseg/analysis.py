@@ -171,11 +171,12 @@ def _per_image(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def recertify(votes_frame: pd.DataFrame, *, tau: float | Sequence[float] = 0.75,
               alpha: float | Sequence[float] = 0.001,
-              correction: str | Sequence[str] = "holm") -> reduce.ReduceResult:
+              correction: str | Sequence[str] = "holm", pooling: str = "common") -> reduce.ReduceResult:
     """Certify the stored votes again for every combination of ``tau`` x ``alpha`` x ``correction`` (scalars
     or sequences) and pool per (dataset, method, sigma, grid point): the reducer's per-image records and
     metrics (same columns, same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in
-    this process, nothing written and no resampling."""
+    this process, nothing written and no resampling. ``pooling``: ``common`` (like for like) or ``all``
+    (:func:`reduce.pool`)."""
     corrections = _values("correction", correction)
     bad = [c for c in corrections if c not in CORRECTIONS]
     if bad:
@@ -184,9 +185,10 @@ def recertify(votes_frame: pd.DataFrame, *, tau: float | Sequence[float] = 0.75,
                        tuple(float(a) for a in _values("alpha", alpha)), corrections)
     rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), grid)]
     per_image = _per_image(rows)
-    metrics = reduce.pool(per_image) if len(per_image) else pd.DataFrame(columns=reduce.KEY)
-    return reduce.ReduceResult(per_image=per_image, metrics=metrics,
-                               summary_markdown=reduce.summary_markdown(metrics))
+    metrics = reduce.pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=reduce.KEY)
+    left = reduce.left_out(per_image) if len(per_image) and pooling == "common" else None
+    return reduce.ReduceResult(per_image=per_image, metrics=metrics, left_out=left,
+                               summary_markdown=reduce.summary_markdown(metrics, left=left))
 
 
 def noisy_sample(image: np.ndarray, *, sigma: float, seed: int, image_id: str, index: int = 0,

@@ -119,11 +119,11 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     from ray_certseg import reduce, storage
 
     into = "metrics"
-    if not args.replace_metrics and (args.tau or args.alpha or args.correction or args.name):
+    if not args.replace_metrics and (args.tau or args.alpha or args.correction or args.name or args.all_rows):
         grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction)
-        into = f"reductions/{args.name or reduce.reduction_name(grid)}"
+        into = f"reductions/{args.name or reduce.reduction_name(grid) + ('_all-rows' if args.all_rows else '')}"
     result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction,
-                                  into=into)
+                                  into=into, pooling="all" if args.all_rows else "common")
     print(result.summary_markdown)
     print(f"\nmetrics: {storage.join(args.output, into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
           "summary.md)" + ("" if into == "metrics" else f"; the run's own rows stay in {args.output}/metrics/"))
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--correction", nargs="+", action="extend", choices=["holm", "bonferroni"])
     d.add_argument("--name", help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "
                    "after the grid, e.g. tau0.6_alpha0.001_holm-bonferroni); the run's metrics/ stay")
+    d.add_argument("--all-rows", action="store_true",
+                   help="pool every row each method has (default: like for like, per dataset and sigma only "
+                   "the images every method has); written to reductions/<grid>_all-rows/ unless --name")
     d.add_argument("--replace-metrics", action="store_true",
                    help="write OUTPUT/metrics/ instead (what `report` and the plots read)")
     d.set_defaults(func=cmd_reduce)

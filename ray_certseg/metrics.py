@@ -87,6 +87,22 @@ class DatasetMetrics:
     * abstain_rate = mean over images of (abstained pixels / ALL pixels, ignore label included), as
       SegCertify reports it
     * abstain_rate_pooled = sum_g M[g, C] / V; abstain_rate_per_class_c = M[c, C] / pos_c (NaN when pos_c = 0)
+    * dice_c = 2 tp_c / max(1, pos_c + res_c) (certified Dice, Laousy et al. 2023; abstain counted as in the
+      IoU: a false negative of its true class); mdice over all C classes, mdice_present over present ones
+
+    Worst-case lower bounds, over every perturbation within the certified radius R. With A = sum_g M[g, C]
+    (abstained labelled pixels) and A_c = M[c, C]: a certified pixel keeps its class under any such
+    perturbation, an abstained one may become anything, so each abstention counts against every score, as a
+    false negative of its true class and as a false positive of the class being scored:
+
+    * worst_accuracy = sum_c tp_c / V (= accuracy: an abstention already counts as wrong there)
+    * worst_iou_c = tp_c / max(1, pos_c + res_c - tp_c + A - A_c); worst_miou = mean over the C classes
+    * worst_dice_c = 2 tp_c / max(1, pos_c + res_c + A - A_c); worst_mdice = mean over the C classes
+
+    Each class's bound is the worst case for that class alone (not jointly attainable), so each, and their
+    means, is a valid lower bound. They hold for an image with probability >= 1 - alpha over the sampling
+    (the family-wise guarantee of its certified pixels); pooled over M images, for all of them at once with
+    probability >= 1 - M alpha (union bound, no independence needed).
     """
 
     num_classes: int
@@ -101,6 +117,14 @@ class DatasetMetrics:
     abstain_rate_pooled: float
     iou: np.ndarray
     abstain_rate_per_class: np.ndarray
+    mdice: float
+    mdice_present: float
+    dice: np.ndarray
+    worst_accuracy: float
+    worst_miou: float
+    worst_mdice: float
+    worst_iou: np.ndarray
+    worst_dice: np.ndarray
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python values (per-class arrays as lists), e.g. for JSON or a results table."""
@@ -192,6 +216,10 @@ def dataset_metrics(
     res = total[:, :num_classes].sum(axis=0)
     abstained = total[:num_classes, num_classes]
     iou = tp / np.maximum(1, pos + res - tp)
+    dice = 2 * tp / np.maximum(1, pos + res)
+    others_abstained = abstained.sum() - abstained  # A - A_c: each a possible false positive of class c
+    worst_iou = tp / np.maximum(1, pos + res - tp + others_abstained)
+    worst_dice = 2 * tp / np.maximum(1, pos + res + others_abstained)
     present = pos > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         abstain_per_class = np.where(present, abstained / pos, np.nan)
@@ -208,6 +236,14 @@ def dataset_metrics(
         abstain_rate_pooled=float(abstained.sum() / num_pixels),
         iou=iou,
         abstain_rate_per_class=abstain_per_class,
+        mdice=float(dice.mean()),
+        mdice_present=float(dice[present].mean()),
+        dice=dice,
+        worst_accuracy=float(tp.sum() / num_pixels),
+        worst_miou=float(worst_iou.mean()),
+        worst_mdice=float(worst_dice.mean()),
+        worst_iou=worst_iou,
+        worst_dice=worst_dice,
     )
 
 

@@ -132,10 +132,43 @@ def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
     return per_image
 
 
-def pool(per_image: pd.DataFrame) -> pd.DataFrame:
-    """Dataset rows: per KEY group, the summed confusion matrices -> metrics (certified, clean, majority vote)."""
+POOLINGS = ("common", "all")
+COMMON = ["dataset", "sigma"]  # like for like: within a (dataset, sigma), every method over the same images
+
+
+def left_out(per_image: pd.DataFrame) -> pd.DataFrame:
+    """The images that like-for-like pooling leaves out: per (dataset, sigma), each image that some method
+    there has and another lacks (its row failed). Columns dataset, sigma, image_id, has, lacks (method names
+    joined by ", ")."""
+    ids = per_image[COMMON + ["image_id", "method"]].drop_duplicates()
+    methods = ids.groupby(COMMON, sort=True)["method"].agg(lambda m: sorted(set(m)))
+    rows = []
+    for (dataset, sigma, image_id), g in ids.groupby(COMMON + ["image_id"], sort=True):
+        every = methods.loc[(dataset, sigma)]
+        has = sorted(set(g["method"]))
+        if has != every:
+            rows.append(dict(dataset=dataset, sigma=sigma, image_id=image_id, has=", ".join(has),
+                             lacks=", ".join(m for m in every if m not in has)))
+    return pd.DataFrame(rows, columns=COMMON + ["image_id", "has", "lacks"])
+
+
+def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
+    """Dataset rows: per KEY group, the summed confusion matrices -> metrics (certified, clean, majority vote).
+
+    ``pooling="common"`` (the default) compares like with like: per (dataset, sigma) only the images that every
+    method there has enter the pool (:func:`left_out` lists the others; ``images_left_out`` counts them per
+    row). ``"all"`` pools every row each method has, so methods may cover different images."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    skipped = left_out(per_image)
+    if pooling == "common" and len(skipped):
+        drop = set(zip(skipped["dataset"], skipped["sigma"], skipped["image_id"]))
+        keep = [k not in drop for k in zip(per_image["dataset"], per_image["sigma"], per_image["image_id"])]
+        counted = per_image[keep]
+    else:
+        counted = per_image
     out = []
-    for key, g in per_image.groupby(KEY, sort=True, dropna=False):
+    for key, g in counted.groupby(KEY, sort=True, dropna=False):
         C = int(g["num_classes"].iloc[0])
         side = C + 1
         conf = np.stack(g["confusion"].to_numpy()).reshape(-1, side, side)
@@ -154,8 +187,14 @@ def pool(per_image: pd.DataFrame) -> pd.DataFrame:
             vote_miou=vote.miou, images=len(g), infeasible_images=int((~g["certifiable"]).sum()),
             max_family_size=int(g["family_size"].max()), pixels=cert.num_pixels,
             seconds_per_image=float(g["sample_seconds"].mean()),
+            certified_dice=cert.mdice, dice_present=cert.mdice_present, worst_accuracy=cert.worst_accuracy,
+            worst_miou=cert.worst_miou, worst_dice=cert.worst_mdice, pooling=pooling,
+            images_left_out=int(((skipped["dataset"] == row["dataset"]) & (skipped["sigma"] == row["sigma"])
+                                 & skipped["has"].str.split(", ").map(lambda h, m=row["method"]: m in h)).sum())
+            if pooling == "common" else 0,
             iou_per_class=cert.iou.tolist(), abstain_rate_per_class=np.nan_to_num(
-                cert.abstain_rate_per_class, nan=-1.0).tolist())
+                cert.abstain_rate_per_class, nan=-1.0).tolist(), dice_per_class=cert.dice.tolist(),
+            worst_iou_per_class=cert.worst_iou.tolist(), worst_dice_per_class=cert.worst_dice.tolist())
         out.append(row)
     return pd.DataFrame(out)
 
@@ -178,8 +217,45 @@ def errors_markdown(errors: pa.Table | None) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
-    """The dataset table a person reads first (also printed by the job)."""
+BOUNDS_COLUMNS = ["dataset", "method", "sigma", "correction", "tau", "alpha", "radius", "certified_accuracy",
+                  "miou", "certified_dice", "worst_accuracy", "worst_miou", "worst_dice"]
+LEFT_OUT_SHOWN = 20
+
+
+def bounds_markdown(metrics: pd.DataFrame) -> str:
+    """Certified Dice and the worst-case lower bounds (metrics.DatasetMetrics), one row per dataset row."""
+    if metrics.empty or "worst_miou" not in metrics:
+        return ""
+    t = metrics[BOUNDS_COLUMNS].copy()
+    for c in BOUNDS_COLUMNS[6:]:
+        t[c] = t[c].map(lambda x: f"{x:.3f}")
+    lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
+    return ("\n".join(lines) + "\n\ncertified_dice = mean over classes of 2 tp / (pos + res), an abstention a false "
+            "negative (as in the IoU). worst_*: lower bounds over every perturbation within the radius, each "
+            "abstained pixel counted as a false negative of its true class and a false positive of the class "
+            "scored; they hold per image with probability >= 1 - alpha (all images at once: >= 1 - images * "
+            "alpha). Definitions: docs/metrics.md.")
+
+
+def left_out_markdown(left: pd.DataFrame | None, metrics: pd.DataFrame) -> str:
+    """How the table pools: like for like (and which images that left out) or every row."""
+    if "pooling" in metrics and len(metrics) and (metrics["pooling"] == "all").all():
+        return ("\n\n**Every row pooled** (`--all-rows`): where a row failed, methods are averaged over "
+                "different images.")
+    if left is None or not len(left):
+        return ""
+    lines = [f"- {r.dataset}, sigma {r.sigma:g}: image `{r.image_id}` (has {r.has}; lacks {r.lacks})"
+             for r in left.head(LEFT_OUT_SHOWN).itertuples(index=False)]
+    if len(left) > LEFT_OUT_SHOWN:
+        lines.append(f"- ... and {len(left) - LEFT_OUT_SHOWN} more")
+    return ("\n\n**Like for like**: per dataset and sigma, every method is pooled over the images that all "
+            f"methods have; {len(left)} (image, sigma) pairs left out because a method's row is missing "
+            "(`ray-certseg reduce OUT --all-rows` pools everything):\n" + "\n".join(lines))
+
+
+def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame | None = None) -> str:
+    """The dataset table a person reads first (also printed by the job); ``left``: :func:`left_out`."""
     if metrics.empty:
         return "No vote rows to certify." + (f" {errors} rows failed: see errors.parquet." if errors else "")
     t = metrics[SUMMARY_COLUMNS].copy()
@@ -197,6 +273,10 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0) -> str:
             "class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
             "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units.")
     note += infeasible_note(metrics)
+    note += left_out_markdown(left, metrics)
+    bounds = bounds_markdown(metrics)
+    if bounds:
+        note += "\n\n" + bounds
     if errors:
         note += f"\n\n**{errors} (image, method, sigma) rows failed**: see errors.parquet."
     return "\n".join(lines) + note
@@ -224,6 +304,7 @@ class ReduceResult:
     per_image: pd.DataFrame
     metrics: pd.DataFrame
     summary_markdown: str
+    left_out: pd.DataFrame | None = None  # images like-for-like pooling left out (left_out), None for "all"
 
 
 def reduction_name(grid: Grid) -> str:
@@ -248,13 +329,14 @@ def grid_from_output(output: str, storage_options: dict | None, taus, alphas, co
 
 def reduce_output(output: str, *, storage_options: dict | None = None, taus: Sequence[float] | None = None,
                   alphas: Sequence[float] | None = None, corrections: Iterable[str] | None = None,
-                  errors: pa.Table | None = None, engine: str = "auto", into: str = "metrics") -> ReduceResult:
+                  errors: pa.Table | None = None, engine: str = "auto", into: str = "metrics",
+                  pooling: str = "common") -> ReduceResult:
     """Certify ``<output>/votes`` for the grid (defaults: the run's config) and write ``<output>/<into>/``
     (default ``metrics/``, the run's own; ``ray-certseg reduce`` with another grid writes
     ``reductions/<name>/`` so the run's rows stay).
 
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
-    ``auto`` picks ``ray`` when Ray is initialised. Both give identical files."""
+    ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see :func:`pool`."""
     grid = grid_from_output(output, storage_options, taus, alphas, corrections)
     votes_dir = storage.join(output, "votes")
     if engine == "auto":
@@ -263,17 +345,18 @@ def reduce_output(output: str, *, storage_options: dict | None = None, taus: Seq
         engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
     table = (per_image_ray if engine == "ray" else per_image_local)(votes_dir, grid, storage_options)
     per_image = deduplicate(table.to_pandas())
-    metrics = pool(per_image) if len(per_image) else pd.DataFrame(columns=KEY)
+    metrics = pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=KEY)
+    left = left_out(per_image) if len(per_image) and pooling == "common" else None
     fs, root = storage.get_filesystem(output, storage_options)
     if errors is None and fs.exists(f"{root}/errors.parquet"):
         with fs.open(f"{root}/errors.parquet", "rb") as f:
             errors = pq.read_table(f)
     n_errors = errors.num_rows if errors is not None else 0
-    summary = summary_markdown(metrics, n_errors)
+    summary = summary_markdown(metrics, n_errors, left)
     if n_errors:  # which images failed and why, next to the numbers they are missing from
         summary += "\n\n" + errors_markdown(errors)
     write_metrics(output, storage_options, per_image, metrics, summary, into=into)
-    return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary)
+    return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary, left_out=left)
 
 
 def write_metrics(output: str, storage_options: dict | None, per_image: pd.DataFrame, metrics: pd.DataFrame,
@@ -289,7 +372,7 @@ def write_metrics(output: str, storage_options: dict | None, per_image: pd.DataF
         pq.write_table(table, buf, compression="zstd")
         with fs.open(f"{mdir}/{name}", "wb") as f:
             f.write(buf.getvalue())
-    csv = metrics.drop(columns=[c for c in ("iou_per_class", "abstain_rate_per_class") if c in metrics])
+    csv = metrics.drop(columns=[c for c in metrics.columns if c.endswith("_per_class")])
     with fs.open(f"{mdir}/metrics.csv", "w") as f:
         f.write(csv.to_csv(index=False, float_format="%.6g"))
     with fs.open(f"{mdir}/summary.md", "w") as f:

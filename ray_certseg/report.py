@@ -44,6 +44,8 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     cfg = analysis.load_config(output, storage_options=storage_options)
     metrics = analysis.load_metrics(output, storage_options=storage_options)
     errors = _errors(output, storage_options)
+    per_image = analysis.load_metrics(output, per_image=True, storage_options=storage_options)
+    left = reduce.left_out(per_image) if len(per_image) else None
     s = cfg.sampling
     methods = ", ".join(f"`{name}` ({m.segmenter}" + (f" + {m.denoiser})" if m.denoiser else ")")
                         for name, m in cfg.methods.items())
@@ -57,7 +59,7 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
         "- certification grid (metrics/): " + (", ".join(
             f"{k} in {sorted(metrics[k].unique().tolist())}" for k in ("tau", "alpha", "correction"))
             if len(metrics) else "none"),
-        "", "## Results", "", reduce.summary_markdown(metrics, errors.num_rows if errors else 0), "",
+        "", "## Results", "", reduce.summary_markdown(metrics, errors.num_rows if errors else 0, left), "",
     ]
     present = set(_plot_names(output, storage_options, "*.png"))
     if "certified_accuracy.png" in present:

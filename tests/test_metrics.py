@@ -203,3 +203,47 @@ FLAT_1 = np.array(CONFUSION_1).reshape(-1)
 def test_from_record_rejects_bad_records(record, match):
     with pytest.raises(ValueError, match=match):
         ImageStats.from_record(record)
+
+
+def test_dice_and_worst_case_bounds_by_hand():
+    """CONFUSION_1: pos = (3, 3, 4), res = (3, 3, 2), tp = (1, 2, 2); abstained A_c = (1, 0, 1), A = 2."""
+    m = dataset_metrics(np.array(CONFUSION_1), [0.25])
+    assert m.dice == pytest.approx([2 / 6, 4 / 6, 4 / 6])
+    assert m.mdice == pytest.approx((2 / 6 + 4 / 6 + 4 / 6) / 3) == m.mdice_present
+    # every other class's abstentions become false positives of the class scored: A - A_c = (1, 2, 1)
+    assert m.worst_iou == pytest.approx([1 / 6, 2 / 6, 2 / 5])
+    assert m.worst_dice == pytest.approx([2 / 7, 4 / 8, 4 / 7])
+    assert m.worst_miou == pytest.approx(np.mean([1 / 6, 2 / 6, 2 / 5]))
+    assert m.worst_accuracy == m.accuracy == pytest.approx(5 / 10)
+
+
+def _iou_dice(label, pred, c):
+    tp = np.sum((label == c) & (pred == c))
+    fp = np.sum((label != c) & (pred == c))
+    fn = np.sum((label == c) & (pred != c))
+    return tp / max(1, tp + fp + fn), 2 * tp / max(1, 2 * tp + fp + fn)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_worst_case_bounds_are_the_minimum_over_every_outcome_of_the_abstentions(seed):
+    """Brute force: every way the abstained pixels could be classified under a perturbation (certified pixels
+    keep theirs). The bounds are attained (equal to the minimum), hence tight lower bounds."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    C = 3
+    label = rng.integers(0, C, 9)
+    pred = np.where(rng.random(9) < 0.35, A, rng.integers(0, C, 9)).astype(np.int64)
+    pred[0], label[0] = A, 1  # at least one abstention
+    m = dataset_metrics(confusion_matrix(label, pred, C), [float(np.mean(pred == A))])
+    holes = np.flatnonzero(pred == A)
+    outcomes = []
+    for fill in itertools.product(range(C), repeat=len(holes)):
+        p = pred.copy()
+        p[holes] = fill
+        outcomes.append((np.mean(p == label), *[_iou_dice(label, p, c) for c in range(C)]))
+    assert m.worst_accuracy == pytest.approx(min(o[0] for o in outcomes))
+    for c in range(C):
+        assert m.worst_iou[c] == pytest.approx(min(o[1 + c][0] for o in outcomes))
+        assert m.worst_dice[c] == pytest.approx(min(o[1 + c][1] for o in outcomes))
+        assert m.worst_iou[c] <= m.iou[c] and m.worst_dice[c] <= m.dice[c]

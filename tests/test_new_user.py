@@ -223,3 +223,13 @@ def test_load_item_of_a_16bit_image_end_to_end(tmp_path):
     cfg = {"kind": "manifest", "manifest": str(tmp_path / "m.csv"), "num_classes": 2}
     item = load_item(list_items(cfg)[0], cfg)
     np.testing.assert_array_equal(item["image"][..., 0], np.round(grey16 / 257.0).astype(np.uint8))
+
+
+def test_pyproject_license_is_an_spdx_expression():
+    """setuptools deprecates the `license = {text = ...}` table (a BuildBackendWarning on every install);
+    PEP 639's SPDX string needs setuptools >= 77 in the build requirements."""
+    import tomllib
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert isinstance(data["project"]["license"], str) and data["project"]["license"] == "Apache-2.0"
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in data["build-system"]["requires"])
