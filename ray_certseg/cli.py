@@ -18,7 +18,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -66,13 +68,32 @@ def _stop_ray() -> None:
         _started_ray = False
 
 
-def _configure_ray_data() -> None:
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a `ray job submit` driver
+
+
+def interactive_terminal(stream: Any = None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a person watches this driver: its stderr is a terminal, it is not a `ray job submit` entrypoint
+    (whose output goes to the job log) and RAY_DATA_DISABLE_PROGRESS_BARS is not 1."""
+    stream = sys.stderr if stream is None else stream
+    environ = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and SUBMITTED_JOB_ENV not in environ and \
+        environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
+
+
+CORE_WORKER_NOTE = (
+    "Ray logs one core_worker.cc error per sampling actor, 'has constructor arguments in the object store and "
+    "max_restarts > 0' (ray-project/ray#53727). Ray Data itself passes its context and the sampler through the "
+    "object store and restarts pool actors by default; those objects live as long as the job, so an actor "
+    "that is restarted (e.g. after a lost node) still finds them. It is expected here; turning restarts off "
+    "to silence it would cost that fault tolerance.")
+
+
+def _configure_ray_data(interactive: bool) -> None:
     """Progress bars for a person at a terminal; periodic log lines (see pipeline.Progress) otherwise."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    interactive = sys.stderr.isatty() and not os.environ.get("RAY_JOB_ID") and \
-        os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
     ctx.enable_progress_bars = interactive
     ctx.print_on_execution_start = interactive
 
@@ -95,9 +116,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     job_plan = pipeline.prepare_run(cfg, overwrite=args.overwrite)  # job-level faults fail here, before Ray
     if job_plan.pending:  # a finished job resumes without starting Ray: it only reduces again
         init_ray(cfg.ray.address, cfg.ray.runtime_env)
-        _configure_ray_data()
+        interactive = interactive_terminal()
+        _configure_ray_data(interactive)
         interval = args.progress_interval if args.progress_interval is not None else \
-            (0.0 if sys.stderr.isatty() else 30.0)
+            (0.0 if interactive else 30.0)
+        log.info("%s", CORE_WORKER_NOTE)
         pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
     errors = pipeline.gather_errors(cfg)
     result = reduce.reduce_output(cfg.output, storage_options=cfg.storage_options, errors=errors)
