@@ -82,11 +82,11 @@ def interactive_terminal(stream: Any = None, environ: Mapping[str, str] | None =
 
 
 CORE_WORKER_NOTE = (
-    "Ray logs one core_worker.cc error per sampling actor, 'has constructor arguments in the object store and "
-    "max_restarts > 0' (ray-project/ray#53727). Ray Data itself passes its context and the sampler through the "
-    "object store and restarts pool actors by default; those objects live as long as the job, so an actor "
-    "that is restarted (e.g. after a lost node) still finds them. It is expected here; turning restarts off "
-    "to silence it would cost that fault tolerance.")
+    "Ray logs one core_worker.cc error per sampling actor, 'has constructor arguments in the object store "
+    "and max_restarts > 0' (ray-project/ray#53727). Ray Data itself passes its context and the sampler "
+    "through the object store and restarts pool actors by default; those objects live as long as the job, "
+    "so an actor that is restarted (e.g. after a lost node) still finds them. It is expected here; turning "
+    "restarts off to silence it would cost that fault tolerance.")
 
 
 def _configure_ray_data(interactive: bool) -> None:
@@ -144,7 +144,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     into = "metrics"
     if not args.replace_metrics and (args.tau or args.alpha or args.correction or args.name or args.all_rows):
         grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction)
-        into = f"reductions/{args.name or reduce.reduction_name(grid) + ('_all-rows' if args.all_rows else '')}"
+        suffix = "_all-rows" if args.all_rows else ""
+        into = f"reductions/{args.name or reduce.reduction_name(grid) + suffix}"
     result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction,
                                   into=into, pooling="all" if args.all_rows else "common")
     print(result.summary_markdown)

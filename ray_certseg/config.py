@@ -242,11 +242,11 @@ class DatasetConfig:
     # absent from older config.json files
     DEFAULTS_ADDED_LATER = {"palette": None, "duplicate_ids": "error", "certify_at_scale": 1.0}
     SCALE_RENAMED = (
-        "{path}.scale was renamed, because it did not do what SegCertify's scale does. It resized the image and "
-        "label before the noise, so the certificate, its radius and every metric are stated at the reduced "
-        "resolution; for that, write {path}.certify_at_scale: {value}. For SegCertify's scales (noise, "
-        "certificate and scoring at full resolution; the segmenter sees the noisy image resized and its logits "
-        "are upsampled back), give the segmenter spec input_scale: {value} instead (docs/paper.md)"
+        "{path}.scale was renamed, because it did not do what SegCertify's scale does. It resized the image "
+        "and label before the noise, so the certificate, its radius and every metric are stated at the "
+        "reduced resolution; for that, write {path}.certify_at_scale: {value}. For SegCertify's scales (noise, "
+        "certificate and scoring at full resolution; the segmenter sees the noisy image resized and its "
+        "logits are upsampled back), give the segmenter spec input_scale: {value} instead (docs/paper.md)"
     )
 
     @staticmethod
@@ -285,7 +285,8 @@ class DatasetConfig:
         num_classes = _integer(num_classes, p("num_classes"), 1, MAX_N)
         ignore = _ignore_index(d.get("ignore_index", 255), p("ignore_index"), num_classes)
         limit, resize, class_names = d.get("limit"), d.get("resize"), d.get("class_names")
-        if "scale" in d and (d["scale"] != 1.0 or "certify_at_scale" in d):  # 1.0 alone did nothing then or now
+        # scale: 1.0 alone did nothing then and does nothing now; anything else is refused with both fixes
+        if "scale" in d and (d["scale"] != 1.0 or "certify_at_scale" in d):
             raise ConfigError(cls.SCALE_RENAMED.format(path=path, value=d["scale"]))
         return cls(
             kind=kind,
@@ -317,7 +318,8 @@ class DatasetConfig:
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """A plain mapping that :meth:`from_dict` reads back; label_map keys become strings (JSON-stable)."""
-        d = {k: getattr(self, k) for k in self.KEYS if k not in ("subset", "label_map", "storage_options", "scale")}
+        skip = ("subset", "label_map", "storage_options", "scale")
+        d = {k: getattr(self, k) for k in self.KEYS if k not in skip}
         d["subset"] = self.subset.to_dict() if self.subset else None
         d["label_map"] = (
             {str(k): v for k, v in self.label_map.items()} if self.label_map is not None else None

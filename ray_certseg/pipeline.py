@@ -295,8 +295,8 @@ PROBE_TRIES = 3
 
 
 def probe_size(refs: list[dict[str, Any]], cfg: JobConfig) -> tuple[int, int] | None:
-    """(H, W) of the first of the first PROBE_TRIES images that loads (after ``resize`` and ``certify_at_scale``); None
-    if none does: a bad image is the sampler's to record (with the others' rows kept), a failing store the
+    """(H, W) of the first of the first PROBE_TRIES images that loads (after ``resize`` and
+    ``certify_at_scale``); None if none does: a bad image is the sampler's to record (with the others' rows kept), a failing store the
     sampler's to stop the job on (``faults.job_error``), as without the probe."""
     from ray_certseg.data import load_item
 

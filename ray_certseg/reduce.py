@@ -133,6 +133,12 @@ def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
 
 
 POOLINGS = ("common", "all")
+
+
+def _left_out_of(skipped: pd.DataFrame, row: dict[str, Any]) -> int:
+    """How many of this row's method's images like-for-like pooling left out at its (dataset, sigma)."""
+    here = (skipped["dataset"] == row["dataset"]) & (skipped["sigma"] == row["sigma"])
+    return int((here & skipped["has"].str.split(", ").map(lambda h: row["method"] in h)).sum())
 COMMON = ["dataset", "sigma"]  # like for like: within a (dataset, sigma), every method over the same images
 
 
@@ -153,11 +159,12 @@ def left_out(per_image: pd.DataFrame) -> pd.DataFrame:
 
 
 def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
-    """Dataset rows: per KEY group, the summed confusion matrices -> metrics (certified, clean, majority vote).
+    """Dataset rows: per KEY group, the summed confusion matrices -> metrics (certified, clean, majority
+    vote; metrics.DatasetMetrics).
 
-    ``pooling="common"`` (the default) compares like with like: per (dataset, sigma) only the images that every
-    method there has enter the pool (:func:`left_out` lists the others; ``images_left_out`` counts them per
-    row). ``"all"`` pools every row each method has, so methods may cover different images."""
+    ``pooling="common"`` (the default) compares like with like: per (dataset, sigma) only the images that
+    every method there has enter the pool (:func:`left_out` lists the others; ``images_left_out`` counts them
+    per row). ``"all"`` pools every row each method has, so methods may cover different images."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     skipped = left_out(per_image)
@@ -189,9 +196,7 @@ def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
             seconds_per_image=float(g["sample_seconds"].mean()),
             certified_dice=cert.mdice, dice_present=cert.mdice_present, worst_accuracy=cert.worst_accuracy,
             worst_miou=cert.worst_miou, worst_dice=cert.worst_mdice, pooling=pooling,
-            images_left_out=int(((skipped["dataset"] == row["dataset"]) & (skipped["sigma"] == row["sigma"])
-                                 & skipped["has"].str.split(", ").map(lambda h, m=row["method"]: m in h)).sum())
-            if pooling == "common" else 0,
+            images_left_out=_left_out_of(skipped, row) if pooling == "common" else 0,
             iou_per_class=cert.iou.tolist(), abstain_rate_per_class=np.nan_to_num(
                 cert.abstain_rate_per_class, nan=-1.0).tolist(), dice_per_class=cert.dice.tolist(),
             worst_iou_per_class=cert.worst_iou.tolist(), worst_dice_per_class=cert.worst_dice.tolist())
@@ -231,8 +236,8 @@ def bounds_markdown(metrics: pd.DataFrame) -> str:
         t[c] = t[c].map(lambda x: f"{x:.3f}")
     lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
-    return ("\n".join(lines) + "\n\ncertified_dice = mean over classes of 2 tp / (pos + res), an abstention a false "
-            "negative (as in the IoU). worst_*: lower bounds over every perturbation within the radius, each "
+    return ("\n".join(lines) + "\n\ncertified_dice = mean over classes of 2 tp / (pos + res), an abstention "
+            "a false negative (as in the IoU). worst_*: lower bounds over every perturbation within the radius, each "
             "abstained pixel counted as a false negative of its true class and a false positive of the class "
             "scored; they hold per image with probability >= 1 - alpha (all images at once: >= 1 - images * "
             "alpha). Definitions: docs/metrics.md.")
@@ -336,7 +341,8 @@ def reduce_output(output: str, *, storage_options: dict | None = None, taus: Seq
     ``reductions/<name>/`` so the run's rows stay).
 
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
-    ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see :func:`pool`."""
+    ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see
+    :func:`pool`."""
     grid = grid_from_output(output, storage_options, taus, alphas, corrections)
     votes_dir = storage.join(output, "votes")
     if engine == "auto":

@@ -637,8 +637,8 @@ def load_adm_denoiser(
     spec: ``{"kind": "adm", "checkpoint": PATH, "preset": "256x256_uncond" | "flags": {...} |
     "flags_file": JSON, "noise_schedule": "linear", "diffusion_steps": 1000, "resolution": "native" | "tile" |
     "resize", "tile_overlap": 16, "multistep": 0, "multistep_seed": 0, "variance": "auto", "name": ""}``.
-    ``flags`` and ``flags_file`` update the preset; a flags file may also carry guided-diffusion's diffusion
-    flags (``diffusion_steps``, ``noise_schedule``, ``predict_xstart``; top-level keys win). The denoiser tiles at
+    ``flags`` and ``flags_file`` update the preset; a flags file may also carry guided-diffusion's
+    diffusion flags (``diffusion_steps``, ``noise_schedule``, ``predict_xstart``; top-level keys win). The denoiser tiles at
     ``image_size`` and pads to ``2 ** (len(channel_mult) - 1)``.
 
     Precision: float32 on CPU whatever ``dtype``. On CUDA the input, middle and output blocks run in half
@@ -682,7 +682,7 @@ def load_adm_denoiser(
     model.to(device)
 
     options = {k: spec[k] for k in ("resolution", "tile_overlap", "multistep", "multistep_seed") if k in spec}
-    if spec.get("multistep"):  # the variance matters only to a reverse chain; one-shot names stay as they were
+    if spec.get("multistep"):  # only a reverse chain uses the variance; one-shot names stay as they were
         options["variance"] = spec.get("variance", "auto")
     digest = short_hash([model_flags, schedule, steps, options])
     return DiffusionDenoiser(

@@ -3,8 +3,9 @@
 ``Segmenter`` wraps any network: it applies the per-channel normalisation (x - mean) / std inside, and
 upsamples logits bilinearly (align_corners=False) when the network returns another size.
 
-``input_scale`` s (or ``input_size`` (h, w)) is SegCertify's ``scale``: the noisy image is resized bilinearly
-(no antialiasing, as cv2.INTER_LINEAR) to (round(H s), round(W s)) inside f, and the logits come back to H x W.
+``input_scale`` s (or ``input_size`` (h, w)) is SegCertify's ``scale``: the noisy image is resized
+bilinearly (no antialiasing, as cv2.INTER_LINEAR) to (round(H s), round(W s)) inside f, and the logits come
+back to H x W.
 The resize is part of the base classifier, so the noise, the certificate (R in full-resolution [0,1] pixel
 units) and the scores all stay at the image's resolution. ``dataset.certify_at_scale`` is the other thing: it
 resizes before the noise and certifies the small image. ``load_segmenter``
@@ -338,6 +339,8 @@ def load_segmenter(
     source = spec.get("weights") or spec.get("path") or spec.get("factory") or kind
     name = spec.get("name") or f"{Path(str(source).split(':')[-1]).stem}-{short_hash(dict(spec))}"
     size = spec.get("input_size")
-    segmenter = Segmenter(net, num_classes=num_classes, mean=mean, std=std, name=name,
-                          input_scale=spec.get("input_scale"), input_size=None if size is None else list(size))
+    segmenter = Segmenter(
+        net, num_classes=num_classes, mean=mean, std=std, name=name, input_scale=spec.get("input_scale"),
+        input_size=None if size is None else list(size),
+    )
     return segmenter.to(device=torch.device(device), dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
