@@ -135,8 +135,7 @@ def job_config(models: dict[str, Path], output: Path, w: Workload, *, actors: in
 def load_models(cfg: Any, *, keep_host_memory: bool = True) -> tuple[Any, Any]:
     """The segmenter and denoiser of method ``m``, loaded with the loaders the job's actors use, in a process
     set up as the actors are (``sampling.keep_freed_host_memory`` unless ``keep_host_memory`` is False)."""
-    from ray_certseg.models.denoisers import load_denoiser
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_denoiser, load_segmenter
     from ray_certseg.sampling import keep_freed_host_memory, prepare_model
 
     if keep_host_memory:

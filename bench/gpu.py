@@ -40,10 +40,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ray_certseg.models.adm import ADM_PRESETS, ADMUNet, adm_alphas_cumprod
+from ray_certseg.models.adm import ADM_PRESETS, ADMUNet
+from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.denoisers import DiffusionDenoiser
 from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD, Segmenter
-from ray_certseg.sampling import count_votes, prepare_model, resolve_dtype
+from ray_certseg.models.util import resolve_dtype
+from ray_certseg.sampling import count_votes, prepare_model
 
 SMOKE_ADM = {**ADM_PRESETS["256x256_uncond"], "image_size": 32, "num_channels": 32, "num_res_blocks": 1,
              "channel_mult": "1,2,2", "attention_resolutions": "16,8", "num_head_channels": 16}

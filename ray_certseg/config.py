@@ -46,11 +46,10 @@ from typing import Any
 import yaml
 
 from ray_certseg import storage
+from ray_certseg.models import registry
 
 DATASET_KINDS = ("manifest", "cityscapes", "pascal_context")
 DEFAULT_NUM_CLASSES = {"cityscapes": 19, "pascal_context": 59}
-SEGMENTER_KINDS = ("module", "torchscript", "torchvision", "segformer")
-DENOISER_KINDS = ("identity", "diffusers", "adm")
 CORRECTIONS = ("holm", "bonferroni")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -418,7 +417,7 @@ def _label_map(value: Any, path: str, num_classes: int, ignore: int) -> dict[int
 # ------------------------------------------------------------------------------------------- models, methods
 @dataclass(frozen=True)
 class ModelsConfig:
-    """Named model specs, free-form dicts for the loaders (``kind`` checked here)."""
+    """Named model specs as given (relative paths resolved), each checked against its kind's spec model."""
 
     segmenters: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoisers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -427,7 +426,8 @@ class ModelsConfig:
     def from_dict(cls, data: Any, path: str = "models", *, base_dir: Path | None = None) -> ModelsConfig:
         d = _mapping(data, path, ("segmenters", "denoisers"))
         groups = {}
-        for group, kinds in (("segmenters", SEGMENTER_KINDS), ("denoisers", DENOISER_KINDS)):
+        for group in registry.GROUPS:
+            kinds = list(registry.KINDS[group])
             gpath = _join(path, group)
             specs = {}
             for name, spec in _mapping(d.get(group), gpath).items():
@@ -437,6 +437,10 @@ class ModelsConfig:
                 if "kind" not in spec:
                     raise ConfigError(f"{_join(spath, 'kind')}: required (one of {', '.join(kinds)})")
                 _choice(spec["kind"], _join(spath, "kind"), kinds)
+                try:
+                    registry.check_spec(group, spath, spec)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
                 specs[name] = {
                     k: _resolve(v, base_dir) if _is_path_key(k) and isinstance(v, str) else v
                     for k, v in spec.items()

@@ -55,8 +55,7 @@ class VoteSampler:
     def __init__(self, config: dict[str, Any], probe_size: tuple[int, int] | None = None):
         import torch
 
-        from ray_certseg.models.denoisers import load_denoiser
-        from ray_certseg.models.segmenters import load_segmenter
+        from ray_certseg.models.registry import load_denoiser, load_segmenter
         from ray_certseg.sampling import keep_freed_host_memory, prepare_model
 
         self.cfg = JobConfig.from_dict(config)

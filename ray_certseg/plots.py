@@ -261,7 +261,7 @@ class ExampleSampler:
         self._denoisers: dict[str, Any] = {}
 
     def denoiser(self, method: str) -> Any:
-        from ray_certseg.models.denoisers import load_denoiser
+        from ray_certseg.models.registry import load_denoiser
 
         name = self.cfg.methods[method].denoiser
         if name and name not in self._denoisers:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ray_certseg.certify import select
+from ray_certseg.models.util import resolve_dtype
 
 SELECTION, ESTIMATION = 0, 1
 """Stage tags of the two sample sets S0 and S; they enter the per-draw seed."""
@@ -58,20 +59,6 @@ class Votes:
     clean_pred: np.ndarray
     seconds: float
     counts: np.ndarray | None = None
-
-
-def resolve_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.float16`` / ``"bfloat16"`` / ``"bf16"`` / ``None`` -> a floating ``torch.dtype`` or None."""
-    if value is None or isinstance(value, torch.dtype):
-        dtype = value
-    elif isinstance(value, str):
-        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-        dtype = getattr(torch, aliases.get(value.lower(), value.lower()), None)
-    else:
-        raise TypeError(f"dtype must be a torch.dtype or a name like 'bfloat16', got {type(value).__name__}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype {value!r} is not a floating torch dtype; use float32, bfloat16 or float16")
-    return dtype
 
 
 def noise_seed(seed: int, image_id: str, sigma: float) -> int:

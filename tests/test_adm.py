@@ -19,10 +19,10 @@ from ray_certseg.models.adm import (
     ADM_PRESETS,
     ADMUNet,
     AttentionBlock,
-    adm_alphas_cumprod,
     load_adm_checkpoint,
     load_adm_unet,
 )
+from ray_certseg.models.schedule import adm_alphas_cumprod
 
 DATA = Path(__file__).parent / "data" / "adm"
 SMALL_PT = DATA / "adm_small.pt"
@@ -245,7 +245,7 @@ def load_adm_denoiser():
     pytest.importorskip(
         "ray_certseg.models.denoisers", reason="DiffusionDenoiser is written in another module"
     )
-    from ray_certseg.models.adm import load_adm_denoiser
+    from ray_certseg.models.loading import load_adm_denoiser
 
     return load_adm_denoiser
 

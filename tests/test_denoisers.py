@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser, load_denoiser
+from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser
+from ray_certseg.models.loading import load_diffusers
+from ray_certseg.models.registry import load_denoiser
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -411,20 +413,20 @@ def test_from_pretrained_pipeline_folder_and_separate_folders(saved):
             * unet(x_t, torch.full((2,), 145)).sample
         ) / math.sqrt(linear_scheduler().alphas_cumprod[145].item())
         expected = (expected.clamp(-1, 1) + 1) / 2
-        pipe = DiffusionDenoiser.from_pretrained(root / "pipe")
+        pipe = load_diffusers(root / "pipe")
         torch.testing.assert_close(pipe(noisy, 0.25), expected, atol=1e-5, rtol=0)
     assert pipe.prediction_type == "epsilon" and pipe.sample_size == 16 and pipe.name.startswith("pipe-")
-    separate = DiffusionDenoiser.from_pretrained(unet=root / "unet_only", scheduler=root / "sched_only")
+    separate = load_diffusers(unet=root / "unet_only", scheduler=root / "sched_only")
     assert separate.prediction_type == "v_prediction" and separate.name.startswith("unet_only-")
-    assert separate.name != DiffusionDenoiser.from_pretrained(root / "pipe", multistep=2).name != pipe.name
-    tiled = DiffusionDenoiser.from_pretrained(root / "pipe", resolution="tile", tile_overlap=4)
+    assert separate.name != load_diffusers(root / "pipe", multistep=2).name != pipe.name
+    tiled = load_diffusers(root / "pipe", resolution="tile", tile_overlap=4)
     with torch.no_grad():
         assert tiled(torch.rand(1, 3, 20, 28), 0.5).shape == (1, 3, 20, 28)
 
 
 def test_from_pretrained_bfloat16(saved):
     root, _ = saved
-    den = DiffusionDenoiser.from_pretrained(root / "pipe", dtype="bfloat16")
+    den = load_diffusers(root / "pipe", dtype="bfloat16")
     assert den.model.unet.dtype == torch.bfloat16
     with torch.no_grad():
         out = den(torch.rand(1, 3, 16, 16), 0.25)
@@ -434,16 +436,16 @@ def test_from_pretrained_bfloat16(saved):
 def test_from_pretrained_errors(saved, tmp_path):
     root, _ = saved
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        DiffusionDenoiser.from_pretrained(tmp_path / "missing")
+        load_diffusers(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="unet/"):
-        DiffusionDenoiser.from_pretrained(tmp_path / "empty")
+        load_diffusers(tmp_path / "empty")
     (tmp_path / "cond").mkdir()
     (tmp_path / "cond" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
-        DiffusionDenoiser.from_pretrained(tmp_path / "cond", scheduler=root / "sched_only")
+        load_diffusers(tmp_path / "cond", scheduler=root / "sched_only")
     with pytest.raises(ValueError, match="path="):
-        DiffusionDenoiser.from_pretrained()
+        load_diffusers()
 
 
 def test_load_denoiser_specs(saved):

@@ -133,7 +133,7 @@ def test_infeasible_grid_is_named_when_the_config_loads(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------------------------- own code
 def test_missing_factory_package_points_at_runtime_env():
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_segmenter
 
     with pytest.raises(ValueError, match=r"No module named 'mine_nets'.*py_modules: \[path/to/mine_nets\]"):
         load_segmenter({"kind": "module", "factory": "mine_nets.net:build", "num_classes": 2})
@@ -167,7 +167,7 @@ def test_runtime_env_paths_resolve_against_the_config_file(tmp_path, monkeypatch
 
 def test_segformer_loads_without_progress_bars(tmp_path, capfd):
     transformers = pytest.importorskip("transformers")
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_segmenter
 
     config = transformers.SegformerConfig(num_labels=3, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 16],
                                           num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16)

@@ -61,8 +61,7 @@ def test_job_writes_every_row_once_records_errors_and_metrics(world, tmp_path, r
 def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
     """Deterministic: the Ray job's votes equal count_votes called here, image by image, same seeds."""
     from ray_certseg.data import load_item
-    from ray_certseg.models.denoisers import load_denoiser
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_denoiser, load_segmenter
     from ray_certseg.sampling import count_votes
 
     code, out, path = run(world, tmp_path, extra=["--set", "ray.batch_size=3", "--set", "sampling.batch_size=5"])
@@ -189,8 +188,7 @@ def test_check_resumable_allows_batch_size_with_a_warning(caplog):
 def test_votes_bit_identical_across_batch_sizes_with_the_job_models(world):
     """The decision above: on the CPU in float32, a real segmenter and diffusion denoiser give the same votes
     at any batch_size, so a resume after a batch_size change mixes no incomparable rows there."""
-    from ray_certseg.models.denoisers import load_denoiser
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_denoiser, load_segmenter
     from ray_certseg.sampling import count_votes
 
     cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], world["root"] / "o"))

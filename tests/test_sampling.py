@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from ray_certseg.certify import select
+from ray_certseg.models.util import resolve_dtype
 from ray_certseg.sampling import (
     ESTIMATION,
     SELECTION,
     count_votes,
     noise_seed,
     prepare_model,
-    resolve_dtype,
     sample_seed,
     to_tensor_image,
 )

@@ -14,9 +14,9 @@ from ray_certseg.models.segmenters import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Segmenter,
-    load_segmenter,
     load_state_dict,
 )
+from ray_certseg.models.registry import load_segmenter
 
 CONV_SPEC = {
     "kind": "module",

@@ -79,7 +79,7 @@ def _losses(out: Path) -> list[float]:
 def test_segmenter_local_mode_learns_and_saves_a_loadable_spec(ray_local, data_cfg, tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_segmenter
 
     out = tmp_path / "seg"
     metrics = fit(_segmenter_cfg(data_cfg, out))
@@ -113,7 +113,7 @@ def test_segmenter_training_is_deterministic_and_noise_changes_it(ray_local, dat
 def test_ddpm_local_mode_learns_and_saves_a_diffusers_pipeline(ray_local, data_cfg, tmp_path) -> None:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from ray_certseg.models.denoisers import DiffusionDenoiser
+    from ray_certseg.models.loading import load_diffusers
 
     out = tmp_path / "ddpm"
     fit(_ddpm_cfg(data_cfg, out))
@@ -126,7 +126,7 @@ def test_ddpm_local_mode_learns_and_saves_a_diffusers_pipeline(ray_local, data_c
     assert scheduler.config.prediction_type == "epsilon"
     torch.testing.assert_close(scheduler.alphas_cumprod, ddpm_scheduler().alphas_cumprod)
     assert isinstance(DDPMPipeline.from_pretrained(str(out), local_files_only=True).unet, UNet2DModel)
-    denoiser = DiffusionDenoiser.from_pretrained(str(out))
+    denoiser = load_diffusers(str(out))
     x = denoiser(torch.rand(2, 3, 32, 32), 0.25)
     assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
 
@@ -203,7 +203,7 @@ DATA = REPO / "assets" / "demo" / "data"
 
 def _shipped_segmenter(name: str):
     """load_segmenter on a shipped segmenter.json (its weights path is relative to the repository root)."""
-    from ray_certseg.models.segmenters import load_segmenter
+    from ray_certseg.models.registry import load_segmenter
 
     spec = json.loads((MODELS / name / "segmenter.json").read_text())
     return load_segmenter({**spec, "weights": str(REPO / spec["weights"])})
@@ -244,10 +244,10 @@ def _certified_metrics(segmenter, denoiser, sigma: float, num_images: int):
 
 @pytest.mark.slow
 def test_shipped_models_show_the_denoising_effect() -> None:
-    from ray_certseg.models.denoisers import DiffusionDenoiser
+    from ray_certseg.models.loading import load_diffusers
 
     clean = _shipped_segmenter("segmenter_clean")
-    denoiser = DiffusionDenoiser.from_pretrained(str(MODELS / "ddpm"))
+    denoiser = load_diffusers(str(MODELS / "ddpm"))
     alone = _certified_metrics(clean, None, 0.25, num_images=4)
     denoised = _certified_metrics(clean, denoiser, 0.25, num_images=4)
     assert denoised.accuracy >= alone.accuracy + 0.2, (alone.accuracy, denoised.accuracy)

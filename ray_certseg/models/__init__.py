@@ -1,6 +1,11 @@
-"""Models of the base classifier f(x + delta) = segment(denoise(x + delta)): denoisers and segmenters."""
+"""Models of the base classifier f(x + delta) = segment(denoise(x + delta)), one job per module:
 
-from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser, load_denoiser
-from ray_certseg.models.segmenters import Segmenter, load_segmenter
-
-__all__ = ["DiffusionDenoiser", "IdentityDenoiser", "Segmenter", "load_denoiser", "load_segmenter"]
+* ``specs``: the pydantic spec model of each ``kind`` (torch-free, checked on the driver);
+* ``registry``: kind -> (spec model, builder); ``load_segmenter`` / ``load_denoiser`` build from a spec;
+* ``schedule``: DDPM noise-schedule maths (t*, x0 from the network output, the multistep posterior);
+* ``adm``: the guided-diffusion UNet network and its checkpoint reader;
+* ``denoisers``: the one-shot / multistep ``DiffusionDenoiser`` and its resolution strategies;
+* ``loading``: diffusers folders and ADM checkpoints -> denoisers;
+* ``segmenters``: the ``Segmenter`` wrapper and its kinds' builders; ``tiny``: the shipped tiny networks;
+* ``util``: dtype names and short hashes.
+"""

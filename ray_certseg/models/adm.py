@@ -34,29 +34,21 @@ irrelevant here): every parameter comes from a checkpoint.
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ray_certseg.models.denoisers import DiffusionDenoiser
-
 __all__ = [
     "ADM_PRESETS",
     "ADMUNet",
-    "adm_alphas_cumprod",
     "load_adm_checkpoint",
-    "load_adm_denoiser",
     "load_adm_unet",
 ]
 
@@ -100,24 +92,6 @@ _DIFFUSION_FLAGS = frozenset(
         "predict_xstart",
         "rescale_timesteps",
         "rescale_learned_sigmas",
-    }
-)
-
-_SPEC_KEYS = frozenset(
-    {
-        "kind",
-        "checkpoint",
-        "flags",
-        "flags_file",
-        "preset",
-        "noise_schedule",
-        "diffusion_steps",
-        "resolution",
-        "tile_overlap",
-        "multistep",
-        "multistep_seed",
-        "variance",
-        "name",
     }
 )
 
@@ -483,34 +457,6 @@ class ADMUNet(nn.Module):
         return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)
 
 
-def adm_alphas_cumprod(schedule: str = "linear", steps: int = 1000) -> Tensor:
-    """abar_t = prod_{s<=t} (1 - beta_s), t = 0..steps-1, for guided-diffusion's named beta schedules.
-
-    - ``linear``: beta evenly spaced from 1e-4 * 1000/steps to 0.02 * 1000/steps (Ho et al. 2020, rescaled
-      so any ``steps`` matches the 1000-step process);
-    - ``cosine``: beta_i = min(1 - f((i+1)/steps) / f(i/steps), 0.999), f(u) = cos((u + 0.008)/1.008 * pi/2)^2
-      (Nichol & Dhariwal 2021).
-
-    Computed in float64 as guided-diffusion does, returned as float32 (steps,).
-    """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"diffusion_steps must be a positive integer; got {steps!r}")
-    if schedule == "linear":
-        scale = 1000 / steps
-        betas = np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
-    elif schedule == "cosine":
-
-        def f(u: float) -> float:
-            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        betas = np.array(
-            [min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)], dtype=np.float64
-        )
-    else:
-        raise ValueError(f"noise_schedule must be 'linear' or 'cosine'; got {schedule!r}")
-    return torch.from_numpy(np.cumprod(1.0 - betas)).to(torch.float32)
-
-
 def load_adm_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The ``state_dict`` in ``path``, read with ``torch.load(weights_only=True)``: no pickled code runs."""
     path = Path(path)
@@ -581,120 +527,3 @@ def load_adm_unet(checkpoint: str | Path, flags: Mapping[str, Any]) -> ADMUNet:
         )
     model.load_state_dict(state, strict=True, assign=True)
     return model.float().eval().requires_grad_(False)
-
-
-def _read_flags(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Preset flags, updated by those of ``flags_file`` (JSON), then by ``flags``."""
-    if not any(key in spec for key in ("preset", "flags", "flags_file")):
-        raise ValueError(
-            "an ADM denoiser spec needs 'preset' (e.g. '256x256_uncond'), 'flags' or 'flags_file' to know "
-            "the architecture of its checkpoint"
-        )
-    flags: dict[str, Any] = {}
-    if "preset" in spec:
-        if spec["preset"] not in ADM_PRESETS:
-            raise ValueError(f"unknown ADM preset {spec['preset']!r}; known: {sorted(ADM_PRESETS)}")
-        flags.update(ADM_PRESETS[spec["preset"]])
-    if "flags_file" in spec:
-        path = Path(spec["flags_file"])
-        if not path.is_file():
-            raise FileNotFoundError(f"ADM flags_file {path} not found")
-        try:
-            flags.update(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"ADM flags_file {path} must be a JSON object of guided-diffusion flags: {err}"
-            ) from err
-    if "flags" in spec:
-        if not isinstance(spec["flags"], Mapping):
-            raise TypeError(
-                f"ADM 'flags' must be a mapping of guided-diffusion flags; got {type(spec['flags']).__name__}"
-            )
-        flags.update(spec["flags"])
-    return flags
-
-
-def _split_flags(flags: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model flags, diffusion flags); unknown names raise."""
-    model_names = set(inspect.signature(ADMUNet).parameters)
-    unknown = sorted(set(flags) - model_names - _DIFFUSION_FLAGS)
-    if unknown:
-        raise ValueError(
-            f"unknown ADM flags {unknown}; model flags are {sorted(model_names)}, diffusion flags "
-            f"{sorted(_DIFFUSION_FLAGS)}"
-        )
-    return (
-        {k: v for k, v in flags.items() if k in model_names},
-        {k: v for k, v in flags.items() if k in _DIFFUSION_FLAGS},
-    )
-
-
-def load_adm_denoiser(
-    spec: Mapping[str, Any], *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
-) -> DiffusionDenoiser:
-    """A :class:`~ray_certseg.models.denoisers.DiffusionDenoiser` around a guided-diffusion checkpoint.
-
-    spec: ``{"kind": "adm", "checkpoint": PATH, "preset": "256x256_uncond" | "flags": {...} |
-    "flags_file": JSON, "noise_schedule": "linear", "diffusion_steps": 1000, "resolution": "native" | "tile" |
-    "resize", "tile_overlap": 16, "multistep": 0, "multistep_seed": 0, "variance": "auto", "name": ""}``.
-    ``flags`` and ``flags_file`` update the preset; a flags file may also carry guided-diffusion's
-    diffusion flags (``diffusion_steps``, ``noise_schedule``, ``predict_xstart``; top-level keys win). The denoiser tiles at
-    ``image_size`` and pads to ``2 ** (len(channel_mult) - 1)``.
-
-    Precision: float32 on CPU whatever ``dtype``. On CUDA the input, middle and output blocks run in half
-    precision as guided-diffusion does (:meth:`ADMUNet.convert_blocks_to`; not autocast): in ``dtype`` when it
-    is float16 or bfloat16, else in float16 when the flags say ``use_fp16`` (``flags: {use_fp16: false}`` for
-    full float32).
-    """
-    from ray_certseg.models.denoisers import DiffusionDenoiser, short_hash
-    from ray_certseg.sampling import resolve_dtype
-
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"an ADM denoiser spec must be a mapping; got {type(spec).__name__}")
-    unknown = sorted(set(spec) - _SPEC_KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in ADM denoiser spec; allowed: {sorted(_SPEC_KEYS)}")
-    if spec.get("kind", "adm") != "adm":
-        raise ValueError(f"load_adm_denoiser needs kind: adm; got kind: {spec['kind']!r}")
-    if "checkpoint" not in spec:
-        raise ValueError("ADM denoiser spec needs 'checkpoint': the path of the guided-diffusion .pt file")
-    model_flags, diffusion_flags = _split_flags(_read_flags(spec))
-    if model_flags.get("class_cond"):
-        raise ValueError(
-            "class_cond ADM checkpoints need class labels and cannot denoise as model(x_t, t); use an "
-            "unconditional checkpoint such as 256x256_diffusion_uncond.pt"
-        )
-    if diffusion_flags.get("rescale_timesteps"):
-        raise ValueError("rescale_timesteps=True (improved-diffusion style float timesteps) is not supported")
-    schedule = spec.get("noise_schedule", diffusion_flags.get("noise_schedule", "linear"))
-    steps = spec.get("diffusion_steps", diffusion_flags.get("diffusion_steps", 1000))
-    alphas_cumprod = adm_alphas_cumprod(schedule, steps)
-
-    model = load_adm_unet(spec["checkpoint"], model_flags)
-    device = torch.device(device)
-    if device.type == "cuda":
-        dtype = resolve_dtype(dtype) or torch.float32
-        half = (
-            dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16 if model.use_fp16 else None
-        )
-        if half is not None:
-            model.convert_blocks_to(half)
-    model.to(device)
-
-    options = {k: spec[k] for k in ("resolution", "tile_overlap", "multistep", "multistep_seed") if k in spec}
-    if spec.get("multistep"):  # only a reverse chain uses the variance; one-shot names stay as they were
-        options["variance"] = spec.get("variance", "auto")
-    digest = short_hash([model_flags, schedule, steps, options])
-    return DiffusionDenoiser(
-        model,
-        alphas_cumprod,
-        prediction_type="sample" if diffusion_flags.get("predict_xstart") else "epsilon",
-        resolution=spec.get("resolution", "native"),
-        sample_size=model.image_size,
-        tile_overlap=spec.get("tile_overlap", 16),
-        multiple_of=model.multiple_of,
-        multistep=spec.get("multistep", 0),
-        multistep_seed=spec.get("multistep_seed", 0),
-        variance=spec.get("variance", "auto"),
-        name=spec.get("name") or f"adm-{Path(spec['checkpoint']).stem}-{digest}",
-    )

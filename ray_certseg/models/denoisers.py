@@ -27,32 +27,17 @@ the same as the loop ``t = 1, 2, ...`` over that array in Carlini et al.'s certi
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import itertools
-import json
 import math
-import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ray_certseg.sampling import resolve_dtype
-
-DIFFUSERS_FOLDER_HELP = (
-    "a diffusers denoiser folder is a DDPMPipeline folder (model_index.json, unet/ with config.json + "
-    "diffusion_pytorch_model.safetensors of a UNet2DModel, scheduler/ with scheduler_config.json), or pass "
-    "unet= (a UNet2DModel folder) and scheduler= (a folder with scheduler_config.json) separately"
-)
-
-
-def short_hash(obj: Any) -> str:
-    """First 8 hex digits of the SHA-1 of ``obj`` as canonical JSON (sorted keys; non-JSON values as str)."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+from ray_certseg.models import schedule
+from ray_certseg.models.util import short_hash
 
 
 def _smooth_ramp(length: int, overlap: int) -> Tensor:
@@ -143,7 +128,7 @@ class DiffusionDenoiser(nn.Module):
 
     RESOLUTIONS = ("native", "tile", "resize")
     VARIANCES = ("auto", "learned", "fixed")
-    PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+    PREDICTION_TYPES = schedule.PREDICTION_TYPES
 
     def __init__(
         self,
@@ -163,16 +148,7 @@ class DiffusionDenoiser(nn.Module):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be a callable model(x_t, t) -> Tensor, got {type(model).__name__}")
-        abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
-        if (
-            abar.numel() == 0
-            or not bool(((abar > 0) & (abar <= 1)).all())
-            or bool((abar[1:] > abar[:-1]).any())
-        ):
-            raise ValueError(
-                "alphas_cumprod must be a non-empty, non-increasing sequence in (0, 1] "
-                "(e.g. DDPMScheduler(...).alphas_cumprod)"
-            )
+        abar = schedule.as_alphas_cumprod(alphas_cumprod)
         if prediction_type not in self.PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type must be one of {self.PREDICTION_TYPES}, got {prediction_type!r}"
@@ -228,17 +204,7 @@ class DiffusionDenoiser(nn.Module):
     def timestep(self, sigma: float) -> int:
         """t* = min { t : (1 - abar_t) / abar_t >= (2 sigma)^2 }, sigma the noise std in [0,1] units at the
         model input (``forward`` passes sigma_eff). 0-based index into alphas_cumprod."""
-        sigma = float(sigma)
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-        abar = self.alphas_cumprod
-        enough = torch.nonzero((1 - abar) / abar >= (2 * sigma) ** 2)
-        if enough.numel() == 0:
-            r_max = math.sqrt((1 - abar[-1].item()) / abar[-1].item())
-            raise ValueError(
-                f"sigma={sigma} is beyond the noise schedule: 2*sigma must be <= r_T = {r_max:.4g}"
-            )
-        return int(enough[0])
+        return schedule.timestep(self.alphas_cumprod, sigma)
 
     def effective_sigma(self, sigma: float, height: int, width: int) -> float:
         """Std of the i.i.d. noise the model sees: sigma, or sigma / sqrt(f_h f_w) in ``resize`` mode."""
@@ -345,29 +311,19 @@ class DiffusionDenoiser(nn.Module):
             )
         var_values = out[:, c:].float() if out.shape[1] == 2 * c else None
         out = out[:, :c].float()
-        a = self.alphas_cumprod[t].item()
-        if self.prediction_type == "epsilon":
-            x0 = (x_t - math.sqrt(1 - a) * out) / math.sqrt(a)
-        elif self.prediction_type == "v_prediction":
-            x0 = math.sqrt(a) * x_t - math.sqrt(1 - a) * out
-        else:
-            x0 = out
-        return x0.clamp(-1.0, 1.0), var_values
+        x0 = schedule.x0_from_output(out, x_t, self.alphas_cumprod[t].item(), self.prediction_type)
+        return x0, var_values
 
     def _reverse_chain(self, x_t: Tensor, t: int) -> Tensor:
         """K ancestral DDPM steps on round(t (K - j) / K), j = 0..K-1, ending with x0_hat (see class doc)."""
-        k = self.multistep
-        steps = sorted({round(t * (k - j) / k) for j in range(k)}, reverse=True)
+        steps = schedule.respaced_steps(t, self.multistep)
         generator = torch.Generator(device=x_t.device).manual_seed(self.multistep_seed)
         x = x_t
         for s, prev in itertools.pairwise(steps):
-            a_s, a_p = self.alphas_cumprod[s].item(), self.alphas_cumprod[prev].item()
-            beta = 1 - a_s / a_p
             x0, v = self._predict(x, s)
-            mean = (math.sqrt(a_p) * beta / (1 - a_s)) * x0 + (
-                math.sqrt(a_s / a_p) * (1 - a_p) / (1 - a_s)
-            ) * x
-            log_var = math.log(beta * (1 - a_p) / (1 - a_s))
+            mean, log_var, log_beta = schedule.posterior(
+                x0, x, self.alphas_cumprod[s].item(), self.alphas_cumprod[prev].item()
+            )
             if self.variance == "learned" and v is None:
                 raise ValueError(
                     "variance='learned' needs a model with 6 output channels (learned variance, e.g. an ADM "
@@ -376,190 +332,7 @@ class DiffusionDenoiser(nn.Module):
             z = torch.randn((1, *x.shape[1:]), generator=generator, device=x.device)
             if v is not None and self.variance != "fixed":
                 frac = (v + 1) / 2
-                x = mean + torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * log_var)) * z
+                x = mean + torch.exp(0.5 * (frac * log_beta + (1 - frac) * log_var)) * z
             else:
                 x = mean + math.exp(0.5 * log_var) * z
         return self.x0_hat(x, steps[-1])
-
-    # ---------------------------------------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike | None = None,
-        *,
-        unet: Any = None,
-        scheduler: Any = None,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        **kwargs: Any,
-    ) -> DiffusionDenoiser:
-        """Load a diffusers ``UNet2DModel`` and a DDPM-family scheduler config.
-
-        ``path``: a DDPMPipeline-style folder (``unet/``, ``scheduler/``) or a folder holding both configs
-        (``config.json`` + ``scheduler_config.json``), or a hub id where a hub is reachable. ``unet`` /
-        ``scheduler``: folders (or loaded objects) given separately; they override ``path``. Weights load
-        only from safetensors. kwargs go to the constructor; prediction_type and sample_size default to the
-        scheduler's and the UNet's config; name defaults to ``<folder>-<hash of configs and options>``.
-        """
-        from diffusers import DDPMScheduler, UNet2DModel
-
-        if path is None and unet is None:
-            raise ValueError(
-                "from_pretrained needs path= (a diffusers folder) or unet= and scheduler=; "
-                + DIFFUSERS_FOLDER_HELP
-            )
-        unet_src = unet if unet is not None else path
-        sched_src = scheduler if scheduler is not None else (path if path is not None else unet)
-        dtype = resolve_dtype(dtype)
-        if isinstance(unet_src, (str, os.PathLike)):
-            unet_model = _from_pretrained(
-                UNet2DModel,
-                unet_src,
-                "unet",
-                "config.json",
-                torch_dtype=dtype,
-                use_safetensors=True,
-                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
-            )
-        else:
-            unet_model = unet_src
-        sched = (
-            _from_pretrained(DDPMScheduler, sched_src, "scheduler", "scheduler_config.json")
-            if isinstance(sched_src, (str, os.PathLike))
-            else sched_src
-        )
-        if not hasattr(sched, "alphas_cumprod"):
-            raise TypeError(
-                f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(sched).__name__}"
-            )
-        cfg = dict(getattr(unet_model, "config", {}))
-        if cfg.get("in_channels", 3) != 3:
-            raise ValueError(
-                "the denoiser UNet must take 3-channel images, its config has "
-                f"in_channels={cfg['in_channels']}"
-            )
-        kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
-        size = cfg.get("sample_size")
-        if isinstance(size, (list, tuple)):
-            if len(set(size)) != 1:
-                raise ValueError(f"non-square UNet sample_size {size} is not supported; pass sample_size=")
-            size = size[0]
-        kwargs.setdefault("sample_size", size)
-        if not kwargs.get("name"):
-            configs = [
-                {k: v for k, v in c.items() if not k.startswith("_")} for c in (cfg, dict(sched.config))
-            ]
-            options = {k: v for k, v in kwargs.items() if k != "name"}
-            kwargs["name"] = f"{_folder_name(unet_src)}-{short_hash([configs, options])}"
-        if any(p.dtype != dtype for p in unet_model.parameters()):  # loaded folders already are (torch_dtype)
-            unet_model = unet_model.to(dtype=dtype)
-        unet_model = unet_model.to(device=torch.device(device)).eval().requires_grad_(False)
-        return cls(DiffusersUNet(unet_model), sched.alphas_cumprod, **kwargs)
-
-
-def _folder_name(source: Any) -> str:
-    """Name of a model folder for output records: the folder (its parent for a pipeline's ``unet/``)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return "diffusers"
-    path = Path(source).expanduser().resolve() if Path(source).expanduser().exists() else Path(source)
-    return path.parent.name if path.name == "unet" and path.parent.name else path.name
-
-
-def _from_pretrained(
-    klass: Any, source: str | os.PathLike, subfolder: str, config_name: str, **kwargs: Any
-) -> Any:
-    """``klass.from_pretrained`` from a local folder (``<source>/<subfolder>/`` or ``<source>/``, local
-    files only) or, for a string that is not a local path, a hub id."""
-    local = Path(source).expanduser()
-    if local.is_dir():
-        for folder in (local / subfolder, local):
-            if (folder / config_name).is_file():
-                if config_name == "config.json":
-                    class_name = json.loads((folder / config_name).read_text()).get(
-                        "_class_name", klass.__name__
-                    )
-                    if class_name != klass.__name__:
-                        raise ValueError(
-                            f"{folder} holds a {class_name}, not a {klass.__name__}; " + DIFFUSERS_FOLDER_HELP
-                        )
-                return klass.from_pretrained(str(folder), local_files_only=True, **kwargs)
-        raise ValueError(
-            f"{local} is not a diffusers model folder: no {subfolder}/{config_name} or {config_name}; "
-            + DIFFUSERS_FOLDER_HELP
-        )
-    text = str(source)
-    if local.exists():
-        raise ValueError(f"{local} is a file, not a folder; " + DIFFUSERS_FOLDER_HELP)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"denoiser folder {text!r} does not exist; " + DIFFUSERS_FOLDER_HELP)
-    try:
-        return klass.from_pretrained(text, subfolder=subfolder, **kwargs)
-    except OSError:
-        try:
-            return klass.from_pretrained(text, **kwargs)
-        except OSError as exc:
-            raise FileNotFoundError(
-                f"{text!r} is neither a local folder nor a reachable hub model "
-                f"({exc}); " + DIFFUSERS_FOLDER_HELP
-            ) from exc
-
-
-_DIFFUSERS_KEYS = {
-    "kind",
-    "path",
-    "unet",
-    "scheduler",
-    "resolution",
-    "tile_overlap",
-    "multiple_of",
-    "multistep",
-    "multistep_seed",
-    "variance",
-    "sample_size",
-    "prediction_type",
-    "name",
-}
-
-
-def load_denoiser(
-    spec: Mapping[str, Any] | None,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-) -> nn.Module | None:
-    """Build a denoiser from a config dict; None -> None (no denoising).
-
-    ``{"kind": "identity"}``; ``{"kind": "diffusers", "path": DIR, "resolution": "native", "tile_overlap": 16,
-    "multistep": 0, ...}`` (or ``unet:``/``scheduler:`` folders; other keys: see ``_DIFFUSERS_KEYS``);
-    ``{"kind": "adm", ...}`` -> ``ray_certseg.models.adm.load_adm_denoiser(spec, device=, dtype=)``.
-    """
-    if spec is None:
-        return None
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"denoiser spec must be a dict with a 'kind' key, got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind == "identity":
-        return IdentityDenoiser()
-    if kind == "adm":
-        from ray_certseg.models.adm import load_adm_denoiser
-
-        return load_adm_denoiser(spec, device=device, dtype=dtype)
-    if kind == "diffusers":
-        unknown = set(spec) - _DIFFUSERS_KEYS
-        if unknown:
-            raise ValueError(
-                f"unknown keys {sorted(unknown)} in a diffusers denoiser spec; allowed: "
-                f"{sorted(_DIFFUSERS_KEYS)}"
-            )
-        options = {k: v for k, v in spec.items() if k not in ("kind", "path", "unet", "scheduler")}
-        return DiffusionDenoiser.from_pretrained(
-            spec.get("path"),
-            unet=spec.get("unet"),
-            scheduler=spec.get("scheduler"),
-            dtype=dtype,
-            device=device,
-            **options,
-        )
-    raise ValueError(
-        f"unknown denoiser kind {kind!r}; use 'identity', 'diffusers' or 'adm' (or no denoiser: null)"
-    )

@@ -8,8 +8,16 @@ bilinearly (no antialiasing, as cv2.INTER_LINEAR) to (round(H s), round(W s)) in
 back to H x W.
 The resize is part of the base classifier, so the noise, the certificate (R in full-resolution [0,1] pixel
 units) and the scores all stay at the image's resolution. ``dataset.certify_at_scale`` is the other thing: it
-resizes before the noise and certifies the small image. ``load_segmenter``
-builds one from a config dict (kinds: module, torchscript, torchvision, segformer).
+resizes before the noise and certifies the small image.
+
+Kinds (``models.registry`` builds them from a spec; all accept ``name``, ``mean``, ``std``, ``input_scale``
+or ``input_size``; checkpoints also ``state_dict_key``, ``strip_prefix``):
+
+* ``{"kind": "module", "factory": "pkg.mod:fn", "kwargs": {...}, "weights": "w.safetensors", "num_classes": C}``
+* ``{"kind": "torchscript", "path": "m.pt", "num_classes": C}``
+* ``{"kind": "torchvision", "arch": "deeplabv3_mobilenet_v3_large", "num_classes": C, "weights": "w.pth"}``
+  (ImageNet mean/std by default; the output dict's "out")
+* ``{"kind": "segformer", "path": DIR}`` (mean/std from preprocessor_config.json, else ImageNet)
 
 Checkpoints load only as safetensors or with ``torch.load(weights_only=True)``: pickles are never executed.
 """
@@ -27,8 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ray_certseg.models.denoisers import short_hash
-from ray_certseg.sampling import resolve_dtype
+from ray_certseg.models.util import resolve_dtype, short_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -223,7 +230,7 @@ def _num_classes(spec: Mapping[str, Any]) -> int:
     return spec["num_classes"]
 
 
-def _build_module(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+def build_module(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     net = _import_factory(spec.get("factory", ""))(**dict(spec.get("kwargs") or {}))
     if not isinstance(net, nn.Module):
         raise TypeError(f"factory {spec['factory']!r} returned {type(net).__name__}, not a torch.nn.Module")
@@ -232,7 +239,7 @@ def _build_module(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     return net, _num_classes(spec), (spec.get("mean"), spec.get("std"))
 
 
-def _build_torchscript(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+def build_torchscript(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     path = Path(spec.get("path", "")).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"TorchScript file {path} does not exist")
@@ -243,7 +250,7 @@ def _build_torchscript(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     )
 
 
-def _build_torchvision(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+def build_torchvision(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     import torchvision.models.segmentation as tvseg
 
     arch = spec.get("arch", "")
@@ -274,7 +281,7 @@ def _build_torchvision(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     )
 
 
-def _build_segformer(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
+def build_segformer(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     from transformers import SegformerForSemanticSegmentation
     from transformers.utils import logging as hf_logging
 
@@ -298,45 +305,13 @@ def _build_segformer(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     return _LogitsAttribute(net), int(net.config.num_labels), (mean, std)
 
 
-_BUILDERS: dict[str, tuple[Callable[[Mapping[str, Any]], tuple[nn.Module, int, Any]], set[str]]] = {
-    "module": (_build_module, {"factory", "kwargs", "weights", "num_classes"}),
-    "torchscript": (_build_torchscript, {"path", "num_classes"}),
-    "torchvision": (_build_torchvision, {"arch", "num_classes", "weights"}),
-    "segformer": (_build_segformer, {"path"}),
-}
-_COMMON_KEYS = {"kind", "name", "mean", "std", "state_dict_key", "strip_prefix", "input_scale", "input_size"}
-
-
-def load_segmenter(
-    spec: Mapping[str, Any], *, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32
+def assemble(
+    spec: Mapping[str, Any], built: tuple[nn.Module, int, Any], *, device: Any = "cpu", dtype: Any = "float32"
 ) -> Segmenter:
-    """Build a ``Segmenter`` from a config dict, on ``device`` in ``dtype``, eval mode, no gradients.
-
-    Kinds (all accept ``name``, ``mean``, ``std``, ``input_scale`` or ``input_size``; checkpoints also
-    ``state_dict_key``, ``strip_prefix``):
-      * ``{"kind": "module", "factory": "pkg.mod:fn", "kwargs": {...}, "weights": "w.safetensors",
-        "num_classes": C}``
-      * ``{"kind": "torchscript", "path": "m.pt", "num_classes": C}``
-      * ``{"kind": "torchvision", "arch": "deeplabv3_mobilenet_v3_large", "num_classes": C,
-        "weights": "w.pth"}``
-        (ImageNet mean/std by default; the output dict's "out")
-      * ``{"kind": "segformer", "path": DIR}`` (mean/std from preprocessor_config.json, else ImageNet)
-    ``name`` defaults to ``<file or folder stem>-<hash of the spec>``.
-    """
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"segmenter spec must be a dict with a 'kind' key, got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown segmenter kind {kind!r}; use one of {sorted(_BUILDERS)}")
-    build, keys = _BUILDERS[kind]
-    unknown = set(spec) - keys - _COMMON_KEYS
-    if unknown:
-        raise ValueError(
-            f"unknown keys {sorted(unknown)} in a {kind!r} segmenter spec; allowed: "
-            f"{sorted(keys | _COMMON_KEYS)}"
-        )
-    net, num_classes, (mean, std) = build(spec)
-    source = spec.get("weights") or spec.get("path") or spec.get("factory") or kind
+    """The ``Segmenter`` around a builder's ``(net, num_classes, (mean, std))``, on ``device`` in ``dtype``,
+    eval mode, no gradients. ``name`` defaults to ``<file or folder stem>-<hash of the spec>``."""
+    net, num_classes, (mean, std) = built
+    source = spec.get("weights") or spec.get("path") or spec.get("factory") or spec["kind"]
     name = spec.get("name") or f"{Path(str(source).split(':')[-1]).stem}-{short_hash(dict(spec))}"
     size = spec.get("input_size")
     segmenter = Segmenter(

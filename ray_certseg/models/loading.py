@@ -1,0 +1,302 @@
+"""Loading denoisers from their specs: diffusers folders and guided-diffusion (ADM) checkpoints.
+
+``load_diffusers`` reads a diffusers ``UNet2DModel`` and a DDPM-family scheduler config (safetensors weights
+only, local files only unless a hub id is given where a hub is reachable); ``load_adm_denoiser`` builds the
+guided-diffusion UNet (``models.adm``) from a preset or flags and its checkpoint. Both return a
+``DiffusionDenoiser`` (``models.denoisers``) whose default name hashes what determines its output. The
+``build_*`` functions are the registry's builders (``models.registry``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ray_certseg.models.adm import _DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, load_adm_unet
+from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser
+from ray_certseg.models.schedule import adm_alphas_cumprod
+from ray_certseg.models.specs import ADMDenoiserSpec
+from ray_certseg.models.util import resolve_dtype, short_hash
+
+DIFFUSERS_FOLDER_HELP = (
+    "a diffusers denoiser folder is a DDPMPipeline folder (model_index.json, unet/ with config.json + "
+    "diffusion_pytorch_model.safetensors of a UNet2DModel, scheduler/ with scheduler_config.json), or pass "
+    "unet= (a UNet2DModel folder) and scheduler= (a folder with scheduler_config.json) separately"
+)
+
+
+class DiffusersUNet(nn.Module):
+    """``model(x_t, t)`` around a diffusers ``UNet2DModel``: ``unet(x_t, t).sample`` (input in its dtype)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.unet(x_t.to(self.unet.dtype), t).sample
+
+
+def load_diffusers(
+    path: str | os.PathLike | None = None,
+    *,
+    unet: Any = None,
+    scheduler: Any = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> DiffusionDenoiser:
+    """Load a diffusers ``UNet2DModel`` and a DDPM-family scheduler config.
+
+    ``path``: a DDPMPipeline-style folder (``unet/``, ``scheduler/``) or a folder holding both configs
+    (``config.json`` + ``scheduler_config.json``), or a hub id where a hub is reachable. ``unet`` /
+    ``scheduler``: folders (or loaded objects) given separately; they override ``path``. Weights load
+    only from safetensors. kwargs go to the constructor; prediction_type and sample_size default to the
+    scheduler's and the UNet's config; name defaults to ``<folder>-<hash of configs and options>``.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    if path is None and unet is None:
+        raise ValueError(
+            "load_diffusers needs path= (a diffusers folder) or unet= and scheduler=; "
+            + DIFFUSERS_FOLDER_HELP
+        )
+    unet_src = unet if unet is not None else path
+    sched_src = scheduler if scheduler is not None else (path if path is not None else unet)
+    dtype = resolve_dtype(dtype)
+    if isinstance(unet_src, (str, os.PathLike)):
+        unet_model = _from_pretrained(
+            UNet2DModel,
+            unet_src,
+            "unet",
+            "config.json",
+            torch_dtype=dtype,
+            use_safetensors=True,
+            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+        )
+    else:
+        unet_model = unet_src
+    sched = (
+        _from_pretrained(DDPMScheduler, sched_src, "scheduler", "scheduler_config.json")
+        if isinstance(sched_src, (str, os.PathLike))
+        else sched_src
+    )
+    if not hasattr(sched, "alphas_cumprod"):
+        raise TypeError(
+            f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(sched).__name__}"
+        )
+    cfg = dict(getattr(unet_model, "config", {}))
+    if cfg.get("in_channels", 3) != 3:
+        raise ValueError(
+            "the denoiser UNet must take 3-channel images, its config has "
+            f"in_channels={cfg['in_channels']}"
+        )
+    kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"non-square UNet sample_size {size} is not supported; pass sample_size=")
+        size = size[0]
+    kwargs.setdefault("sample_size", size)
+    if not kwargs.get("name"):
+        configs = [
+            {k: v for k, v in c.items() if not k.startswith("_")} for c in (cfg, dict(sched.config))
+        ]
+        options = {k: v for k, v in kwargs.items() if k != "name"}
+        kwargs["name"] = f"{_folder_name(unet_src)}-{short_hash([configs, options])}"
+    if any(p.dtype != dtype for p in unet_model.parameters()):  # loaded folders already are (torch_dtype)
+        unet_model = unet_model.to(dtype=dtype)
+    unet_model = unet_model.to(device=torch.device(device)).eval().requires_grad_(False)
+    return DiffusionDenoiser(DiffusersUNet(unet_model), sched.alphas_cumprod, **kwargs)
+
+
+def _folder_name(source: Any) -> str:
+    """Name of a model folder for output records: the folder (its parent for a pipeline's ``unet/``)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return "diffusers"
+    path = Path(source).expanduser().resolve() if Path(source).expanduser().exists() else Path(source)
+    return path.parent.name if path.name == "unet" and path.parent.name else path.name
+
+
+def _from_pretrained(
+    klass: Any, source: str | os.PathLike, subfolder: str, config_name: str, **kwargs: Any
+) -> Any:
+    """``klass.from_pretrained`` from a local folder (``<source>/<subfolder>/`` or ``<source>/``, local
+    files only) or, for a string that is not a local path, a hub id."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        for folder in (local / subfolder, local):
+            if (folder / config_name).is_file():
+                if config_name == "config.json":
+                    class_name = json.loads((folder / config_name).read_text()).get(
+                        "_class_name", klass.__name__
+                    )
+                    if class_name != klass.__name__:
+                        raise ValueError(
+                            f"{folder} holds a {class_name}, not a {klass.__name__}; " + DIFFUSERS_FOLDER_HELP
+                        )
+                return klass.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        raise ValueError(
+            f"{local} is not a diffusers model folder: no {subfolder}/{config_name} or {config_name}; "
+            + DIFFUSERS_FOLDER_HELP
+        )
+    text = str(source)
+    if local.exists():
+        raise ValueError(f"{local} is a file, not a folder; " + DIFFUSERS_FOLDER_HELP)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"denoiser folder {text!r} does not exist; " + DIFFUSERS_FOLDER_HELP)
+    try:
+        return klass.from_pretrained(text, subfolder=subfolder, **kwargs)
+    except OSError:
+        try:
+            return klass.from_pretrained(text, **kwargs)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"{text!r} is neither a local folder nor a reachable hub model "
+                f"({exc}); " + DIFFUSERS_FOLDER_HELP
+            ) from exc
+
+
+_ADM_SPEC_KEYS = frozenset(ADMDenoiserSpec.model_fields)
+
+
+def _read_flags(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Preset flags, updated by those of ``flags_file`` (JSON), then by ``flags``."""
+    if not any(key in spec for key in ("preset", "flags", "flags_file")):
+        raise ValueError(
+            "an ADM denoiser spec needs 'preset' (e.g. '256x256_uncond'), 'flags' or 'flags_file' to know "
+            "the architecture of its checkpoint"
+        )
+    flags: dict[str, Any] = {}
+    if "preset" in spec:
+        if spec["preset"] not in ADM_PRESETS:
+            raise ValueError(f"unknown ADM preset {spec['preset']!r}; known: {sorted(ADM_PRESETS)}")
+        flags.update(ADM_PRESETS[spec["preset"]])
+    if "flags_file" in spec:
+        path = Path(spec["flags_file"])
+        if not path.is_file():
+            raise FileNotFoundError(f"ADM flags_file {path} not found")
+        try:
+            flags.update(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"ADM flags_file {path} must be a JSON object of guided-diffusion flags: {err}"
+            ) from err
+    if "flags" in spec:
+        if not isinstance(spec["flags"], Mapping):
+            raise TypeError(
+                f"ADM 'flags' must be a mapping of guided-diffusion flags; got {type(spec['flags']).__name__}"
+            )
+        flags.update(spec["flags"])
+    return flags
+
+
+def _split_flags(flags: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model flags, diffusion flags); unknown names raise."""
+    model_names = set(inspect.signature(ADMUNet).parameters)
+    unknown = sorted(set(flags) - model_names - _DIFFUSION_FLAGS)
+    if unknown:
+        raise ValueError(
+            f"unknown ADM flags {unknown}; model flags are {sorted(model_names)}, diffusion flags "
+            f"{sorted(_DIFFUSION_FLAGS)}"
+        )
+    return (
+        {k: v for k, v in flags.items() if k in model_names},
+        {k: v for k, v in flags.items() if k in _DIFFUSION_FLAGS},
+    )
+
+
+def load_adm_denoiser(
+    spec: Mapping[str, Any], *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+) -> DiffusionDenoiser:
+    """A :class:`~ray_certseg.models.denoisers.DiffusionDenoiser` around a guided-diffusion checkpoint.
+
+    spec: ``{"kind": "adm", "checkpoint": PATH, "preset": "256x256_uncond" | "flags": {...} |
+    "flags_file": JSON, "noise_schedule": "linear", "diffusion_steps": 1000, "resolution": "native" | "tile" |
+    "resize", "tile_overlap": 16, "multistep": 0, "multistep_seed": 0, "variance": "auto", "name": ""}``.
+    ``flags`` and ``flags_file`` update the preset; a flags file may also carry guided-diffusion's
+    diffusion flags (``diffusion_steps``, ``noise_schedule``, ``predict_xstart``; top-level keys win). The denoiser tiles at
+    ``image_size`` and pads to ``2 ** (len(channel_mult) - 1)``.
+
+    Precision: float32 on CPU whatever ``dtype``. On CUDA the input, middle and output blocks run in half
+    precision as guided-diffusion does (:meth:`ADMUNet.convert_blocks_to`; not autocast): in ``dtype`` when it
+    is float16 or bfloat16, else in float16 when the flags say ``use_fp16`` (``flags: {use_fp16: false}`` for
+    full float32).
+    """
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"an ADM denoiser spec must be a mapping; got {type(spec).__name__}")
+    unknown = sorted(set(spec) - _ADM_SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in ADM denoiser spec; allowed: {sorted(_ADM_SPEC_KEYS)}")
+    if spec.get("kind", "adm") != "adm":
+        raise ValueError(f"load_adm_denoiser needs kind: adm; got kind: {spec['kind']!r}")
+    if "checkpoint" not in spec:
+        raise ValueError("ADM denoiser spec needs 'checkpoint': the path of the guided-diffusion .pt file")
+    model_flags, diffusion_flags = _split_flags(_read_flags(spec))
+    if model_flags.get("class_cond"):
+        raise ValueError(
+            "class_cond ADM checkpoints need class labels and cannot denoise as model(x_t, t); use an "
+            "unconditional checkpoint such as 256x256_diffusion_uncond.pt"
+        )
+    if diffusion_flags.get("rescale_timesteps"):
+        raise ValueError("rescale_timesteps=True (improved-diffusion style float timesteps) is not supported")
+    schedule = spec.get("noise_schedule", diffusion_flags.get("noise_schedule", "linear"))
+    steps = spec.get("diffusion_steps", diffusion_flags.get("diffusion_steps", 1000))
+    alphas_cumprod = adm_alphas_cumprod(schedule, steps)
+
+    model = load_adm_unet(spec["checkpoint"], model_flags)
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtype = resolve_dtype(dtype) or torch.float32
+        half = (
+            dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16 if model.use_fp16 else None
+        )
+        if half is not None:
+            model.convert_blocks_to(half)
+    model.to(device)
+
+    options = {k: spec[k] for k in ("resolution", "tile_overlap", "multistep", "multistep_seed") if k in spec}
+    if spec.get("multistep"):  # only a reverse chain uses the variance; one-shot names stay as they were
+        options["variance"] = spec.get("variance", "auto")
+    digest = short_hash([model_flags, schedule, steps, options])
+    return DiffusionDenoiser(
+        model,
+        alphas_cumprod,
+        prediction_type="sample" if diffusion_flags.get("predict_xstart") else "epsilon",
+        resolution=spec.get("resolution", "native"),
+        sample_size=model.image_size,
+        tile_overlap=spec.get("tile_overlap", 16),
+        multiple_of=model.multiple_of,
+        multistep=spec.get("multistep", 0),
+        multistep_seed=spec.get("multistep_seed", 0),
+        variance=spec.get("variance", "auto"),
+        name=spec.get("name") or f"adm-{Path(spec['checkpoint']).stem}-{digest}",
+    )
+
+
+# ------------------------------------------------------------------------------------------- registry builders
+def build_identity(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = None) -> IdentityDenoiser:
+    """``{"kind": "identity"}``: no denoising."""
+    return IdentityDenoiser()
+
+
+def build_diffusers(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32) -> DiffusionDenoiser:
+    """``{"kind": "diffusers", "path": DIR, ...}`` (or ``unet:``/``scheduler:`` folders): :func:`load_diffusers`
+    with the spec's other keys as ``DiffusionDenoiser`` options."""
+    options = {k: v for k, v in spec.items() if k not in ("kind", "path", "unet", "scheduler")}
+    return load_diffusers(
+        spec.get("path"), unet=spec.get("unet"), scheduler=spec.get("scheduler"), dtype=dtype, device=device,
+        **options,
+    )
+
+
+def build_adm(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32) -> DiffusionDenoiser:
+    """``{"kind": "adm", "checkpoint": PATH, "preset": ...}``: :func:`load_adm_denoiser`."""
+    return load_adm_denoiser(spec, device=device, dtype=dtype)

@@ -1,0 +1,110 @@
+"""The model specs of a job config, one pydantic model per ``kind``; torch-free, so the driver checks them
+before anything is loaded or started.
+
+A spec model states which keys a kind takes and their types; the kind's builder (``models.registry``) still
+owns what only loading can tell (that a factory imports, that weights fit). Specs are validated in strict
+mode: what YAML gives as a string is not silently turned into a number.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+RGB = Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
+class Spec(BaseModel):
+    """A model spec: unknown keys are errors, values keep the type YAML gave them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    kind: str
+    name: str = ""
+
+
+# ------------------------------------------------------------------------------------------------- segmenters
+class SegmenterSpec(Spec):
+    """Keys every segmenter kind takes: normalisation, checkpoint selection, SegCertify's input scale."""
+
+    mean: RGB | None = None
+    std: RGB | None = None
+    state_dict_key: str | None = None
+    strip_prefix: str = ""
+    input_scale: Annotated[float, Field(gt=0)] | None = None
+    input_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
+
+
+class ModuleSegmenterSpec(SegmenterSpec):
+    """``factory(**kwargs)`` from an importable ``package.module:callable``, optionally with ``weights``."""
+
+    kind: Literal["module"]
+    factory: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    num_classes: PositiveInt | None = None  # its builder asks for it when missing
+
+
+class TorchscriptSegmenterSpec(SegmenterSpec):
+    kind: Literal["torchscript"]
+    path: str
+    num_classes: PositiveInt | None = None  # its builder asks for it when missing
+
+
+class TorchvisionSegmenterSpec(SegmenterSpec):
+    kind: Literal["torchvision"]
+    arch: str
+    num_classes: PositiveInt | None = None  # its builder asks for it when missing
+    weights: str
+
+
+class SegformerSegmenterSpec(SegmenterSpec):
+    kind: Literal["segformer"]
+    path: str
+
+
+# -------------------------------------------------------------------------------------------------- denoisers
+Resolution = Literal["native", "tile", "resize"]
+Variance = Literal["auto", "learned", "fixed"]
+
+
+class IdentityDenoiserSpec(Spec):
+    """No denoising (the SegCertify baseline)."""
+
+    kind: Literal["identity"]
+
+
+class DiffusionOptions(Spec):
+    """Where the UNet runs and how many reverse steps (``DiffusionDenoiser``'s options)."""
+
+    resolution: Resolution = "native"
+    tile_overlap: NonNegativeInt = 16
+    multistep: NonNegativeInt = 0
+    multistep_seed: int = 0
+    variance: Variance = "auto"
+
+
+class DiffusersDenoiserSpec(DiffusionOptions):
+    """A diffusers ``UNet2DModel`` + DDPM scheduler: a pipeline folder ``path``, or ``unet`` and ``scheduler``."""
+
+    kind: Literal["diffusers"]
+    path: str | None = None
+    unet: str | None = None
+    scheduler: str | None = None
+    multiple_of: PositiveInt = 8
+    sample_size: PositiveInt | None = None
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
+
+
+class ADMDenoiserSpec(DiffusionOptions):
+    """A guided-diffusion checkpoint and its architecture: ``preset``, ``flags`` and/or ``flags_file``."""
+
+    kind: Literal["adm"]
+    checkpoint: str
+    preset: str | None = None
+    flags: dict[str, Any] | None = None
+    flags_file: str | None = None
+    noise_schedule: Literal["linear", "cosine"] | None = None
+    diffusion_steps: PositiveInt | None = None
