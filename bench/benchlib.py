@@ -48,8 +48,10 @@ def machine() -> str:
     import torch
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {when}")
+    return (
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {when}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -108,27 +110,57 @@ def write_models(root: Path, w: Workload, *, seed: int = 0) -> dict[str, Path]:
     return {"seg": root / "seg.safetensors", "ddpm": root / "ddpm"}
 
 
-def job_config(models: dict[str, Path], output: Path, w: Workload, *, actors: int = 1,
-               cpus_per_actor: float = 1.0, manifest: Path = DEMO_MANIFEST) -> dict[str, Any]:
+def job_config(
+    models: dict[str, Path],
+    output: Path,
+    w: Workload,
+    *,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    manifest: Path = DEMO_MANIFEST,
+) -> dict[str, Any]:
     """One method (segmenter behind the DDPM, or alone), one sigma, ``w.images`` demo images; one image per
     Ray batch; one torch thread per actor (Ray sets OMP_NUM_THREADS = max(1, floor(cpus_per_actor)))."""
     return {
         "name": "bench",
         "output": str(output),
-        "dataset": {"kind": "manifest", "manifest": str(manifest), "name": "demo", "num_classes": DEMO_CLASSES,
-                    "limit": w.images},
+        "dataset": {
+            "kind": "manifest",
+            "manifest": str(manifest),
+            "name": "demo",
+            "num_classes": DEMO_CLASSES,
+            "limit": w.images,
+        },
         "models": {
-            "segmenters": {"seg": {"kind": "module", "factory": "ray_certseg.models.tiny:tiny_segnet",
-                                   "kwargs": {"num_classes": DEMO_CLASSES, "width": w.seg_width},
-                                   "weights": str(models["seg"]), "num_classes": DEMO_CLASSES,
-                                   "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}},
+            "segmenters": {
+                "seg": {
+                    "kind": "module",
+                    "factory": "ray_certseg.models.tiny:tiny_segnet",
+                    "kwargs": {"num_classes": DEMO_CLASSES, "width": w.seg_width},
+                    "weights": str(models["seg"]),
+                    "num_classes": DEMO_CLASSES,
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.25, 0.25, 0.25],
+                }
+            },
             "denoisers": {"ddpm": {"kind": "diffusers", "path": str(models["ddpm"])}},
         },
         "methods": {"m": {"segmenter": "seg", "denoiser": "ddpm" if w.denoiser else None}},
-        "sampling": {"sigmas": [w.sigma], "n0": w.n0, "n": w.n, "batch_size": w.batch_size, "seed": 0,
-                     "device": "cpu"},
+        "sampling": {
+            "sigmas": [w.sigma],
+            "n0": w.n0,
+            "n": w.n,
+            "batch_size": w.batch_size,
+            "seed": 0,
+            "device": "cpu",
+        },
         "certify": {"taus": [0.75], "alphas": [0.001], "corrections": ["holm"]},
-        "ray": {"actors": actors, "num_cpus_per_actor": cpus_per_actor, "batch_size": 1, "max_tasks_in_flight_per_actor": 2},
+        "ray": {
+            "actors": actors,
+            "num_cpus_per_actor": cpus_per_actor,
+            "batch_size": 1,
+            "max_tasks_in_flight_per_actor": 2,
+        },
     }
 
 
@@ -160,10 +192,16 @@ def run_concurrently(script: str, flag: str, spec: dict[str, Any], k: int, tmp: 
     line last. Returns those results, by rank."""
     barrier = tempfile.mkdtemp(dir=tmp, prefix=f"barrier{k}-")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = lambda r: [sys.executable, script, flag,
-                      json.dumps({**spec, "k": k, "rank": r, "barrier": barrier})]
-    procs = [subprocess.Popen(args(r), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for r in range(k)]
+    args = lambda r: [
+        sys.executable,
+        script,
+        flag,
+        json.dumps({**spec, "k": k, "rank": r, "barrier": barrier}),
+    ]
+    procs = [
+        subprocess.Popen(args(r), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for r in range(k)
+    ]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"{Path(script).name}: one of {k} workers failed: {outs}")
@@ -200,9 +238,20 @@ def count_votes_seconds(seg: Any, den: Any, image_id: str, image: Any, w: Worklo
     """Wall time of ``sampling.count_votes`` on one image (what the actor runs), in this process."""
     from ray_certseg.sampling import count_votes
 
-    return timed(lambda: count_votes(image, seg, denoiser=den, sigma=w.sigma, n0=w.n0, n=w.n,
-                                     num_classes=DEMO_CLASSES, batch_size=w.batch_size, seed=0,
-                                     image_id=image_id))
+    return timed(
+        lambda: count_votes(
+            image,
+            seg,
+            denoiser=den,
+            sigma=w.sigma,
+            n0=w.n0,
+            n=w.n,
+            num_classes=DEMO_CLASSES,
+            batch_size=w.batch_size,
+            seed=0,
+            image_id=image_id,
+        )
+    )
 
 
 def init_ray(num_cpus: int = 2) -> float:
@@ -216,8 +265,15 @@ def init_ray(num_cpus: int = 2) -> float:
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
-             object_store_memory=256 * 1024**2, log_to_driver=False, logging_level="warning")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=256 * 1024**2,
+        log_to_driver=False,
+        logging_level="warning",
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -352,9 +408,17 @@ def run_job(cfg_dict: dict[str, Any]) -> JobTiming:
         pipeline.run_sampling(cfg, overwrite=True, progress_interval=0)
     wall = time.perf_counter() - start
     (_, total0, actors0), (_, total1, actors1) = monitor.samples[0], monitor.samples[-1]
-    seconds = pq.read_table(Path(cfg.output, "votes"), columns=["sample_seconds"])["sample_seconds"].to_pylist()
-    return JobTiming(wall=wall, rows=len(seconds), actors=cfg.ray.actors, cpu_total=total1 - total0,
-                     cpu_actors=actors1 - actors0, sample_seconds=float(sum(seconds)))
+    seconds = pq.read_table(Path(cfg.output, "votes"), columns=["sample_seconds"])[
+        "sample_seconds"
+    ].to_pylist()
+    return JobTiming(
+        wall=wall,
+        rows=len(seconds),
+        actors=cfg.ray.actors,
+        cpu_total=total1 - total0,
+        cpu_actors=actors1 - actors0,
+        sample_seconds=float(sum(seconds)),
+    )
 
 
 def marginal(cfg_dict: dict[str, Any], small: int) -> Marginal:

@@ -62,8 +62,10 @@ def in_process(seg, den, image_id: str, image, w: B.Workload) -> dict[str, float
     """Roofline and count_votes on one image: wall and CPU seconds of each (CPU of this thread: torch with
     one thread computes on the calling thread; Ray's own threads in this process are not counted)."""
     out = {}
-    for name, fn in (("roofline", lambda: B.forward_seconds(seg, den, image, w)),
-                     ("count_votes", lambda: B.count_votes_seconds(seg, den, image_id, image, w))):
+    for name, fn in (
+        ("roofline", lambda: B.forward_seconds(seg, den, image, w)),
+        ("count_votes", lambda: B.count_votes_seconds(seg, den, image_id, image, w)),
+    ):
         cpu = time.thread_time()
         out[f"{name}_wall"] = B.timed(fn)
         out[f"{name}_cpu"] = time.thread_time() - cpu
@@ -86,10 +88,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = JobConfig.from_dict(cfg_dict)
             seg, den = B.load_models(cfg)
             images = B.demo_images(cfg)
-            B.forward_seconds(seg, den, images[0][1], B.Workload(images=1, n0=1, n=w.batch_size - 1,
-                                                                   batch_size=w.batch_size))  # warm-up
+            B.forward_seconds(
+                seg,
+                den,
+                images[0][1],
+                B.Workload(images=1, n0=1, n=w.batch_size - 1, batch_size=w.batch_size),
+            )  # warm-up
             ray_init = B.init_ray()
-            B.run_job({**cfg_dict, "dataset": {**cfg_dict["dataset"], "limit": 1}})  # warm-up: first-job costs
+            B.run_job(
+                {**cfg_dict, "dataset": {**cfg_dict["dataset"], "limit": 1}}
+            )  # warm-up: first-job costs
             rounds = []
             for r in range(1 if args.quick else args.rounds):
                 image_id, image = images[r % len(images)]
@@ -106,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(w: B.Workload, rounds: list, ray_init: float) -> str:
     per = w.samples_per_image
-    header = (f"workload: job on {SMALL} and on {w.images} images 64x64 (the difference is the steady state), "
-              f"n0={w.n0}, n={w.n}, batch {w.batch_size}, sigma={w.sigma}, segmenter width {w.seg_width} "
-              f"behind DDPM UNet width {w.den_width}; 1 torch thread; {len(rounds)} rounds")
+    header = (
+        f"workload: job on {SMALL} and on {w.images} images 64x64 (the difference is the steady state), "
+        f"n0={w.n0}, n={w.n}, batch {w.batch_size}, sigma={w.sigma}, segmenter width {w.seg_width} "
+        f"behind DDPM UNet width {w.den_width}; 1 torch thread; {len(rounds)} rounds"
+    )
     lines = [header, B.machine(), "", "CPU milliseconds per sample (load-independent) and their ratios:"]
     cpu_rows, wall_rows = [], []
     figures: dict[str, list[float]] = {"sampling": [], "actor": [], "job": [], "wall": [], "busy": []}
@@ -118,29 +128,83 @@ def report(w: B.Workload, rounds: list, ray_init: float) -> str:
         actor, total = job.actor_cpu_per_row / per, job.total_cpu_per_row / per
         roof_wall = 2 * per / (before["roofline_wall"] + after["roofline_wall"])
         steady = job.rows_per_s * per
-        for key, value in (("sampling", roof / votes), ("actor", roof / actor), ("job", roof / total),
-                           ("wall", steady / roof_wall), ("busy", job.busy_fraction)):
+        for key, value in (
+            ("sampling", roof / votes),
+            ("actor", roof / actor),
+            ("job", roof / total),
+            ("wall", steady / roof_wall),
+            ("busy", job.busy_fraction),
+        ):
             figures[key].append(value)
-        cpu_rows.append([f"round {i}", f"{1e3 * roof:.1f}", f"{1e3 * votes:.1f}", f"{1e3 * actor:.1f}",
-                         f"{1e3 * total:.1f}", f"{roof / votes:.3f}", f"{roof / actor:.3f}", f"{roof / total:.3f}"])
-        wall_rows.append([f"round {i}", f"{roof_wall:.1f}", f"{steady:.1f}", f"{steady / roof_wall:.3f}",
-                          f"{job.core_share:.2f}", f"{job.busy_fraction:.3f}",
-                          f"{job.small.wall:.1f} / {job.big.wall:.1f}"])
-    lines.append(B.table(["", "roofline", "count_votes", "job: actor", "job: all Ray processes",
-                          "roofline/count_votes", "roofline/actor", "roofline/all"], cpu_rows))
+        cpu_rows.append(
+            [
+                f"round {i}",
+                f"{1e3 * roof:.1f}",
+                f"{1e3 * votes:.1f}",
+                f"{1e3 * actor:.1f}",
+                f"{1e3 * total:.1f}",
+                f"{roof / votes:.3f}",
+                f"{roof / actor:.3f}",
+                f"{roof / total:.3f}",
+            ]
+        )
+        wall_rows.append(
+            [
+                f"round {i}",
+                f"{roof_wall:.1f}",
+                f"{steady:.1f}",
+                f"{steady / roof_wall:.3f}",
+                f"{job.core_share:.2f}",
+                f"{job.busy_fraction:.3f}",
+                f"{job.small.wall:.1f} / {job.big.wall:.1f}",
+            ]
+        )
+    lines.append(
+        B.table(
+            [
+                "",
+                "roofline",
+                "count_votes",
+                "job: actor",
+                "job: all Ray processes",
+                "roofline/count_votes",
+                "roofline/actor",
+                "roofline/all",
+            ],
+            cpu_rows,
+        )
+    )
     lines += ["", "wall clock (depends on the machine's load):"]
-    lines.append(B.table(["", "roofline samples/s", "job steady samples/s", "job/roofline",
-                          "core share of the actor", "actor busy in count_votes",
-                          f"job wall s ({SMALL} / {w.images} images)"], wall_rows))
+    lines.append(
+        B.table(
+            [
+                "",
+                "roofline samples/s",
+                "job steady samples/s",
+                "job/roofline",
+                "core share of the actor",
+                "actor busy in count_votes",
+                f"job wall s ({SMALL} / {w.images} images)",
+            ],
+            wall_rows,
+        )
+    )
     m = {k: B.median(v) for k, v in figures.items()}
-    lines += ["", (f"medians of rounds: roofline/actor CPU = {m['actor']:.3f} (target >= 0.9: on a machine where "
-                   f"the actor has its core, the job's throughput / the roofline's), of which sampling "
-                   f"{m['sampling']:.3f} (roofline/count_votes, in-process) and Ray inside the actor "
-                   f"{m['actor'] / m['sampling']:.3f}; all Ray processes (driver, raylet, GCS, writes) included: "
-                   f"{m['job']:.3f}"),
-              f"job / roofline, wall clock: {m['wall']:.3f}; actor busy in count_votes {m['busy']:.3f}",
-              (f"Ray start-up (ray.init): {ray_init:.1f} s; the job's wall times include actor start-up (model "
-               f"loading) and each actor's first image, which the difference of the two runs removes")]
+    lines += [
+        "",
+        (
+            f"medians of rounds: roofline/actor CPU = {m['actor']:.3f} (target >= 0.9: on a machine where "
+            f"the actor has its core, the job's throughput / the roofline's), of which sampling "
+            f"{m['sampling']:.3f} (roofline/count_votes, in-process) and Ray inside the actor "
+            f"{m['actor'] / m['sampling']:.3f}; all Ray processes (driver, raylet, GCS, writes) included: "
+            f"{m['job']:.3f}"
+        ),
+        f"job / roofline, wall clock: {m['wall']:.3f}; actor busy in count_votes {m['busy']:.3f}",
+        (
+            f"Ray start-up (ray.init): {ray_init:.1f} s; the job's wall times include actor start-up (model "
+            f"loading) and each actor's first image, which the difference of the two runs removes"
+        ),
+    ]
     return "\n".join(lines)
 
 

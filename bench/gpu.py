@@ -41,20 +41,27 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray_certseg.models.adm import ADM_PRESETS, ADMUNet
-from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.denoisers import DiffusionDenoiser
+from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from ray_certseg.models.util import resolve_dtype
 from ray_certseg.sampling import count_votes, prepare_model
 
-SMOKE_ADM = {**ADM_PRESETS["256x256_uncond"], "image_size": 32, "num_channels": 32, "num_res_blocks": 1,
-             "channel_mult": "1,2,2", "attention_resolutions": "16,8", "num_head_channels": 16}
+SMOKE_ADM = {
+    **ADM_PRESETS["256x256_uncond"],
+    "image_size": 32,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2,2",
+    "attention_resolutions": "16,8",
+    "num_head_channels": 16,
+}
 OPTIONS = {
     # name: (ADM block dtype or None, autocast dtype or None, channels_last, compile)
     "fp32": (None, None, False, False),
     "adm-fp16-blocks": ("float16", None, False, False),  # the job's default on CUDA (flags use_fp16)
-    "bf16": ("bfloat16", "bfloat16", False, False),       # sampling.dtype: bfloat16
-    "fp16": ("float16", "float16", False, False),         # sampling.dtype: float16
+    "bf16": ("bfloat16", "bfloat16", False, False),  # sampling.dtype: bfloat16
+    "fp16": ("float16", "float16", False, False),  # sampling.dtype: float16
     "bf16+channels_last": ("bfloat16", "bfloat16", True, False),
     "bf16+compile": ("bfloat16", "bfloat16", False, True),
 }
@@ -64,10 +71,10 @@ OPTIONS = {
 class Result:
     option: str
     batch: int
-    roofline: float = math.nan       # samples/s, full batches
-    with_clean: float = math.nan     # samples/s, count_votes' batch structure (clean image first)
-    count_votes: float = math.nan    # samples/s
-    first_call_s: float = math.nan   # first count_votes call (compilation included)
+    roofline: float = math.nan  # samples/s, full batches
+    with_clean: float = math.nan  # samples/s, count_votes' batch structure (clean image first)
+    count_votes: float = math.nan  # samples/s
+    first_call_s: float = math.nan  # first count_votes call (compilation included)
     peak_gib: float = math.nan
     agree_fp32: float = math.nan
     checks: list[str] = field(default_factory=list)
@@ -92,13 +99,26 @@ def build_segmenter(smoke: bool, num_classes: int) -> tuple[Segmenter, str]:
             from torchvision.models.segmentation import deeplabv3_resnet50
 
             net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)
-            return Segmenter(_Out(net), num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                             name="deeplabv3_resnet50"), "deeplabv3_resnet50 (torchvision, random weights)"
+            return Segmenter(
+                _Out(net),
+                num_classes=num_classes,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                name="deeplabv3_resnet50",
+            ), "deeplabv3_resnet50 (torchvision, random weights)"
         except ImportError:
             pass
     width = 8 if smoke else 64
-    return (Segmenter(tiny_segnet(num_classes, width=width), num_classes=num_classes, mean=[0.5] * 3,
-                      std=[0.25] * 3, name="tiny"), f"TinySegNet width {width} (random weights)")
+    return (
+        Segmenter(
+            tiny_segnet(num_classes, width=width),
+            num_classes=num_classes,
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+            name="tiny",
+        ),
+        f"TinySegNet width {width} (random weights)",
+    )
 
 
 def build_models(option: str, smoke: bool, device: torch.device, num_classes: int, seed: int):
@@ -110,8 +130,13 @@ def build_models(option: str, smoke: bool, device: torch.device, num_classes: in
         seg, _ = build_segmenter(smoke, num_classes)
     if block is not None:
         unet.convert_blocks_to(resolve_dtype(block))
-    den = DiffusionDenoiser(unet, adm_alphas_cumprod(), sample_size=unet.image_size,
-                            multiple_of=unet.multiple_of, name="adm-random")
+    den = DiffusionDenoiser(
+        unet,
+        adm_alphas_cumprod(),
+        sample_size=unet.image_size,
+        multiple_of=unet.multiple_of,
+        name="adm-random",
+    )
     prep = {"device": device, "channels_last": channels_last, "compile": compile_}
     return prepare_model(seg, **prep), prepare_model(den, **prep)
 
@@ -121,15 +146,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_seconds(seg, den, x: Tensor, sizes: list[int], sigma: float, autocast, device, repeats: int,
-                    channels_last: bool) -> float:
+def forward_seconds(
+    seg, den, x: Tensor, sizes: list[int], sigma: float, autocast, device, repeats: int, channels_last: bool
+) -> float:
     """Seconds of segment(denoise(.)) over batches of ``sizes`` (best of ``repeats`` passes after an untimed
     one: recompilation, autotuning); the clean image (size marked 0) goes through the segmenter alone, as in
     count_votes."""
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    batches = {b: (x + sigma * torch.randn(max(b, 1), *x.shape, generator=gen, device=device))
-               .contiguous(memory_format=fmt) for b in set(sizes)}
+    batches = {
+        b: (x + sigma * torch.randn(max(b, 1), *x.shape, generator=gen, device=device)).contiguous(
+            memory_format=fmt
+        )
+        for b in set(sizes)
+    }
     times = []
     with torch.inference_mode(), autocast():
         for _ in range(repeats + 1):
@@ -142,16 +172,34 @@ def forward_seconds(seg, den, x: Tensor, sizes: list[int], sigma: float, autocas
     return min(times[1:])
 
 
-def run_option(option: str, batch: int, args: argparse.Namespace, device: torch.device, x: Tensor,
-               fp32_c_hat: dict[int, Any]) -> Result:
+def run_option(
+    option: str,
+    batch: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    x: Tensor,
+    fp32_c_hat: dict[int, Any],
+) -> Result:
     _, amp, channels_last, _ = OPTIONS[option]
     r = Result(option, batch)
     seg, den = build_models(option, args.cpu_smoke, device, args.num_classes, args.seed)
     amp_dtype = resolve_dtype(amp)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    votes = lambda: count_votes(x, seg, denoiser=den, sigma=args.sigma, n0=args.n0, n=args.n,
-                                num_classes=args.num_classes, batch_size=batch, seed=args.seed, image_id="bench",
-                                device=device, autocast_dtype=amp_dtype, channels_last=channels_last)
+    votes = lambda: count_votes(
+        x,
+        seg,
+        denoiser=den,
+        sigma=args.sigma,
+        n0=args.n0,
+        n=args.n,
+        num_classes=args.num_classes,
+        batch_size=batch,
+        seed=args.seed,
+        image_id="bench",
+        device=device,
+        autocast_dtype=amp_dtype,
+        channels_last=channels_last,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -163,8 +211,10 @@ def run_option(option: str, batch: int, args: argparse.Namespace, device: torch.
     r.first_call_s = time.perf_counter() - start
     full = [min(batch, args.n0 + args.n - s) for s in range(0, args.n0 + args.n, batch)]
     with_clean = [0, *full]  # 0: the clean image, segmenter alone
-    rate = lambda sizes: (args.n0 + args.n) / forward_seconds(seg, den, x, sizes, args.sigma, autocast, device,
-                                                              args.repeats, channels_last)
+    rate = lambda sizes: (
+        (args.n0 + args.n)
+        / forward_seconds(seg, den, x, sizes, args.sigma, autocast, device, args.repeats, channels_last)
+    )
     r.roofline, r.with_clean = rate(full), rate(with_clean)  # both in noisy samples/s, as count_votes
     times = []
     for _ in range(args.repeats):
@@ -200,8 +250,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="best-of repeats for each timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=270.0, help="seconds; later measurements are skipped")
-    p.add_argument("--compile-reserve", type=float, default=120.0,
-                   help="seconds of budget a torch.compile option needs left to start")
+    p.add_argument(
+        "--compile-reserve",
+        type=float,
+        default=120.0,
+        help="seconds of budget a torch.compile option needs left to start",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.cpu_smoke:
@@ -227,14 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.rand(3, args.image_size, args.image_size, generator=gen).to(device)
     with torch.device("meta"):
-        params = sum(p.numel() for p in ADMUNet(**(SMOKE_ADM if args.cpu_smoke else
-                                                   ADM_PRESETS["256x256_uncond"])).parameters())
+        params = sum(
+            p.numel()
+            for p in ADMUNet(**(SMOKE_ADM if args.cpu_smoke else ADM_PRESETS["256x256_uncond"])).parameters()
+        )
     with torch.device("meta"):
         seg_desc = build_segmenter(args.cpu_smoke, args.num_classes)[1]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
-    print(f"device: {name}; torch {torch.__version__}; image {args.image_size}x{args.image_size}, "
-          f"n0={args.n0}, n={args.n}, sigma={args.sigma}; ADM {'smoke' if args.cpu_smoke else '256x256_uncond'} "
-          f"{params / 1e6:.0f}M params, {seg_desc}", flush=True)
+    print(
+        f"device: {name}; torch {torch.__version__}; image {args.image_size}x{args.image_size}, "
+        f"n0={args.n0}, n={args.n}, sigma={args.sigma}; ADM {'smoke' if args.cpu_smoke else '256x256_uncond'} "
+        f"{params / 1e6:.0f}M params, {seg_desc}",
+        flush=True,
+    )
     results, skipped, fp32_c_hat = [], [], {}
     # fp32 first (the reference of the agreement column), torch.compile last (its first call is long)
     order = sorted(args.options, key=lambda o: (o != "fp32", OPTIONS[o][3]))
@@ -249,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = run_option(option, batch, args, device, x, fp32_c_hat)
             results.append(r)
-            print(f"  {option:20s} B={batch:3d}: roofline {r.roofline:8.1f}  count_votes {r.count_votes:8.1f} "
-                  f"samples/s  ({time.perf_counter() - start:.0f} s){' ' + '; '.join(r.checks) if r.checks else ''}",
-                  flush=True)
+            print(
+                f"  {option:20s} B={batch:3d}: roofline {r.roofline:8.1f}  count_votes {r.count_votes:8.1f} "
+                f"samples/s  ({time.perf_counter() - start:.0f} s){' ' + '; '.join(r.checks) if r.checks else ''}",
+                flush=True,
+            )
     print(report(results, skipped, args))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
@@ -261,24 +322,51 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: list[Result], skipped: list[str], args: argparse.Namespace) -> str:
     rows = []
     for r in results:
-        rows.append([r.option, r.batch, f"{r.roofline:.1f}", f"{r.with_clean:.1f}", f"{r.count_votes:.1f}",
-                     f"{r.count_votes / r.roofline:.3f}", f"{r.with_clean / r.roofline:.3f}",
-                     f"{(args.n0 + args.n) / r.count_votes:.3f}", f"{r.first_call_s:.1f}", f"{r.peak_gib:.1f}",
-                     f"{r.agree_fp32:.4f}", "ok" if not r.checks else "FAILED"])
-    headers = ["option", "B", "roofline samples/s", "roofline + clean", "count_votes samples/s",
-               "count_votes/roofline", "+clean/roofline", "s per image", "first call s", "peak GiB",
-               "c_hat = fp32", "checks"]
+        rows.append(
+            [
+                r.option,
+                r.batch,
+                f"{r.roofline:.1f}",
+                f"{r.with_clean:.1f}",
+                f"{r.count_votes:.1f}",
+                f"{r.count_votes / r.roofline:.3f}",
+                f"{r.with_clean / r.roofline:.3f}",
+                f"{(args.n0 + args.n) / r.count_votes:.3f}",
+                f"{r.first_call_s:.1f}",
+                f"{r.peak_gib:.1f}",
+                f"{r.agree_fp32:.4f}",
+                "ok" if not r.checks else "FAILED",
+            ]
+        )
+    headers = [
+        "option",
+        "B",
+        "roofline samples/s",
+        "roofline + clean",
+        "count_votes samples/s",
+        "count_votes/roofline",
+        "+clean/roofline",
+        "s per image",
+        "first call s",
+        "peak GiB",
+        "c_hat = fp32",
+        "checks",
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     fmt = lambda row: "  ".join(str(c).rjust(w) for c, w in zip(row, widths))
     lines = ["", fmt(headers), "-" * len(fmt(headers))] + [fmt(row) for row in rows]
     if skipped:
-        lines.append(f"skipped (time budget {args.budget:.0f} s, or compile at a second batch size): "
-                     + ", ".join(skipped))
+        lines.append(
+            f"skipped (time budget {args.budget:.0f} s, or compile at a second batch size): "
+            + ", ".join(skipped)
+        )
     best = max(results, key=lambda r: r.count_votes, default=None)
     if best is not None:
-        lines.append(f"best: {best.option} at B={best.batch}: {best.count_votes:.1f} samples/s = "
-                     f"{best.count_votes / (args.n0 + args.n):.2f} images/s of {args.image_size}x{args.image_size} "
-                     f"at n0+n={args.n0 + args.n}")
+        lines.append(
+            f"best: {best.option} at B={best.batch}: {best.count_votes:.1f} samples/s = "
+            f"{best.count_votes / (args.n0 + args.n):.2f} images/s of {args.image_size}x{args.image_size} "
+            f"at n0+n={args.n0 + args.n}"
+        )
     return "\n".join(lines)
 
 

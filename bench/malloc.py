@@ -42,8 +42,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     w = B.Workload(**spec["workload"])
     seg, den = B.load_models(cfg, keep_host_memory=spec["setting"] == "kept")
     image_id, image = B.demo_images(cfg)[0]
-    votes = lambda: count_votes(image, seg, denoiser=den, sigma=w.sigma, n0=w.n0, n=w.n, num_classes=B.DEMO_CLASSES,
-                                batch_size=w.batch_size, seed=0, image_id=image_id)
+    votes = lambda: count_votes(
+        image,
+        seg,
+        denoiser=den,
+        sigma=w.sigma,
+        n0=w.n0,
+        n=w.n,
+        num_classes=B.DEMO_CLASSES,
+        batch_size=w.batch_size,
+        seed=0,
+        image_id=image_id,
+    )
     first = votes()
     B.wait_at_barrier(spec)
     r0, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -51,9 +61,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         votes()
     wall, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     samples = spec["repeats"] * w.samples_per_image
-    return {"wall": wall / samples, "user": (r1.ru_utime - r0.ru_utime) / samples,
-            "sys": (r1.ru_stime - r0.ru_stime) / samples, "faults": (r1.ru_minflt - r0.ru_minflt) / samples,
-            "votes": [int(first.c_hat.sum()), int(first.k.sum())]}
+    return {
+        "wall": wall / samples,
+        "user": (r1.ru_utime - r0.ru_utime) / samples,
+        "sys": (r1.ru_stime - r0.ru_stime) / samples,
+        "faults": (r1.ru_minflt - r0.ru_minflt) / samples,
+        "votes": [int(first.c_hat.sum()), int(first.k.sum())],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    w = (B.Workload(images=1, n0=2, n=6, batch_size=4, seg_width=8, den_width=8) if args.quick
-         else B.Workload(images=1, n0=10, n=100, batch_size=16))
+    w = (
+        B.Workload(images=1, n0=2, n=6, batch_size=4, seg_width=8, den_width=8)
+        if args.quick
+        else B.Workload(images=1, n0=10, n=100, batch_size=16)
+    )
     rounds, repeats = (1, 1) if args.quick else (args.rounds, args.repeats)
     got: dict[tuple[str, int], list[dict[str, Any]]] = {(s, k): [] for s in SETTINGS for k in (1, 2)}
     with tempfile.TemporaryDirectory(prefix="bench-malloc-") as tmp:
@@ -76,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"config": B.job_config(models, root / "out", w), "workload": w.__dict__, "repeats": repeats}
         for r in range(rounds):
             for k in (1, 2):
-                for setting in (SETTINGS if r % 2 == 0 else SETTINGS[::-1]):
+                for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
                     setting_spec = {**spec, "setting": setting}
                     got[(setting, k)] += B.run_concurrently(__file__, "--worker", setting_spec, k, root)
             print(f"round {r + 1}/{rounds} done, load average {B.load_average()}", file=sys.stderr)
@@ -88,21 +105,42 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(w: B.Workload, got: dict[tuple[str, int], list[dict[str, Any]]], rounds: int, repeats: int) -> str:
     med = lambda k, s, f: B.median([x[f] for x in got[(s, k)]])
-    lines = [B.machine(),
-             (f"count_votes on one 64x64 demo image, n0={w.n0}, n={w.n}, batch {w.batch_size}, DDPM width "
-              f"{w.den_width} + segmenter width {w.seg_width}, 1 torch thread; {rounds} rounds x {repeats} calls "
-              "per process, settings alternating; medians over rounds and processes"), ""]
+    lines = [
+        B.machine(),
+        (
+            f"count_votes on one 64x64 demo image, n0={w.n0}, n={w.n}, batch {w.batch_size}, DDPM width "
+            f"{w.den_width} + segmenter width {w.seg_width}, 1 torch thread; {rounds} rounds x {repeats} calls "
+            "per process, settings alternating; medians over rounds and processes"
+        ),
+        "",
+    ]
     rows = []
     for k in (1, 2):
         for s in SETTINGS:
-            rows.append([f"{k} process{'es' if k > 1 else ''}, {s}", f"{1e3 * med(k, s, 'wall'):.1f}",
-                         f"{1e3 * med(k, s, 'user'):.1f}", f"{1e3 * med(k, s, 'sys'):.2f}",
-                         f"{med(k, s, 'faults'):.0f}", f"{med(k, 'default', 'wall') / med(k, s, 'wall'):.3f}"])
-    lines.append(B.table(["", "wall ms/sample", "user ms", "kernel ms", "minor faults/sample",
-                          "speed-up vs default"], rows))
-    lines += ["", "; ".join(f"{k} process{'es' if k > 1 else ''}: kept/default speed-up = "
-                            f"{med(k, 'default', 'wall') / med(k, 'kept', 'wall'):.3f}" for k in (1, 2))
-              + "; votes identical (asserted)"]
+            rows.append(
+                [
+                    f"{k} process{'es' if k > 1 else ''}, {s}",
+                    f"{1e3 * med(k, s, 'wall'):.1f}",
+                    f"{1e3 * med(k, s, 'user'):.1f}",
+                    f"{1e3 * med(k, s, 'sys'):.2f}",
+                    f"{med(k, s, 'faults'):.0f}",
+                    f"{med(k, 'default', 'wall') / med(k, s, 'wall'):.3f}",
+                ]
+            )
+    lines.append(
+        B.table(
+            ["", "wall ms/sample", "user ms", "kernel ms", "minor faults/sample", "speed-up vs default"], rows
+        )
+    )
+    lines += [
+        "",
+        "; ".join(
+            f"{k} process{'es' if k > 1 else ''}: kept/default speed-up = "
+            f"{med(k, 'default', 'wall') / med(k, 'kept', 'wall'):.3f}"
+            for k in (1, 2)
+        )
+        + "; votes identical (asserted)",
+    ]
     return "\n".join(lines)
 
 

@@ -45,7 +45,9 @@ QUICK = {"quick": {"n0": 4, "n": 20, "denoiser": True}}
 
 
 # ------------------------------------------------------------------------------------------ the two methods
-def reference_votes(seg, den, x, *, sigma: float, n0: int, n: int, batch_size: int, base: int, num_classes: int):
+def reference_votes(
+    seg, den, x, *, sigma: float, n0: int, n: int, batch_size: int, base: int, num_classes: int
+):
     """SegCertify's way: host int64 label maps of all n0 + n draws, counted per pixel afterwards.
 
     Draw j of the selection set uses seed sample_seed(base, SELECTION, j), draw j of the estimation set
@@ -55,13 +57,15 @@ def reference_votes(seg, den, x, *, sigma: float, n0: int, n: int, batch_size: i
 
     from ray_certseg.sampling import ESTIMATION, SELECTION, sample_seed
 
-    seeds = [sample_seed(base, SELECTION, j) for j in range(n0)] + [sample_seed(base, ESTIMATION, j) for j in range(n)]
+    seeds = [sample_seed(base, SELECTION, j) for j in range(n0)] + [
+        sample_seed(base, ESTIMATION, j) for j in range(n)
+    ]
     gen = torch.Generator()
     maps = []
     with torch.inference_mode():
         clean = seg(x[None]).argmax(1).cpu().numpy()  # the driver's sigma = 0 baseline prediction
         for start in range(0, n0 + n, batch_size):
-            chunk = seeds[start:start + batch_size]
+            chunk = seeds[start : start + batch_size]
             noise = torch.stack([torch.empty_like(x).normal_(generator=gen.manual_seed(s)) for s in chunk])
             noisy = x + sigma * noise
             logits = seg(den(noisy, sigma) if den is not None else noisy)
@@ -79,11 +83,23 @@ def reference_votes(seg, den, x, *, sigma: float, n0: int, n: int, batch_size: i
     return c_hat, k, clean, sample.nbytes, time.perf_counter() - counting
 
 
-def our_votes(seg, den, image, *, sigma: float, n0: int, n: int, batch_size: int, image_id: str, num_classes: int):
+def our_votes(
+    seg, den, image, *, sigma: float, n0: int, n: int, batch_size: int, image_id: str, num_classes: int
+):
     from ray_certseg.sampling import count_votes
 
-    v = count_votes(image, seg, denoiser=den, sigma=sigma, n0=n0, n=n, num_classes=num_classes,
-                    batch_size=batch_size, seed=0, image_id=image_id)
+    v = count_votes(
+        image,
+        seg,
+        denoiser=den,
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        seed=0,
+        image_id=image_id,
+    )
     return v.c_hat.reshape(-1), v.k.reshape(-1)
 
 
@@ -114,16 +130,44 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss0 = _status_kib("VmRSS")
     cpu, start = time.process_time(), time.perf_counter()
     if spec["method"] == "reference":
-        c_hat, k, _, stored, counting = reference_votes(seg, den, x, sigma=sigma, n0=n0, n=n, batch_size=bs,
-                                           base=noise_seed(0, image_id, sigma), num_classes=B.DEMO_CLASSES)
+        c_hat, k, _, stored, counting = reference_votes(
+            seg,
+            den,
+            x,
+            sigma=sigma,
+            n0=n0,
+            n=n,
+            batch_size=bs,
+            base=noise_seed(0, image_id, sigma),
+            num_classes=B.DEMO_CLASSES,
+        )
     else:
-        c_hat, k = our_votes(seg, den, image, sigma=sigma, n0=n0, n=n, batch_size=bs, image_id=image_id,
-                             num_classes=B.DEMO_CLASSES)
-        stored, counting = 2 * B.DEMO_CLASSES * c_hat.size * 4, 0.0  # counts0 and counts, int32; counted inline
+        c_hat, k = our_votes(
+            seg,
+            den,
+            image,
+            sigma=sigma,
+            n0=n0,
+            n=n,
+            batch_size=bs,
+            image_id=image_id,
+            num_classes=B.DEMO_CLASSES,
+        )
+        stored, counting = (
+            2 * B.DEMO_CLASSES * c_hat.size * 4,
+            0.0,
+        )  # counts0 and counts, int32; counted inline
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = (_status_kib("VmHWM") - rss0) * 1024
-    return {"wall": wall, "cpu": cpu, "peak_bytes": peak, "vote_bytes": int(stored), "counting": counting,
-            "c_hat": np.asarray(c_hat).astype(int).tolist(), "k": np.asarray(k).astype(int).tolist()}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "peak_bytes": peak,
+        "vote_bytes": int(stored),
+        "counting": counting,
+        "c_hat": np.asarray(c_hat).astype(int).tolist(),
+        "k": np.asarray(k).astype(int).tolist(),
+    }
 
 
 def measure(spec: dict[str, Any], *, memory: bool) -> dict[str, Any]:
@@ -136,8 +180,13 @@ def measure(spec: dict[str, Any], *, memory: bool) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if memory:
         env |= {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "memory": memory})], env=env,
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps({**spec, "memory": memory})],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -159,16 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         root = Path(tmp)
-        base = B.Workload(images=1, sigma=args.sigma, batch_size=4 if args.quick else args.batch_size,
-                          **({"seg_width": 8, "den_width": 8} if args.quick else {}))
+        base = B.Workload(
+            images=1,
+            sigma=args.sigma,
+            batch_size=4 if args.quick else args.batch_size,
+            **({"seg_width": 8, "den_width": 8} if args.quick else {}),
+        )
         models = B.write_models(root / "models", base)
         for name, c in configs.items():
             w = B.Workload(**{**base.__dict__, **c})
-            spec = {"config": B.job_config(models, root / "out", w), "sigma": w.sigma, "n0": w.n0, "n": w.n,
-                    "batch_size": w.batch_size}
+            spec = {
+                "config": B.job_config(models, root / "out", w),
+                "sigma": w.sigma,
+                "n0": w.n0,
+                "n": w.n,
+                "batch_size": w.batch_size,
+            }
             runs: dict[str, list] = {"reference": [], "ours": [], "reference-memory": [], "ours-memory": []}
             for r in range(repeats + 1):  # timing runs, then one memory run of each
-                for method in (("reference", "ours") if r % 2 == 0 else ("ours", "reference")):
+                for method in ("reference", "ours") if r % 2 == 0 else ("ours", "reference"):
                     got = measure({**spec, "method": method}, memory=r == repeats)
                     runs[method if r < repeats else f"{method}-memory"].append(got)
                     print(f"{name} {method} done, load average {B.load_average()}", file=sys.stderr)
@@ -182,25 +240,54 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: dict, repeats: int) -> str:
     mib = lambda b: f"{b / 2**20:.2f}"
-    lines = [B.machine(), "one 64x64 image per run, fresh process per run, 1 torch thread; time: best of "
-             + f"{repeats}; peak: one more run with a fixed malloc mmap threshold (RSS follows live memory)", ""]
+    lines = [
+        B.machine(),
+        "one 64x64 image per run, fresh process per run, 1 torch thread; time: best of "
+        + f"{repeats}; peak: one more run with a fixed malloc mmap threshold (RSS follows live memory)",
+        "",
+    ]
     rows = []
     for name, (w, runs) in results.items():
-        what = f"{name} (n0={w.n0}, n={w.n}, {'DDPM + ' if w.denoiser else ''}segmenter, batch {w.batch_size})"
+        what = (
+            f"{name} (n0={w.n0}, n={w.n}, {'DDPM + ' if w.denoiser else ''}segmenter, batch {w.batch_size})"
+        )
         best = {m: min(r["wall"] for r in runs[m]) for m in ("reference", "ours")}
         cpu = {m: min(r["cpu"] for r in runs[m]) for m in ("reference", "ours")}
         peak = {m: runs[f"{m}-memory"][0]["peak_bytes"] for m in ("reference", "ours")}
         for m in ("reference", "ours"):
             counting = min(r["counting"] for r in runs[m])
-            rows.append([f"{what} {m}", f"{best[m]:.2f}", f"{cpu[m]:.2f}", f"{counting:.2f}",
-                         f"{best[m] / best['ours']:.3f}",
-                         mib(runs[m][0]["vote_bytes"]), mib(peak[m]),
-                         f"{peak[m] / max(peak['ours'], 1):.1f}"])
-    lines.append(B.table(["configuration / method", "wall s", "CPU s", "of which counting s", "time vs ours",
-                          "vote arrays MiB",
-                          "peak extra RSS MiB", "peak vs ours"], rows))
-    lines += ["", "vote arrays: reference (n0 + n) H W int64 host labels; ours 2 C H W int32 counts "
-              + "(counts0, counts). c_hat and k identical in both methods (asserted)."]
+            rows.append(
+                [
+                    f"{what} {m}",
+                    f"{best[m]:.2f}",
+                    f"{cpu[m]:.2f}",
+                    f"{counting:.2f}",
+                    f"{best[m] / best['ours']:.3f}",
+                    mib(runs[m][0]["vote_bytes"]),
+                    mib(peak[m]),
+                    f"{peak[m] / max(peak['ours'], 1):.1f}",
+                ]
+            )
+    lines.append(
+        B.table(
+            [
+                "configuration / method",
+                "wall s",
+                "CPU s",
+                "of which counting s",
+                "time vs ours",
+                "vote arrays MiB",
+                "peak extra RSS MiB",
+                "peak vs ours",
+            ],
+            rows,
+        )
+    )
+    lines += [
+        "",
+        "vote arrays: reference (n0 + n) H W int64 host labels; ours 2 C H W int32 counts "
+        + "(counts0, counts). c_hat and k identical in both methods (asserted).",
+    ]
     return "\n".join(lines)
 
 

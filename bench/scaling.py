@@ -44,7 +44,9 @@ SMALL = 4
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=20, help="images of the longer job run")
-    p.add_argument("--hw-images", type=int, default=3, help="images' worth of forwards per machine(k) process")
+    p.add_argument(
+        "--hw-images", type=int, default=3, help="images' worth of forwards per machine(k) process"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--n0", type=int, default=10)
     p.add_argument("-n", type=int, default=50)
@@ -72,7 +74,9 @@ def hw_worker(spec: dict[str, Any]) -> dict[str, float]:
     w = B.Workload(**spec["workload"])
     seg, den = B.load_models(cfg)
     image = B.demo_images(cfg)[0][1]
-    B.forward_seconds(seg, den, image, B.Workload(images=1, n0=1, n=w.batch_size - 1, batch_size=w.batch_size))
+    B.forward_seconds(
+        seg, den, image, B.Workload(images=1, n0=1, n=w.batch_size - 1, batch_size=w.batch_size)
+    )
     B.wait_at_barrier(spec)
     seconds = sum(B.forward_seconds(seg, den, image, w) for _ in range(spec["images"]))
     return {"samples_per_s": spec["images"] * w.samples_per_image / seconds}
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         configs = {k: B.job_config(models, root / f"out{k}", w, actors=k, cpus_per_actor=0.5) for k in (1, 2)}
         spec = {"config": configs[1], "workload": w.__dict__, "images": hw_images}
         ray_init = B.init_ray()
-        B.run_job({**configs[1], "dataset": {**configs[1]["dataset"], "limit": 1}})  # warm-up: first-job costs
+        B.run_job(
+            {**configs[1], "dataset": {**configs[1]["dataset"], "limit": 1}}
+        )  # warm-up: first-job costs
         for r in range(rounds):
             order = (1, 2) if r % 2 == 0 else (2, 1)
             got: dict[str, Any] = {}
@@ -107,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 got[f"machine{k}"] = machine(k, spec, root)
                 got[f"job{k}"] = B.marginal(configs[k], small=SMALL)
                 print(f"round {r + 1}/{rounds} k={k} done, load average {B.load_average()}", file=sys.stderr)
-            got["bytes_per_row"] = sum(p.stat().st_size for p in (root / "out1" / "votes").rglob("*.parquet")) \
+            got["bytes_per_row"] = (
+                sum(p.stat().st_size for p in (root / "out1" / "votes").rglob("*.parquet"))
                 / got["job1"].big.rows
+            )
             results.append(got)
     print(report(w, results, ray_init))
     return 0
@@ -116,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(w: B.Workload, results: list[dict[str, Any]], ray_init: float) -> str:
     per = w.samples_per_image
-    header = (f"workload: jobs on {SMALL} and {w.images} images 64x64, n0={w.n0}, n={w.n}, batch {w.batch_size}, DDPM "
-              f"width {w.den_width} + segmenter width {w.seg_width}; 1 torch thread per actor/process")
+    header = (
+        f"workload: jobs on {SMALL} and {w.images} images 64x64, n0={w.n0}, n={w.n}, batch {w.batch_size}, DDPM "
+        f"width {w.den_width} + segmenter width {w.seg_width}; 1 torch thread per actor/process"
+    )
     lines = [header, B.machine(), "", "wall clock (depends on the machine's load at each moment):"]
     wall_rows, cpu_rows = [], []
     f: dict[str, list[float]] = {"job": [], "hw": [], "o1": [], "o2": [], "a1": [], "a2": [], "rate": []}
@@ -127,36 +137,80 @@ def report(w: B.Workload, results: list[dict[str, Any]], ray_init: float) -> str
         f["job"].append(j2 / j1)
         f["hw"].append(m2 / m1)
         f["rate"].append(j1 / per)
-        wall_rows.append([f"round {i}", f"{m1:.1f}", f"{m2:.1f}", f"{m2 / m1:.2f}", f"{j1:.1f}", f"{j2:.1f}",
-                          f"{j2 / j1:.2f}"])
+        wall_rows.append(
+            [
+                f"round {i}",
+                f"{m1:.1f}",
+                f"{m2:.1f}",
+                f"{m2 / m1:.2f}",
+                f"{j1:.1f}",
+                f"{j2:.1f}",
+                f"{j2 / j1:.2f}",
+            ]
+        )
         for k in (1, 2):
             job = g[f"job{k}"]
             f[f"o{k}"].append(job.overhead_ratio)
             f[f"a{k}"].append(job.actor_cpu_per_row / per)
-            cpu_rows.append([f"round {i}, {k} actor{'s' if k > 1 else ''}", f"{1e3 * job.actor_cpu_per_row / per:.1f}",
-                             f"{job.overhead_ratio:.3f}", f"{job.core_share:.2f}", f"{job.busy_fraction:.2f}"])
-    lines.append(B.table(["", "machine(1) samples/s", "machine(2)", "machine 2/1", "job(1) samples/s", "job(2)",
-                          "job 2/1"], wall_rows))
+            cpu_rows.append(
+                [
+                    f"round {i}, {k} actor{'s' if k > 1 else ''}",
+                    f"{1e3 * job.actor_cpu_per_row / per:.1f}",
+                    f"{job.overhead_ratio:.3f}",
+                    f"{job.core_share:.2f}",
+                    f"{job.busy_fraction:.2f}",
+                ]
+            )
+    lines.append(
+        B.table(
+            [
+                "",
+                "machine(1) samples/s",
+                "machine(2)",
+                "machine 2/1",
+                "job(1) samples/s",
+                "job(2)",
+                "job 2/1",
+            ],
+            wall_rows,
+        )
+    )
     lines += ["", "CPU accounting of the steady state (load-independent):"]
-    lines.append(B.table(["", "actor CPU ms/sample", "Ray overhead o/a", "core share per actor",
-                          "busy in count_votes"], cpu_rows))
+    lines.append(
+        B.table(
+            ["", "actor CPU ms/sample", "Ray overhead o/a", "core share per actor", "busy in count_votes"],
+            cpu_rows,
+        )
+    )
     m = {k: B.median(v) for k, v in f.items()}
     bpr = B.median([g["bytes_per_row"] for g in results])
     predicted = m["hw"] / (1 + m["o2"])
-    lines += ["",
-              (f"measured: job(2)/job(1) = {m['job']:.2f} (median of rounds; target >= 1.8) while the machine "
-               f"gave two single-thread processes {m['hw']:.2f}x one (machine(2)/machine(1))"),
-              (f"CPU: an actor's CPU per sample is {m['a2'] / m['a1']:.3f}x with 2 actors vs 1 (two processes "
-               f"computing at once slow each other on this machine); everything else (driver, raylet, GCS, write "
-               f"tasks) costs o/a = {m['o1']:.3f} (1 actor) / {m['o2']:.3f} (2 actors) of the actors' CPU"),
-              (f"expected: 1 actor has a core and leaves Ray's own processes the other; 2 actors share both cores "
-               f"with them: job(2)/job(1) = machine(2)/machine(1) / (1 + o/a) = {predicted:.2f}"),
-              (f"Ray start-up: {ray_init:.1f} s. Per actor: {m['rate']:.3f} images/s at this load; "
-               f"{bpr / 1024:.1f} KiB of votes per image (64x64)"),
-              ("cluster: actors share nothing but the plan (one small row per image, made once by the driver) "
-               "and the output store (one Parquet file per image batch), so k actors give k x the per-actor "
-               "rate as long as each node has CPU for its actors' overhead (o/a above, per actor) and the "
-               "store takes k x rate x bytes per image")]
+    lines += [
+        "",
+        (
+            f"measured: job(2)/job(1) = {m['job']:.2f} (median of rounds; target >= 1.8) while the machine "
+            f"gave two single-thread processes {m['hw']:.2f}x one (machine(2)/machine(1))"
+        ),
+        (
+            f"CPU: an actor's CPU per sample is {m['a2'] / m['a1']:.3f}x with 2 actors vs 1 (two processes "
+            f"computing at once slow each other on this machine); everything else (driver, raylet, GCS, write "
+            f"tasks) costs o/a = {m['o1']:.3f} (1 actor) / {m['o2']:.3f} (2 actors) of the actors' CPU"
+        ),
+        (
+            f"expected: 1 actor has a core and leaves Ray's own processes the other; 2 actors share both cores "
+            f"with them: job(2)/job(1) = machine(2)/machine(1) / (1 + o/a) = {predicted:.2f}"
+        ),
+        (
+            f"Ray start-up: {ray_init:.1f} s. Per actor: {m['rate']:.3f} images/s at this load; "
+            f"{bpr / 1024:.1f} KiB of votes per image (64x64)"
+        ),
+        (
+            "cluster: actors share nothing but the plan (one small row per image, made once by the driver) "
+            "and the output store (one Parquet file per image batch), so k actors give k x the per-actor "
+            "rate as long as each node has CPU for its actors' overhead (o/a above, per actor) and the "
+            "store takes k x rate x bytes per image"
+        ),
+    ]
     return "\n".join(lines)
 
 

@@ -35,13 +35,27 @@ def demo_votes(out: Path, images: int) -> Path:
     from ray_certseg import pipeline
     from ray_certseg.config import load_config
 
-    cfg = load_config(DEMO_CONFIG, [f"output={out}", f"dataset.limit={images}", "sampling.device=cpu",
-                                    "ray.actors=2", "ray.num_cpus_per_actor=0.5"])
-    missing = [m for kind in ("segmenters", "denoisers") for m in getattr(cfg.models, kind).values()
-               if not Path(m.get("weights") or m.get("path")).exists()]
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            f"output={out}",
+            f"dataset.limit={images}",
+            "sampling.device=cpu",
+            "ray.actors=2",
+            "ray.num_cpus_per_actor=0.5",
+        ],
+    )
+    missing = [
+        m
+        for kind in ("segmenters", "denoisers")
+        for m in getattr(cfg.models, kind).values()
+        if not Path(m.get("weights") or m.get("path")).exists()
+    ]
     if missing:
-        raise FileNotFoundError(f"demo models missing ({missing}); train them first (see README) or pass "
-                                "--votes DIR of an existing run, or --quick")
+        raise FileNotFoundError(
+            f"demo models missing ({missing}); train them first (see README) or pass "
+            "--votes DIR of an existing run, or --quick"
+        )
     B.init_ray()
     pipeline.run_sampling(cfg, overwrite=True, progress_interval=0)
     return out / "votes"
@@ -86,8 +100,15 @@ def tiled_table(votes: Path, height: int, width: int, rows: int):
     for r in records:
         reps = (-(-height // r.height), -(-width // r.width))
         maps = {c: np.tile(np.asarray(getattr(r, c)), reps)[:height, :width] for c in PIXEL_COLUMNS}
-        big.append({**{f: getattr(r, f) for f in V.SCALAR_COLUMNS}, "height": height, "width": width,
-                    **maps, "counts": None})
+        big.append(
+            {
+                **{f: getattr(r, f) for f in V.SCALAR_COLUMNS},
+                "height": height,
+                "width": width,
+                **maps,
+                "counts": None,
+            }
+        )
     return V.make_table(big)
 
 
@@ -134,13 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[c, f"{s[c] / px:.3f}"] for c in PIXEL_COLUMNS]
     rows += [["other (scalars, footers)", f"{other / px:.3f}"], ["total", f"{s['file'] / px:.3f}"]]
     what = f"votes: {source}; {s['rows']} rows, {px} pixels, {s['file'] / 1024:.1f} KiB"
-    reducer = [[f"demo votes ({s['rows']} rows)", s["rows"], f"{demo_s:.3f}", f"{demo_rate / 1e6:.2f}"],
-               [f"tiled {h}x{w} ({big_rows} rows)", big_rows, f"{big_s:.3f}", f"{big_rate / 1e6:.2f}"]]
-    lines = [B.machine(), f"{what} (sampling took {sample_s:.0f} s)", "",
-             B.table(["column", "bytes/pixel"], rows), "",
-             f"bytes/pixel = {s['file'] / px:.3f} (target <= 1.5; raw per-pixel columns 5 B)", "",
-             B.table(["reducer: per_image_local, 1 process", "rows", "seconds", "Mpixel-gridpoints/s"], reducer),
-             f"grid: {len(list(grid))} points (tau 0.75, alpha 0.001, holm + bonferroni)"]
+    reducer = [
+        [f"demo votes ({s['rows']} rows)", s["rows"], f"{demo_s:.3f}", f"{demo_rate / 1e6:.2f}"],
+        [f"tiled {h}x{w} ({big_rows} rows)", big_rows, f"{big_s:.3f}", f"{big_rate / 1e6:.2f}"],
+    ]
+    lines = [
+        B.machine(),
+        f"{what} (sampling took {sample_s:.0f} s)",
+        "",
+        B.table(["column", "bytes/pixel"], rows),
+        "",
+        f"bytes/pixel = {s['file'] / px:.3f} (target <= 1.5; raw per-pixel columns 5 B)",
+        "",
+        B.table(["reducer: per_image_local, 1 process", "rows", "seconds", "Mpixel-gridpoints/s"], reducer),
+        f"grid: {len(list(grid))} points (tau 0.75, alpha 0.001, holm + bonferroni)",
+    ]
     print("\n".join(lines))
     return 0
 

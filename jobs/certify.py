@@ -4,12 +4,13 @@ The same script runs locally (starts a private Ray instance) and unchanged under
 ``ray job submit --working-dir . -- python jobs/certify.py ...`` (attaches to the cluster via RAY_ADDRESS).
 With no arguments it runs the embedded demo.
 """
+
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working_dir under `ray job submit`
 
-from ray_certseg.cli import main  # noqa: E402
+from ray_certseg.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -21,6 +21,7 @@ The metrics themselves are the reducer's (:func:`ray_certseg.reduce.image_rows`,
 :func:`~ray_certseg.reduce.pool`): certified accuracy counts abstentions as wrong, confusion matrices are
 pooled over the images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,17 @@ from ray_certseg.sampling import ESTIMATION, noise_seed, sample_seed, to_tensor_
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(votes.VoteRecord))
 CERTIFY_COLUMNS = ["label", "c_hat", "k", "clean_pred"]
-CURVE_COLUMNS = ["dataset", "method", "sigma", "radius", "tau", "certified_accuracy", "miou", "abstain_rate",
-                 "images"]
+CURVE_COLUMNS = [
+    "dataset",
+    "method",
+    "sigma",
+    "radius",
+    "tau",
+    "certified_accuracy",
+    "miou",
+    "abstain_rate",
+    "images",
+]
 ENVELOPE_COLUMNS = ["dataset", "method", "radius", "certified_accuracy", "sigma", "tau"]
 RAY_MIN_EVALUATIONS = 2e8
 """``engine="auto"`` runs the curve on Ray (when initialised) above this many pixel x radius evaluations."""
@@ -58,8 +68,13 @@ def votes_dir(path: str, storage_options: Mapping[str, Any] | None = None) -> st
     return inner if not path.endswith(".parquet") and storage.exists(inner, storage_options) else path
 
 
-def load_votes(path: str, *, columns: Iterable[str] | None = None, image_ids: Iterable[str] | None = None,
-               storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def load_votes(
+    path: str,
+    *,
+    columns: Iterable[str] | None = None,
+    image_ids: Iterable[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
     """Vote rows of an output folder, its ``votes/`` folder or one vote file (local or ``s3://``): one
     DataFrame row per (image, method, sigma), the columns of :class:`~ray_certseg.votes.VoteRecord`.
 
@@ -70,8 +85,9 @@ def load_votes(path: str, *, columns: Iterable[str] | None = None, image_ids: It
     wanted = list(votes.ARRAY_COLUMNS) if columns is None else list(columns)
     unknown = sorted(set(wanted) - set(votes.ARRAY_COLUMNS))
     if unknown:
-        raise ValueError(f"load_votes: unknown column(s) {unknown}; the per-pixel columns are "
-                         f"{votes.ARRAY_COLUMNS}")
+        raise ValueError(
+            f"load_votes: unknown column(s) {unknown}; the per-pixel columns are {votes.ARRAY_COLUMNS}"
+        )
     source = votes_dir(path, storage_options)
     fs, files = votes.parquet_files(source, storage_options=storage_options)
     if not files:
@@ -79,8 +95,10 @@ def load_votes(path: str, *, columns: Iterable[str] | None = None, image_ids: It
     selected = list(votes.SCALAR_COLUMNS) + [c for c in votes.ARRAY_COLUMNS if c in wanted]
     filters = None if image_ids is None else [("image_id", "in", sorted(set(image_ids)))]
     with storage.translate_errors(source, storage_options):
-        tables = [pq.read_table(f, filesystem=fs, columns=selected, filters=filters, partitioning=None)
-                  for f in files]
+        tables = [
+            pq.read_table(f, filesystem=fs, columns=selected, filters=filters, partitioning=None)
+            for f in files
+        ]
     records = votes.read_votes(pa.concat_tables(tables, promote_options="permissive"), columns=wanted)
     frame: dict[str, Any] = {}
     for name in RECORD_FIELDS:
@@ -94,8 +112,9 @@ def load_votes(path: str, *, columns: Iterable[str] | None = None, image_ids: It
     return pd.DataFrame(frame)
 
 
-def load_metrics(path: str, *, per_image: bool = False,
-                 storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def load_metrics(
+    path: str, *, per_image: bool = False, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """``metrics/metrics.parquet`` (one row per dataset, method, sigma and grid point) or, with
     ``per_image``, ``metrics/per_image.parquet`` of an output folder (local or ``s3://``); ``path`` may also
     be the metrics folder or the Parquet file. List columns (``iou_per_class``, ``confusion``...) hold numpy
@@ -140,21 +159,36 @@ def records(frame: pd.DataFrame) -> Iterator[votes.VoteRecord]:
 def _require_maps(rec: votes.VoteRecord) -> votes.VoteRecord:
     absent = [c for c in CERTIFY_COLUMNS if getattr(rec, c) is None]
     if absent:
-        raise ValueError(f"vote row {rec.image_id}/{rec.method}/sigma={rec.sigma} has no {absent}: load the "
-                         f"votes with columns including {CERTIFY_COLUMNS}")
+        raise ValueError(
+            f"vote row {rec.image_id}/{rec.method}/sigma={rec.sigma} has no {absent}: load the "
+            f"votes with columns including {CERTIFY_COLUMNS}"
+        )
     return rec
 
 
-def certify_row(row: votes.VoteRecord | Mapping[str, Any] | pd.Series, *, tau: float, alpha: float,
-                correction: str = "holm") -> Certificate:
+def certify_row(
+    row: votes.VoteRecord | Mapping[str, Any] | pd.Series,
+    *,
+    tau: float,
+    alpha: float,
+    correction: str = "holm",
+) -> Certificate:
     """CERTIFY(c_hat, k) of one vote row (a VoteRecord or a :func:`load_votes` row): its certified map
     (ABSTAIN where the null is not rejected) and radius sigma * Phi^-1(tau)."""
     get = (lambda key: getattr(row, key)) if isinstance(row, votes.VoteRecord) else row.__getitem__
     c_hat, k = get("c_hat"), get("k")
     if c_hat is None or k is None:
         raise ValueError("certify_row: the row has no c_hat/k maps; load the votes with those columns")
-    return certify(c_hat, k, n=int(get("n")), sigma=float(get("sigma")), tau=tau, alpha=alpha,
-                   correction=correction, num_classes=int(get("num_classes")))
+    return certify(
+        c_hat,
+        k,
+        n=int(get("n")),
+        sigma=float(get("sigma")),
+        tau=tau,
+        alpha=alpha,
+        correction=correction,
+        num_classes=int(get("num_classes")),
+    )
 
 
 def _values(name: str, value: float | str | Sequence[Any]) -> tuple[Any, ...]:
@@ -169,9 +203,14 @@ def _per_image(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return reduce.deduplicate(pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA).to_pandas())
 
 
-def recertify(votes_frame: pd.DataFrame, *, tau: float | Sequence[float] = 0.75,
-              alpha: float | Sequence[float] = 0.001,
-              correction: str | Sequence[str] = "holm", pooling: str = "common") -> reduce.ReduceResult:
+def recertify(
+    votes_frame: pd.DataFrame,
+    *,
+    tau: float | Sequence[float] = 0.75,
+    alpha: float | Sequence[float] = 0.001,
+    correction: str | Sequence[str] = "holm",
+    pooling: str = "common",
+) -> reduce.ReduceResult:
     """Certify the stored votes again for every combination of ``tau`` x ``alpha`` x ``correction`` (scalars
     or sequences) and pool per (dataset, method, sigma, grid point): the reducer's per-image records and
     metrics (same columns, same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in
@@ -181,18 +220,26 @@ def recertify(votes_frame: pd.DataFrame, *, tau: float | Sequence[float] = 0.75,
     bad = [c for c in corrections if c not in CORRECTIONS]
     if bad:
         raise ValueError(f"correction {bad[0]!r} is not one of {CORRECTIONS}")
-    grid = reduce.Grid(tuple(float(t) for t in _values("tau", tau)),
-                       tuple(float(a) for a in _values("alpha", alpha)), corrections)
+    grid = reduce.Grid(
+        tuple(float(t) for t in _values("tau", tau)),
+        tuple(float(a) for a in _values("alpha", alpha)),
+        corrections,
+    )
     rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), grid)]
     per_image = _per_image(rows)
     metrics = reduce.pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=reduce.KEY)
     left = reduce.left_out(per_image) if len(per_image) and pooling == "common" else None
-    return reduce.ReduceResult(per_image=per_image, metrics=metrics, left_out=left,
-                               summary_markdown=reduce.summary_markdown(metrics, left=left))
+    return reduce.ReduceResult(
+        per_image=per_image,
+        metrics=metrics,
+        left_out=left,
+        summary_markdown=reduce.summary_markdown(metrics, left=left),
+    )
 
 
-def noisy_sample(image: np.ndarray, *, sigma: float, seed: int, image_id: str, index: int = 0,
-                 stage: int = ESTIMATION) -> torch.Tensor:
+def noisy_sample(
+    image: np.ndarray, *, sigma: float, seed: int, image_id: str, index: int = 0, stage: int = ESTIMATION
+) -> torch.Tensor:
     """x + sigma * eps for draw ``index`` of ``stage`` (default: the first estimation draw) of the job's
     ``count_votes``: eps ~ N(0, I) from a CPU ``torch.Generator`` seeded with
     sample_seed(noise_seed(seed, image_id, sigma), stage, index). ``image``: uint8 (H, W, 3); returns float32
@@ -209,8 +256,9 @@ def tau_for_radius(radius: float, sigma: float) -> float:
     return float(norm.cdf(radius / sigma))
 
 
-def radius_grid(sigmas: Iterable[float], n: int, alpha: float, num_pixels: int,
-                points: int = 32) -> np.ndarray:
+def radius_grid(
+    sigmas: Iterable[float], n: int, alpha: float, num_pixels: int, points: int = 32
+) -> np.ndarray:
     """``points`` evenly spaced radii in (0, r_max], r_max = max(sigma) * Phi^-1(tau_max) with
     tau_max = (alpha / N)^(1/n): the largest tau at which a pixel with all n votes (p = tau^n) can still be
     certified among N pixels (the first Holm step, Bonferroni). Beyond r_max the curve is 0. When
@@ -227,8 +275,10 @@ def check_radii(radii: Sequence[float]) -> np.ndarray:
     """The radii sorted and unique as float64; each must be finite and > 0."""
     r = np.unique(np.asarray(radii, dtype=np.float64))
     if r.size == 0 or not np.all(np.isfinite(r)) or r[0] <= 0:
-        raise ValueError("radii must be finite numbers > 0 (tau = Phi(r / sigma) must exceed 0.5); radius 0 "
-                         "is the clean / majority-vote accuracy (columns clean_accuracy, vote_accuracy)")
+        raise ValueError(
+            "radii must be finite numbers > 0 (tau = Phi(r / sigma) must exceed 0.5); radius 0 "
+            "is the clean / majority-vote accuracy (columns clean_accuracy, vote_accuracy)"
+        )
     return r
 
 
@@ -238,8 +288,9 @@ def _taus(radii: np.ndarray, sigma: float) -> tuple[float, ...]:
     return tuple(t for t in taus if 0.5 < t < 1.0)
 
 
-def curve_rows(recs: Iterable[votes.VoteRecord], radii: np.ndarray, alpha: float,
-               correction: str) -> list[dict[str, Any]]:
+def curve_rows(
+    recs: Iterable[votes.VoteRecord], radii: np.ndarray, alpha: float, correction: str
+) -> list[dict[str, Any]]:
     """Per-image records (the reducer's, via image_rows) of every vote row at tau(r, sigma), r in radii."""
     rows = []
     for rec in recs:
@@ -256,13 +307,20 @@ class CurveBatch:
         self.radii, self.alpha, self.correction = radii, alpha, correction
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = curve_rows(votes.read_votes(batch, columns=CERTIFY_COLUMNS), self.radii, self.alpha,
-                          self.correction)
+        rows = curve_rows(
+            votes.read_votes(batch, columns=CERTIFY_COLUMNS), self.radii, self.alpha, self.correction
+        )
         return pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA)
 
 
-def _curve_per_image_path(path: str, radii: np.ndarray, alpha: float, correction: str,
-                          storage_options: Mapping[str, Any] | None, engine: str) -> pd.DataFrame:
+def _curve_per_image_path(
+    path: str,
+    radii: np.ndarray,
+    alpha: float,
+    correction: str,
+    storage_options: Mapping[str, Any] | None,
+    engine: str,
+) -> pd.DataFrame:
     """Per-image curve records from vote files, file by file in this process or as a Ray Data stage."""
     source = votes_dir(path, storage_options)
     if engine == "auto":
@@ -276,12 +334,20 @@ def _curve_per_image_path(path: str, radii: np.ndarray, alpha: float, correction
         pa_fs, pa_path = storage.pyarrow_filesystem(source, storage_options)
         ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(CurveBatch, fn_constructor_args=(radii, alpha, correction),
-                            batch_format="pyarrow", batch_size=4, num_cpus=0.5,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers))
+        ds = ds.map_batches(
+            CurveBatch,
+            fn_constructor_args=(radii, alpha, correction),
+            batch_format="pyarrow",
+            batch_size=4,
+            num_cpus=0.5,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        )
         tables = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
-        table = pa.concat_tables([t.cast(reduce.PER_IMAGE_SCHEMA) for t in tables]) if tables \
+        table = (
+            pa.concat_tables([t.cast(reduce.PER_IMAGE_SCHEMA) for t in tables])
+            if tables
             else reduce.PER_IMAGE_SCHEMA.empty_table()
+        )
         return reduce.deduplicate(table.to_pandas())
     if engine != "local":
         raise ValueError(f"engine must be 'auto', 'local' or 'ray', got {engine!r}")
@@ -291,16 +357,23 @@ def _curve_per_image_path(path: str, radii: np.ndarray, alpha: float, correction
     rows = []
     for f in files:
         with storage.translate_errors(source, storage_options):
-            table = pq.read_table(f, filesystem=fs, partitioning=None,
-                                  columns=list(votes.SCALAR_COLUMNS) + CERTIFY_COLUMNS)
+            table = pq.read_table(
+                f, filesystem=fs, partitioning=None, columns=list(votes.SCALAR_COLUMNS) + CERTIFY_COLUMNS
+            )
         rows += curve_rows(votes.read_votes(table, columns=CERTIFY_COLUMNS), radii, alpha, correction)
     return _per_image(rows)
 
 
-def certified_accuracy_curve(votes_source: pd.DataFrame | str, radii: Sequence[float], *,
-                             alpha: float = 0.001, correction: str = "holm", per_sigma: bool = False,
-                             storage_options: Mapping[str, Any] | None = None,
-                             engine: str = "auto") -> pd.DataFrame:
+def certified_accuracy_curve(
+    votes_source: pd.DataFrame | str,
+    radii: Sequence[float],
+    *,
+    alpha: float = 0.001,
+    correction: str = "holm",
+    per_sigma: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    engine: str = "auto",
+) -> pd.DataFrame:
     """Certified accuracy as a function of the radius (see the module docstring for what is plotted).
 
     ``votes_source``: a :func:`load_votes` DataFrame, or an output / votes folder (local or ``s3://``) read
@@ -320,10 +393,12 @@ def certified_accuracy_curve(votes_source: pd.DataFrame | str, radii: Sequence[f
     elif isinstance(votes_source, str):
         per_image = _curve_per_image_path(votes_source, r, float(alpha), correction, storage_options, engine)
         groups = load_votes(votes_source, columns=[], storage_options=storage_options)[
-            ["dataset", "method", "sigma"]].drop_duplicates()
+            ["dataset", "method", "sigma"]
+        ].drop_duplicates()
     else:
-        raise TypeError("votes_source must be a load_votes DataFrame or a path, got "
-                        f"{type(votes_source).__name__}")
+        raise TypeError(
+            f"votes_source must be a load_votes DataFrame or a path, got {type(votes_source).__name__}"
+        )
     curve = _curve_table(per_image, r)
     return curve if per_sigma else envelope(curve, r, groups)
 
@@ -332,21 +407,31 @@ def _curve_table(per_image: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
     if not len(per_image):
         return pd.DataFrame(columns=CURVE_COLUMNS)
     pooled = reduce.pool(per_image).rename(columns={"radius": "certified_radius"})
-    lookup = pd.DataFrame([(s, r, t) for s in pooled["sigma"].unique() for r in radii
-                           for t in [tau_for_radius(r, s)] if 0.5 < t < 1.0],
-                          columns=["sigma", "radius", "tau"])
+    lookup = pd.DataFrame(
+        [
+            (s, r, t)
+            for s in pooled["sigma"].unique()
+            for r in radii
+            for t in [tau_for_radius(r, s)]
+            if 0.5 < t < 1.0
+        ],
+        columns=["sigma", "radius", "tau"],
+    )
     curve = pooled.merge(lookup, on=["sigma", "tau"], how="inner")
     return curve[CURVE_COLUMNS].sort_values(["dataset", "method", "sigma", "radius"]).reset_index(drop=True)
 
 
-def envelope(curve: pd.DataFrame, radii: Sequence[float] | None = None,
-             groups: pd.DataFrame | None = None) -> pd.DataFrame:
+def envelope(
+    curve: pd.DataFrame, radii: Sequence[float] | None = None, groups: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """acc(r) = max over sigma of a per-sigma curve, per (dataset, method); the maximising sigma and tau are
     kept. With ``radii`` (and the (dataset, method) ``groups`` to cover), radii that no sigma can certify
     get accuracy 0 and NaN sigma/tau."""
     if len(curve):
-        best = curve.loc[curve.groupby(["dataset", "method", "radius"], sort=True)["certified_accuracy"]
-                         .idxmax(), ENVELOPE_COLUMNS]
+        best = curve.loc[
+            curve.groupby(["dataset", "method", "radius"], sort=True)["certified_accuracy"].idxmax(),
+            ENVELOPE_COLUMNS,
+        ]
     else:
         best = pd.DataFrame(columns=ENVELOPE_COLUMNS)
     if radii is not None:

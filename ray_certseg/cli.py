@@ -12,6 +12,7 @@ Exit codes: 0 every row done; 1 some images failed (see ``<output>/errors.parque
 config or usage, a model that cannot load, an unusable object store): one error, before sampling where it can be.
 ``selftest`` (docs/selftest.md): 0 the false-certificate rates pass, 1 they fail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ log = logging.getLogger("ray_certseg")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 _started_ray = False  # whether this process's init_ray connected or started Ray (so main may shut it down)
@@ -45,15 +47,22 @@ def init_ray(address: str | None, runtime_env: dict | None = None) -> None:
 
     if ray.is_initialized():
         if runtime_env:
-            log.warning("Ray is already initialised in this process: ray.runtime_env %s is not applied",
-                        sorted(runtime_env))
+            log.warning(
+                "Ray is already initialised in this process: ray.runtime_env %s is not applied",
+                sorted(runtime_env),
+            )
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 logging_level="warning", runtime_env=runtime_env)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level="warning",
+            runtime_env=runtime_env,
+        )
     _started_ray = True
 
 
@@ -77,8 +86,11 @@ def interactive_terminal(stream: Any = None, environ: Mapping[str, str] | None =
     stream = sys.stderr if stream is None else stream
     environ = os.environ if environ is None else environ
     isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty()) and SUBMITTED_JOB_ENV not in environ and \
-        environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
+    return (
+        bool(isatty and isatty())
+        and SUBMITTED_JOB_ENV not in environ
+        and environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
+    )
 
 
 CORE_WORKER_NOTE = (
@@ -86,7 +98,8 @@ CORE_WORKER_NOTE = (
     "and max_restarts > 0' (ray-project/ray#53727). Ray Data itself passes its context and the sampler "
     "through the object store and restarts pool actors by default; those objects live as long as the job, "
     "so an actor that is restarted (e.g. after a lost node) still finds them. It is expected here; turning "
-    "restarts off to silence it would cost that fault tolerance.")
+    "restarts off to silence it would cost that fault tolerance."
+)
 
 
 def _configure_ray_data(interactive: bool) -> None:
@@ -118,23 +131,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         init_ray(cfg.ray.address, cfg.ray.runtime_env)
         interactive = interactive_terminal()
         _configure_ray_data(interactive)
-        interval = args.progress_interval if args.progress_interval is not None else \
-            (0.0 if interactive else 30.0)
+        interval = (
+            args.progress_interval if args.progress_interval is not None else (0.0 if interactive else 30.0)
+        )
         log.info("%s", CORE_WORKER_NOTE)
         pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
     errors = pipeline.gather_errors(cfg)
     result = reduce.reduce_output(cfg.output, storage_options=cfg.storage_options, errors=errors)
     print(result.summary_markdown)
-    print(f"\nvotes:   {cfg.output}/votes/\nmetrics: {cfg.output}/metrics/ (metrics.csv, metrics.parquet, "
-          f"per_image.parquet, summary.md)\nerrors:  {cfg.output}/errors.parquet ({errors.num_rows} failed rows)")
+    print(
+        f"\nvotes:   {cfg.output}/votes/\nmetrics: {cfg.output}/metrics/ (metrics.csv, metrics.parquet, "
+        f"per_image.parquet, summary.md)\nerrors:  {cfg.output}/errors.parquet ({errors.num_rows} failed rows)"
+    )
     try:
         from ray_certseg import plots
 
         plots.write_plots(cfg.output, storage_options=cfg.storage_options, config=cfg)
         print(f"plots:   {cfg.output}/plots/ (`ray-certseg report {cfg.output}` writes report.md)")
     except Exception as exc:  # noqa: BLE001 - pictures are a convenience: the results above are complete
-        log.warning("plots not written (%s: %s); the votes and metrics are complete", type(exc).__name__,
-                    storage.redact(str(exc), cfg.storage_options))
+        log.warning(
+            "plots not written (%s: %s); the votes and metrics are complete",
+            type(exc).__name__,
+            storage.redact(str(exc), cfg.storage_options),
+        )
     return 1 if errors.num_rows else 0
 
 
@@ -146,11 +165,19 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction)
         suffix = "_all-rows" if args.all_rows else ""
         into = f"reductions/{args.name or reduce.reduction_name(grid) + suffix}"
-    result = reduce.reduce_output(args.output, taus=args.tau, alphas=args.alpha, corrections=args.correction,
-                                  into=into, pooling="all" if args.all_rows else "common")
+    result = reduce.reduce_output(
+        args.output,
+        taus=args.tau,
+        alphas=args.alpha,
+        corrections=args.correction,
+        into=into,
+        pooling="all" if args.all_rows else "common",
+    )
     print(result.summary_markdown)
-    print(f"\nmetrics: {storage.join(args.output, into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
-          "summary.md)" + ("" if into == "metrics" else f"; the run's own rows stay in {args.output}/metrics/"))
+    print(
+        f"\nmetrics: {storage.join(args.output, into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
+        "summary.md)" + ("" if into == "metrics" else f"; the run's own rows stay in {args.output}/metrics/")
+    )
     return 0
 
 
@@ -158,9 +185,18 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from ray_certseg.certify import CORRECTIONS
     from ray_certseg.selftest import run_selftest
 
-    report = run_selftest(images=args.images, alpha=args.alpha, corrections=args.correction or CORRECTIONS,
-                          seed=args.seed, shared_noise=args.shared_noise, sigma=args.sigma, tau=args.tau,
-                          n0=args.n0, n=args.n, batch_size=args.batch_size)
+    report = run_selftest(
+        images=args.images,
+        alpha=args.alpha,
+        corrections=args.correction or CORRECTIONS,
+        seed=args.seed,
+        shared_noise=args.shared_noise,
+        sigma=args.sigma,
+        tau=args.tau,
+        n0=args.n0,
+        n=args.n,
+        batch_size=args.batch_size,
+    )
     print(report.to_markdown())
     return 0 if report.passed else 1
 
@@ -179,42 +215,74 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="sample votes on Ray, certify and aggregate")
     r.add_argument("--config", default=DEFAULT_CONFIG, help=f"job config YAML (default {DEFAULT_CONFIG})")
     r.add_argument("--output", help="output folder, local or s3:// (overrides the config's `output`)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. sampling.n=500")
-    r.add_argument("--overwrite", action="store_true", help="discard what the output folder holds and start over")
-    r.add_argument("--progress-interval", type=float, default=None,
-                   help="seconds between progress log lines (default 30 without a terminal, off with one)")
+    r.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. sampling.n=500"
+    )
+    r.add_argument(
+        "--overwrite", action="store_true", help="discard what the output folder holds and start over"
+    )
+    r.add_argument(
+        "--progress-interval",
+        type=float,
+        default=None,
+        help="seconds between progress log lines (default 30 without a terminal, off with one)",
+    )
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("reduce", help="certify stored votes again (other tau/alpha/correction) and aggregate")
     d.add_argument("output", help="an output folder of `run`")
-    d.add_argument("--tau", type=float, nargs="+", action="extend",
-                   help="tau values, e.g. --tau 0.6 0.75 (default: the run's config)")
-    d.add_argument("--alpha", type=float, nargs="+", action="extend",
-                   help="alpha values (default: the run's config)")
+    d.add_argument(
+        "--tau",
+        type=float,
+        nargs="+",
+        action="extend",
+        help="tau values, e.g. --tau 0.6 0.75 (default: the run's config)",
+    )
+    d.add_argument(
+        "--alpha", type=float, nargs="+", action="extend", help="alpha values (default: the run's config)"
+    )
     d.add_argument("--correction", nargs="+", action="extend", choices=["holm", "bonferroni"])
-    d.add_argument("--name", help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "
-                   "after the grid, e.g. tau0.6_alpha0.001_holm-bonferroni); the run's metrics/ stay")
-    d.add_argument("--all-rows", action="store_true",
-                   help="pool every row each method has (default: like for like, per dataset and sigma only "
-                   "the images every method has); written to reductions/<grid>_all-rows/ unless --name")
-    d.add_argument("--replace-metrics", action="store_true",
-                   help="write OUTPUT/metrics/ instead (what `report` and the plots read)")
+    d.add_argument(
+        "--name",
+        help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "
+        "after the grid, e.g. tau0.6_alpha0.001_holm-bonferroni); the run's metrics/ stay",
+    )
+    d.add_argument(
+        "--all-rows",
+        action="store_true",
+        help="pool every row each method has (default: like for like, per dataset and sigma only "
+        "the images every method has); written to reductions/<grid>_all-rows/ unless --name",
+    )
+    d.add_argument(
+        "--replace-metrics",
+        action="store_true",
+        help="write OUTPUT/metrics/ instead (what `report` and the plots read)",
+    )
     d.set_defaults(func=cmd_reduce)
 
     o = sub.add_parser("report", help="write OUTPUT/report.md: the metrics table and the plots")
     o.add_argument("output", help="an output folder of `run`")
-    o.add_argument("--replot", action="store_true",
-                   help="redraw OUTPUT/plots/ first (default: only when missing or of another tau/alpha)")
+    o.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw OUTPUT/plots/ first (default: only when missing or of another tau/alpha)",
+    )
     o.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("selftest", help="check the false-certificate rate of sampling + certification "
-                       "against alpha on analytic segmenters (docs/selftest.md)")
+    s = sub.add_parser(
+        "selftest",
+        help="check the false-certificate rate of sampling + certification "
+        "against alpha on analytic segmenters (docs/selftest.md)",
+    )
     s.add_argument("--images", type=int, default=1000, help="number of seeded images (default 1000)")
     s.add_argument("--alpha", type=float, default=0.2, help="family-wise error level tested (default 0.2)")
     s.add_argument("--correction", action="append", choices=["holm", "bonferroni"], help="default: both")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shared-noise", action="store_true",
-                   help="replay the released SegCertify bug (one noise draw per batch): the test must fail")
+    s.add_argument(
+        "--shared-noise",
+        action="store_true",
+        help="replay the released SegCertify bug (one noise draw per batch): the test must fail",
+    )
     s.add_argument("--sigma", type=float, default=0.25)
     s.add_argument("--tau", type=float, default=0.75)
     s.add_argument("--n0", type=int, default=10)
@@ -227,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
-    from ray_certseg.faults import JobError
+    from ray_certseg.preflight import JobError
     from ray_certseg.storage import StorageError
 
     try:

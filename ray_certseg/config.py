@@ -41,7 +41,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -239,7 +239,11 @@ class DatasetConfig:
         "storage_options",
     )
     # absent from older config.json files
-    DEFAULTS_ADDED_LATER = {"palette": None, "duplicate_ids": "error", "certify_at_scale": 1.0}
+    DEFAULTS_ADDED_LATER: ClassVar[dict[str, Any]] = {
+        "palette": None,
+        "duplicate_ids": "error",
+        "certify_at_scale": 1.0,
+    }
     SCALE_RENAMED = (
         "{path}.scale was renamed, because it did not do what SegCertify's scale does. It resized the image "
         "and label before the noise, so the certificate, its radius and every metric are stated at the "
@@ -442,14 +446,15 @@ class ModelsConfig:
                 except ValueError as err:
                     raise ConfigError(str(err)) from None
                 specs[name] = {
-                    k: _resolve(v, base_dir) if _is_path_key(k) and isinstance(v, str) else v
+                    k: _resolve(v, base_dir) if is_path_key(k) and isinstance(v, str) else v
                     for k, v in spec.items()
                 }
             groups[group] = specs
         return cls(**groups)
 
 
-def _is_path_key(key: str) -> bool:
+def is_path_key(key: str) -> bool:
+    """A model-spec key that holds a file or folder (resolved against the config's folder when relative)."""
     return key in MODEL_PATH_KEYS or str(key).endswith(MODEL_PATH_SUFFIXES)
 
 
@@ -621,16 +626,25 @@ def _runtime_env(value: Any, path: str, base_dir: Path | None) -> dict[str, Any]
         modules = env["py_modules"]
         if not isinstance(modules, (list, tuple)) or not modules:
             raise _fail(_join(path, "py_modules"), "a non-empty list of package folders or URLs", modules)
-        env["py_modules"] = [_existing(m, f"{path}.py_modules[{i}]", base_dir, "a package folder (the one "
-                                       "holding __init__.py), a .py file, a .whl or a URL")
-                             for i, m in enumerate(modules)]
+        env["py_modules"] = [
+            _existing(
+                m,
+                f"{path}.py_modules[{i}]",
+                base_dir,
+                "a package folder (the one holding __init__.py), a .py file, a .whl or a URL",
+            )
+            for i, m in enumerate(modules)
+        ]
     if "working_dir" in env:
-        env["working_dir"] = _existing(env["working_dir"], _join(path, "working_dir"), base_dir,
-                                       "a folder or a URL")
+        env["working_dir"] = _existing(
+            env["working_dir"], _join(path, "working_dir"), base_dir, "a folder or a URL"
+        )
     if "pip" in env and not isinstance(env["pip"], (list, tuple, dict, str)):
         raise _fail(_join(path, "pip"), "a list of requirements", env["pip"])
     if "env_vars" in env:
-        env["env_vars"] = {str(k): str(v) for k, v in _mapping(env["env_vars"], _join(path, "env_vars")).items()}
+        env["env_vars"] = {
+            str(k): str(v) for k, v in _mapping(env["env_vars"], _join(path, "env_vars")).items()
+        }
     return env
 
 

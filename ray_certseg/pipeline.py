@@ -12,6 +12,7 @@ Data flows one way:
 Per-image failures never fail the job: the actor catches them, writes a small record to
 ``<out>/_errors/`` and drops that row; the driver gathers them into ``<out>/errors.parquet``.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import faults, storage, votes
+from ray_certseg import preflight, storage, votes
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
 
 log = logging.getLogger("ray_certseg")
 
-ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("method", pa.string()), ("sigma", pa.float64()),
-                           ("stage", pa.string()), ("error", pa.string())])
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("method", pa.string()),
+        ("sigma", pa.float64()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 def row_key(image_id: str, method: str, sigma: float) -> tuple[str, str, float]:
@@ -69,20 +77,36 @@ class VoteSampler:
         # Weights stay float32; bf16/fp16 run under autocast (sampling.dtype), except where a loader
         # applies its own precision scheme (ADM's fp16 blocks on GPU).
         # A model that fails to load, or a segmenter for another class count, fails this constructor: Ray Data
-        # then stops the job once (faults.job_error) instead of every image failing the same way.
-        prep = dict(channels_last=s.channels_last, compile=s.compile)
+        # then stops the job once (preflight.job_error) instead of every image failing the same way.
+        prep = {"channels_last": s.channels_last, "compile": s.compile}
         self.segmenters = {}
         for name in sorted(used_seg):
-            segmenter = faults.load_model("segmenters", name, lambda name=name: load_segmenter(
-                self.cfg.models.segmenters[name], device=self.device))
-            faults.check_segmenter(name, segmenter, self.cfg.dataset.num_classes, self.device, self.cfg.dataset.resize)
+            segmenter = preflight.load_model(
+                "segmenters",
+                name,
+                lambda name=name: load_segmenter(self.cfg.models.segmenters[name], device=self.device),
+            )
+            preflight.check_segmenter(
+                name, segmenter, self.cfg.dataset.num_classes, self.device, self.cfg.dataset.resize
+            )
             self.segmenters[name] = prepare_model(segmenter, **prep)
         den_dtype = self.dtype if self.device.type == "cuda" else torch.float32
-        self.denoisers = {name: prepare_model(faults.load_model("denoisers", name, lambda name=name: load_denoiser(
-            self.cfg.models.denoisers[name], device=self.device, dtype=den_dtype)), **prep) for name in sorted(used_den)}
+        self.denoisers = {
+            name: prepare_model(
+                preflight.load_model(
+                    "denoisers",
+                    name,
+                    lambda name=name: load_denoiser(
+                        self.cfg.models.denoisers[name], device=self.device, dtype=den_dtype
+                    ),
+                ),
+                **prep,
+            )
+            for name in sorted(used_den)
+        }
         if probe_size is not None:
             for name, denoiser in self.denoisers.items():
-                faults.check_denoiser(name, denoiser, *probe_size)
+                preflight.check_denoiser(name, denoiser, *probe_size)
         self.errors_dir = storage.join(self.cfg.output, "_errors")
         self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
 
@@ -97,7 +121,7 @@ class VoteSampler:
             try:
                 item = load_item(ref, self.cfg.dataset)
             except storage.StorageError:
-                raise  # the store itself fails: every image would, so the job stops (faults.job_error)
+                raise  # the store itself fails: every image would, so the job stops (preflight.job_error)
             except Exception as exc:  # noqa: BLE001 - one bad image must not cost the others
                 self._record_error(image_id, "", float("nan"), "load", exc)
                 continue
@@ -116,26 +140,63 @@ class VoteSampler:
         segmenter = self.segmenters[m.segmenter]
         denoiser = self.denoisers[m.denoiser] if m.denoiser else None
         num_classes = self.cfg.dataset.num_classes
-        v = count_votes(item["image"], segmenter, denoiser=denoiser, sigma=sigma, n0=s.n0, n=s.n,
-                        num_classes=num_classes, batch_size=s.batch_size, seed=s.seed, image_id=item["image_id"],
-                        device=self.device, autocast_dtype=None if s.dtype == "float32" else self.dtype,
-                        channels_last=s.channels_last, return_counts=s.store_counts)
+        v = count_votes(
+            item["image"],
+            segmenter,
+            denoiser=denoiser,
+            sigma=sigma,
+            n0=s.n0,
+            n=s.n,
+            num_classes=num_classes,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            image_id=item["image_id"],
+            device=self.device,
+            autocast_dtype=None if s.dtype == "float32" else self.dtype,
+            channels_last=s.channels_last,
+            return_counts=s.store_counts,
+        )
         h, w = v.c_hat.shape
         return votes.VoteRecord(
-            image_id=item["image_id"], dataset=item["dataset"], method=method,
+            image_id=item["image_id"],
+            dataset=item["dataset"],
+            method=method,
             denoiser=getattr(denoiser, "name", "") if denoiser is not None else "",
-            segmenter=getattr(segmenter, "name", m.segmenter), sigma=sigma, n0=s.n0, n=s.n, seed=s.seed,
-            num_classes=num_classes, ignore_index=self.cfg.dataset.ignore_index, height=h, width=w,
-            label=item["label"], c_hat=v.c_hat, k=v.k, clean_pred=v.clean_pred, sample_seconds=v.seconds,
-            counts=v.counts if s.store_counts else None)
+            segmenter=getattr(segmenter, "name", m.segmenter),
+            sigma=sigma,
+            n0=s.n0,
+            n=s.n,
+            seed=s.seed,
+            num_classes=num_classes,
+            ignore_index=self.cfg.dataset.ignore_index,
+            height=h,
+            width=w,
+            label=item["label"],
+            c_hat=v.c_hat,
+            k=v.k,
+            clean_pred=v.clean_pred,
+            sample_seconds=v.seconds,
+            counts=v.counts if s.store_counts else None,
+        )
 
     def _record_error(self, image_id: str, method: str, sigma: float, stage: str, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"
-        log.warning("image %s (%s%s): %s", image_id, stage, f", {method} sigma={sigma}" if method else "", message)
+        log.warning(
+            "image %s (%s%s): %s", image_id, stage, f", {method} sigma={sigma}" if method else "", message
+        )
         log.debug("%s", traceback.format_exc())
-        table = pa.Table.from_pylist([dict(image_id=image_id, method=method, sigma=sigma, stage=stage,
-                                           error=storage.redact(message, self.cfg.storage_options))],
-                                     schema=ERRORS_SCHEMA)
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "image_id": image_id,
+                    "method": method,
+                    "sigma": sigma,
+                    "stage": stage,
+                    "error": storage.redact(message, self.cfg.storage_options),
+                }
+            ],
+            schema=ERRORS_SCHEMA,
+        )
         tag = zlib.crc32(f"{image_id}:{method}:{sigma}:{stage}".encode())
         path = storage.join(self.errors_dir, f"{image_id}-{tag:08x}.parquet")
         self.fs.makedirs(storage.strip_protocol(self.errors_dir), exist_ok=True)
@@ -162,8 +223,8 @@ class Plan:
     """What a run has to do: the reference rows with their pending (method, sigma) pairs."""
 
     rows: list[dict[str, Any]]
-    total: int           # (image, method, sigma) rows the config asks for
-    done: int            # of those, already in <output>/votes
+    total: int  # (image, method, sigma) rows the config asks for
+    done: int  # of those, already in <output>/votes
     pending: int = field(init=False)
     probe_size: tuple[int, int] | None = None  # (H, W) of the first image that loads, for the actors' checks
 
@@ -199,8 +260,12 @@ def set_aside_partial_files(votes_dir: str, storage_options: dict | None = None)
                 _ = pq.ParquetFile(f).metadata  # reads and checks the footer
         except Exception as exc:  # noqa: BLE001 - any unreadable footer
             target = f"{aside}/{path.rsplit('/', 1)[-1]}.partial"
-            log.warning("vote file %s is unreadable (%s): moved to %s, its rows will be sampled again",
-                        path, type(exc).__name__, target)
+            log.warning(
+                "vote file %s is unreadable (%s): moved to %s, its rows will be sampled again",
+                path,
+                type(exc).__name__,
+                target,
+            )
             fs.makedirs(aside, exist_ok=True)
             fs.mv(path, target)
             moved.append(path)
@@ -213,8 +278,13 @@ def completed_rows(votes_dir: str, storage_options: dict | None = None) -> set[t
     keys: set[tuple[str, str, float]] = set()
     for path in files:
         t = pq.read_table(path, filesystem=fs, columns=["image_id", "method", "sigma"], partitioning=None)
-        keys.update(zip(t.column("image_id").to_pylist(), t.column("method").to_pylist(),
-                        t.column("sigma").to_pylist()))
+        keys.update(
+            zip(
+                t.column("image_id").to_pylist(),
+                t.column("method").to_pylist(),
+                t.column("sigma").to_pylist(),
+            )
+        )
     return keys
 
 
@@ -222,16 +292,19 @@ class Progress:
     """A periodic log line for runs without progress bars (``ray job submit``): rows done / total,
     images per minute and time left, read from the vote files written so far."""
 
-    def __init__(self, votes_dir: str, storage_options: dict | None, plan_: Plan, rows_per_image: int,
-                 interval: float):
+    def __init__(
+        self, votes_dir: str, storage_options: dict | None, plan_: Plan, rows_per_image: int, interval: float
+    ):
         self.votes_dir, self.storage_options, self.plan = votes_dir, storage_options, plan_
         self.rows_per_image, self.interval = rows_per_image, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._t0 = time.monotonic()
-        self._rows: dict[str, int] = {}  # complete vote files (written once) -> their rows: each footer read once
+        self._rows: dict[
+            str, int
+        ] = {}  # complete vote files (written once) -> their rows: each footer read once
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Progress:  # noqa: PYI034 - the class is final; Self needs Python 3.11
         if self.interval > 0 and self.plan.pending:
             self._thread.start()
         return self
@@ -245,7 +318,7 @@ class Progress:
             if path not in self._rows:
                 try:
                     self._rows[path] = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-                except Exception:  # noqa: BLE001 - a file still being written has no footer yet
+                except Exception:  # noqa: BLE001, S110 - a file still being written has no footer yet
                     pass
         return sum(self._rows.values())
 
@@ -256,8 +329,13 @@ class Progress:
             dt = time.monotonic() - self._t0
             rate = new / dt if dt > 0 else 0.0
             left = (self.plan.pending - new) / rate if rate > 0 else float("nan")
-            log.info("progress: %d/%d rows, %.1f images/min, about %s left", rows, self.plan.total,
-                     60 * rate / self.rows_per_image, _fmt_seconds(left))
+            log.info(
+                "progress: %d/%d rows, %.1f images/min, about %s left",
+                rows,
+                self.plan.total,
+                60 * rate / self.rows_per_image,
+                _fmt_seconds(left),
+            )
 
 
 def _fmt_seconds(s: float) -> str:
@@ -269,24 +347,31 @@ def _fmt_seconds(s: float) -> str:
 def prepare_run(cfg: JobConfig, *, overwrite: bool = False) -> Plan:
     """Everything the driver checks and plans before Ray starts, so a job-level fault fails in seconds: the
     config's class counts, the output folder (:func:`prepare_output`), the listing, one probe image (whether
-    the (n, tau, alpha) grid can certify anything at its size, :func:`faults.check_feasible`) and the rows
+    the (n, tau, alpha) grid can certify anything at its size, :func:`preflight.check_feasible`) and the rows
     already written (resume)."""
     from ray_certseg.data import list_items
 
-    faults.check_class_counts(cfg)
-    faults.check_runtime_env(cfg)
-    faults.add_py_modules_to_path(cfg)
+    preflight.check_class_counts(cfg)
+    preflight.check_model_files(cfg)
+    preflight.check_runtime_env(cfg)
+    preflight.add_py_modules_to_path(cfg)
     prepare_output(cfg, overwrite=overwrite)
     refs = list_items(cfg.dataset)
     probe = probe_size(refs, cfg)
     if probe is not None:
-        faults.check_feasible(cfg, *probe)
+        preflight.check_feasible(cfg, *probe)
     done = completed_rows(storage.join(cfg.output, "votes"), cfg.storage_options)
     job_plan = plan(cfg, refs, done)
     job_plan.probe_size = probe
-    log.info("%d images x %d methods x %d sigmas = %d vote rows; %d already written, %d to sample",
-             len(refs), len(cfg.methods), len(cfg.sampling.sigmas), job_plan.total, job_plan.done,
-             job_plan.pending)
+    log.info(
+        "%d images x %d methods x %d sigmas = %d vote rows; %d already written, %d to sample",
+        len(refs),
+        len(cfg.methods),
+        len(cfg.sampling.sigmas),
+        job_plan.total,
+        job_plan.done,
+        job_plan.pending,
+    )
     return job_plan
 
 
@@ -296,7 +381,7 @@ PROBE_TRIES = 3
 def probe_size(refs: list[dict[str, Any]], cfg: JobConfig) -> tuple[int, int] | None:
     """(H, W) of the first of the first PROBE_TRIES images that loads (after ``resize`` and
     ``certify_at_scale``); None if none does: a bad image is the sampler's to record (with the others' rows kept), a failing store the
-    sampler's to stop the job on (``faults.job_error``), as without the probe."""
+    sampler's to stop the job on (``preflight.job_error``), as without the probe."""
     from ray_certseg.data import load_item
 
     for ref in refs[:PROBE_TRIES]:
@@ -304,13 +389,14 @@ def probe_size(refs: list[dict[str, Any]], cfg: JobConfig) -> tuple[int, int] | 
             return tuple(load_item(ref, cfg.dataset)["label"].shape)
         except storage.StorageError:
             return None
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S112 - a bad image: the next may load; the sampler records this one
             continue
     return None
 
 
-def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: float = 30.0,
-                 job_plan: Plan | None = None) -> Plan:
+def run_sampling(
+    cfg: JobConfig, *, overwrite: bool = False, progress_interval: float = 30.0, job_plan: Plan | None = None
+) -> Plan:
     """Sample votes for every (image, method, sigma) not yet in ``<output>/votes`` (all of them with
     ``overwrite``). ``job_plan``: from :func:`prepare_run` when the driver already made it. Returns the plan
     that was executed."""
@@ -325,22 +411,33 @@ def run_sampling(cfg: JobConfig, *, overwrite: bool = False, progress_interval: 
 
     r = cfg.ray
     if isinstance(r.actors, int):
-        compute = ray.data.ActorPoolStrategy(size=r.actors,
-                                             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor)
+        compute = ray.data.ActorPoolStrategy(
+            size=r.actors, max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor
+        )
     else:
-        compute = ray.data.ActorPoolStrategy(min_size=r.actors["min"], max_size=r.actors["max"],
-                                             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor)
+        compute = ray.data.ActorPoolStrategy(
+            min_size=r.actors["min"],
+            max_size=r.actors["max"],
+            max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
+        )
     ds = ray.data.from_items(job_plan.rows, override_num_blocks=max(1, len(job_plan.rows) // r.batch_size))
-    ds = ds.map_batches(VoteSampler, fn_constructor_kwargs={"config": cfg.to_dict(redact=False),
-                                                            "probe_size": job_plan.probe_size},
-                        compute=compute, batch_size=r.batch_size, batch_format="numpy",
-                        num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor)
+    ds = ds.map_batches(
+        VoteSampler,
+        fn_constructor_kwargs={"config": cfg.to_dict(redact=False), "probe_size": job_plan.probe_size},
+        compute=compute,
+        batch_size=r.batch_size,
+        batch_format="numpy",
+        num_cpus=r.num_cpus_per_actor,
+        num_gpus=r.num_gpus_per_actor,
+    )
     pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, cfg.storage_options)
     with Progress(votes_dir, cfg.storage_options, job_plan, rows_per_image, progress_interval):
         try:
-            ds.write_parquet(pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS)
+            ds.write_parquet(
+                pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS
+            )
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            raise faults.job_error(exc) from exc
+            raise preflight.job_error(exc) from exc
     return job_plan
 
 
@@ -369,14 +466,18 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
         with fs.open(cfg_path, "w") as f:
             json.dump(cfg.to_dict(redact=True), f, indent=2, sort_keys=True)
     except OSError as exc:  # read-only place, a file in the path, no such device...
-        raise ConfigError(f"output: cannot write to {cfg.output} ({type(exc).__name__}: {exc.strerror or exc}): "
-                          "choose a writable folder with --output") from None
+        raise ConfigError(
+            f"output: cannot write to {cfg.output} ({type(exc).__name__}: {exc.strerror or exc}): "
+            "choose a writable folder with --output"
+        ) from None
     err_root = f"{root}/_errors"
     if fs.exists(err_root):  # errored rows are retried by this run; stale records would mislead
         fs.rm(err_root, recursive=True)
 
 
-WRITE_CPUS = 0.25  # a Parquet write is I/O: a quarter CPU slot, so it schedules beside actors that fill a node
+WRITE_CPUS = (
+    0.25  # a Parquet write is I/O: a quarter CPU slot, so it schedules beside actors that fill a node
+)
 # Per sampling key, whether rows sampled before and after a change stay comparable (tests/test_pipeline.py):
 # - VOTE_KEYS change the votes: n0, n, seed (the noise), dtype (the arithmetic), device (the kernels), compile
 #   and channels_last (fused or re-laid-out kernels round differently, in float32 too). Resuming is refused.
@@ -399,8 +500,11 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
 
     old = {**old, "dataset": DatasetConfig.upgrade_recorded(old.get("dataset") or {})}
     problems = []
-    same_items = lambda d: {k: v for k, v in {**DatasetConfig.DEFAULTS_ADDED_LATER, **(d or {})}.items()
-                            if k not in SELECTION_KEYS + PRESENTATION_KEYS}
+    same_items = lambda d: {
+        k: v
+        for k, v in {**DatasetConfig.DEFAULTS_ADDED_LATER, **(d or {})}.items()
+        if k not in SELECTION_KEYS + PRESENTATION_KEYS
+    }
     if same_items(old.get("dataset")) != same_items(new.get("dataset")):
         problems.append("dataset")
     sampling = lambda d, key: d.get("sampling", {}).get(key, getattr(SamplingConfig, key))
@@ -409,11 +513,16 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
             problems.append(f"sampling.{key}")
     for key in WARN_KEYS:
         if sampling(old, key) != sampling(new, key):
-            log.warning("sampling.%s changed from %s to %s since these votes were written: the noise is the "
-                        "same (per-draw seeds) and CPU float32 votes are bit-identical, but on a GPU kernels "
-                        "chosen per batch shape may round differently, so old and new rows can differ in "
-                        "low-order bits; keep %s for bit-identical rows", key, sampling(old, key),
-                        sampling(new, key), key)
+            log.warning(
+                "sampling.%s changed from %s to %s since these votes were written: the noise is the "
+                "same (per-draw seeds) and CPU float32 votes are bit-identical, but on a GPU kernels "
+                "chosen per batch shape may round differently, so old and new rows can differ in "
+                "low-order bits; keep %s for bit-identical rows",
+                key,
+                sampling(old, key),
+                sampling(new, key),
+                key,
+            )
     for name in set(old.get("methods", {})) & set(new.get("methods", {})):
         o, n = old["methods"][name], new["methods"][name]
         if o != n:
@@ -425,7 +534,8 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
         raise ValueError(
             f"output folder {new.get('output')!r} holds votes made with a different config "
             f"({', '.join(sorted(set(problems)))} changed); resuming would mix incomparable rows. "
-            "Use another --output, or --overwrite to start over.")
+            "Use another --output, or --overwrite to start over."
+        )
 
 
 def gather_errors(cfg: JobConfig) -> pa.Table:

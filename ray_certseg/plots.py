@@ -12,6 +12,7 @@
   :func:`ray_certseg.analysis.noisy_sample`), re-drawn here on the CPU with the run's models, for images of
   at most ``MAX_SAMPLE_PIXELS`` pixels (larger ones would make the driver run the models on the CPU).
 """
+
 from __future__ import annotations
 
 import io
@@ -38,8 +39,14 @@ MAX_PANEL_SIDE = 256
 """Strip panels are subsampled (every s-th pixel) to at most this many pixels per side."""
 ABSTAIN_RGB = (1.0, 1.0, 1.0)
 IGNORE_RGB = (0.0, 0.0, 0.0)
-EXAMPLE_COLUMNS = ("image", "ground truth", "clean prediction", "certified (abstain white)", "noisy sample",
-                   "denoised sample")
+EXAMPLE_COLUMNS = (
+    "image",
+    "ground truth",
+    "clean prediction",
+    "certified (abstain white)",
+    "noisy sample",
+    "denoised sample",
+)
 EXAMPLE_PANEL_INCHES = 1.6
 
 
@@ -75,14 +82,16 @@ def palette_of(cfg: JobConfig | None) -> tuple[str, ...] | None:
     return tuple(names) if names and all(n in named for n in names) else None
 
 
-def colourize(labels: np.ndarray, num_classes: int, ignore_index: int = 255,
-              palette: Sequence[str] | None = None) -> np.ndarray:
+def colourize(
+    labels: np.ndarray, num_classes: int, ignore_index: int = 255, palette: Sequence[str] | None = None
+) -> np.ndarray:
     """A class map (classes, ABSTAIN, ignore_index) as an RGB float image: class colours (``palette`` or the
     defaults of :func:`class_colours`), abstain white, ignore black."""
     labels = np.asarray(labels).astype(np.int64)
     colours = np.vstack([class_colours(num_classes, palette), ABSTAIN_RGB, IGNORE_RGB])
-    index = np.where(labels == ABSTAIN, num_classes,
-                     np.where(labels == ignore_index, num_classes + 1, labels))
+    index = np.where(
+        labels == ABSTAIN, num_classes, np.where(labels == ignore_index, num_classes + 1, labels)
+    )
     return colours[index]
 
 
@@ -99,15 +108,18 @@ def grid_point(metrics: pd.DataFrame, cfg: JobConfig) -> tuple[float, float, str
     alpha, then the smallest tau)."""
     c = cfg.certify
     wanted = (c.taus[0], c.alphas[0], c.corrections[0])
-    listed = {(float(t), float(a), str(k)) for t, a, k in
-              metrics[["tau", "alpha", "correction"]].itertuples(index=False, name=None)}
+    listed = {
+        (float(t), float(a), str(k))
+        for t, a, k in metrics[["tau", "alpha", "correction"]].itertuples(index=False, name=None)
+    }
     if not listed:
         return wanted
     return min(listed, key=lambda p: (p[2] != wanted[2], p[1] != wanted[1], p[0] != wanted[0], p))
 
 
-def plotted_grid_point(output: str, *, storage_options: Mapping[str, Any] | None = None
-                       ) -> tuple[float, float, str] | None:
+def plotted_grid_point(
+    output: str, *, storage_options: Mapping[str, Any] | None = None
+) -> tuple[float, float, str] | None:
     """The (tau, alpha, correction) that ``<output>/plots/`` shows (``plots.json``), None without plots."""
     path = storage.join(output, "plots", "plots.json")
     if not storage.exists(path, storage_options):
@@ -132,8 +144,12 @@ def plot_certified_accuracy(curve: pd.DataFrame, *, alpha: float, correction: st
     for ax, dataset in zip(np.atleast_1d(fig.subplots(1, len(datasets))), datasets):
         for method, g in curve[curve["dataset"] == dataset].groupby("method", sort=True):
             ax.plot(g["radius"], g["certified_accuracy"], marker=".", color=colours[method], label=method)
-        ax.set(xlabel="L2 radius r ([0, 1] pixel units)", ylabel="certified pixel accuracy", ylim=(0, 1),
-               title=f"{dataset}: max over sigma, alpha={alpha:g}, {correction}")
+        ax.set(
+            xlabel="L2 radius r ([0, 1] pixel units)",
+            ylabel="certified pixel accuracy",
+            ylim=(0, 1),
+            title=f"{dataset}: max over sigma, alpha={alpha:g}, {correction}",
+        )
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -142,8 +158,9 @@ def plot_certified_accuracy(curve: pd.DataFrame, *, alpha: float, correction: st
 
 def plot_certified_accuracy_per_sigma(curve: pd.DataFrame, *, alpha: float, correction: str) -> Figure:
     """Per-sigma curves (``per_sigma=True``), one panel per (dataset, method), one line per sigma."""
-    panels = sorted(curve[["dataset", "method"]].drop_duplicates().itertuples(index=False, name=None)) \
-        or [("", "")]
+    panels = sorted(curve[["dataset", "method"]].drop_duplicates().itertuples(index=False, name=None)) or [
+        ("", "")
+    ]
     fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=DPI, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
     for ax, (dataset, method) in zip(axes, panels):
@@ -158,15 +175,22 @@ def plot_certified_accuracy_per_sigma(curve: pd.DataFrame, *, alpha: float, corr
     return fig
 
 
-def plot_iou_per_class(metrics: pd.DataFrame, names: Sequence[str], *, tau: float, alpha: float,
-                       correction: str) -> Figure:
+def plot_iou_per_class(
+    metrics: pd.DataFrame, names: Sequence[str], *, tau: float, alpha: float, correction: str
+) -> Figure:
     """Certified IoU per class from ``metrics.parquet`` rows at one grid point: one panel per
     (dataset, sigma), one bar per method (its certified mIoU in the legend)."""
-    rows = metrics[np.isclose(metrics["tau"], tau) & np.isclose(metrics["alpha"], alpha)
-                   & (metrics["correction"] == correction)]
+    rows = metrics[
+        np.isclose(metrics["tau"], tau)
+        & np.isclose(metrics["alpha"], alpha)
+        & (metrics["correction"] == correction)
+    ]
     panels = sorted(rows[["dataset", "sigma"]].drop_duplicates().itertuples(index=False, name=None))
-    fig = Figure(figsize=(min(24.0, max(5.0, 0.9 * len(names) + 2)), 2.8 * max(1, len(panels))), dpi=DPI,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(min(24.0, max(5.0, 0.9 * len(names) + 2)), 2.8 * max(1, len(panels))),
+        dpi=DPI,
+        layout="constrained",
+    )
     axes = np.atleast_1d(fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0])
     colours = _method_colours(rows["method"].unique())
     x = np.arange(len(names))
@@ -174,11 +198,20 @@ def plot_iou_per_class(metrics: pd.DataFrame, names: Sequence[str], *, tau: floa
         g = rows[(rows["dataset"] == dataset) & (rows["sigma"] == sigma)].sort_values("method")
         width = 0.8 / max(1, len(g))
         for i, row in enumerate(g.itertuples(index=False)):
-            ax.bar(x + (i - (len(g) - 1) / 2) * width, row.iou_per_class, width, color=colours[row.method],
-                   label=f"{row.method} (mIoU {row.miou:.3f})")
-        ax.set(ylabel="certified IoU", ylim=(0, 1), title=f"{dataset}, sigma={sigma:g}, tau={tau:g} "
-                                                             f"(R={radius(sigma, tau):.3f}), "
-                                                             f"alpha={alpha:g}, {correction}")
+            ax.bar(
+                x + (i - (len(g) - 1) / 2) * width,
+                row.iou_per_class,
+                width,
+                color=colours[row.method],
+                label=f"{row.method} (mIoU {row.miou:.3f})",
+            )
+        ax.set(
+            ylabel="certified IoU",
+            ylim=(0, 1),
+            title=f"{dataset}, sigma={sigma:g}, tau={tau:g} "
+            f"(R={radius(sigma, tau):.3f}), "
+            f"alpha={alpha:g}, {correction}",
+        )
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize="small")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
@@ -189,9 +222,18 @@ def plot_iou_per_class(metrics: pd.DataFrame, names: Sequence[str], *, tau: floa
 Samples = Mapping[tuple[str, float], tuple[np.ndarray, np.ndarray | None]]
 
 
-def plot_example(rows: pd.DataFrame, image: np.ndarray | None, *, names: Sequence[str], tau: float,
-                 alpha: float, correction: str, samples: Samples | None = None,
-                 no_sample: str = "not drawn", palette: Sequence[str] | None = None) -> Figure:
+def plot_example(
+    rows: pd.DataFrame,
+    image: np.ndarray | None,
+    *,
+    names: Sequence[str],
+    tau: float,
+    alpha: float,
+    correction: str,
+    samples: Samples | None = None,
+    no_sample: str = "not drawn",
+    palette: Sequence[str] | None = None,
+) -> Figure:
     """One image's strip: a row per vote row (method, sigma) of ``rows`` (``load_votes`` rows of one image):
     image | ground truth | clean prediction | certified map at (tau, alpha, correction) | noisy sample |
     denoised sample. ``image``: uint8 (H, W, 3), or None when it cannot be read; ``samples[(method,
@@ -210,26 +252,44 @@ def plot_example(rows: pd.DataFrame, image: np.ndarray | None, *, names: Sequenc
     for r, row in enumerate(rows.to_dict("records")):
         cert = analysis.certify_row(row, tau=tau, alpha=alpha, correction=correction)
         noisy, denoised = (samples or {}).get((row["method"], float(row["sigma"])), (None, None))
-        panels = [None if image is None else image / 255.0, colourize(row["label"], C, ignore, palette),
-                  colourize(row["clean_pred"], C, ignore, palette), colourize(cert.labels, C, ignore, palette),
-                  noisy, denoised]
+        panels = [
+            None if image is None else image / 255.0,
+            colourize(row["label"], C, ignore, palette),
+            colourize(row["clean_pred"], C, ignore, palette),
+            colourize(cert.labels, C, ignore, palette),
+            noisy,
+            denoised,
+        ]
         y = pad + r * (h + pad)
         for c, panel in enumerate(panels):
             x = pad + c * (w + pad)
             if panel is None:
-                mosaic[y:y + h, x:x + w] = 0.95
-                notes.append((x + w / 2, y + h / 2, "no denoiser" if c == 5 and noisy is not None
-                              else "no image" if c == 0 else no_sample))
+                mosaic[y : y + h, x : x + w] = 0.95
+                notes.append(
+                    (
+                        x + w / 2,
+                        y + h / 2,
+                        "no denoiser"
+                        if c == 5 and noisy is not None
+                        else "no image"
+                        if c == 0
+                        else no_sample,
+                    )
+                )
             else:
-                mosaic[y:y + h, x:x + w] = np.clip(panel[::step, ::step], 0, 1)
+                mosaic[y : y + h, x : x + w] = np.clip(panel[::step, ::step], 0, 1)
         share = cert.num_certified / cert.labels.size
         label = f"{row['method']}\nsigma={row['sigma']:g}\nR={cert.radius:.3f}\n{share:.0%} certified"
         row_labels.append((y + h / 2, label))
     inch = EXAMPLE_PANEL_INCHES / (w + pad)  # inches per mosaic pixel
-    legend = [Patch(facecolor=col, edgecolor="0.5", label=name)
-              for col, name in zip(class_colours(C, palette), names)]
-    legend += [Patch(facecolor=ABSTAIN_RGB, edgecolor="0.5", label="abstain"),
-               Patch(facecolor=IGNORE_RGB, edgecolor="0.5", label="ignore")]
+    legend = [
+        Patch(facecolor=col, edgecolor="0.5", label=name)
+        for col, name in zip(class_colours(C, palette), names)
+    ]
+    legend += [
+        Patch(facecolor=ABSTAIN_RGB, edgecolor="0.5", label="abstain"),
+        Patch(facecolor=IGNORE_RGB, edgecolor="0.5", label="ignore"),
+    ]
     ncols = min(len(legend), 8)
     left, top, bottom = 1.1, 0.55, 0.3 + 0.26 * -(-len(legend) // ncols)
     width, height = mosaic.shape[1] * inch, mosaic.shape[0] * inch
@@ -246,9 +306,13 @@ def plot_example(rows: pd.DataFrame, image: np.ndarray | None, *, names: Sequenc
         ax.text(x, y, note, ha="center", va="center", fontsize="x-small", color="0.4")
     fig.legend(handles=legend, loc="lower center", ncols=ncols, fontsize="small", frameon=False)
     shown = f"; every {step}th pixel shown" if step > 1 else ""
-    fig.suptitle(f"{first['image_id']}: tau={tau:g}, alpha={alpha:g}, {correction}; noisy sample = "
-                 f"estimation draw 0 (clipped for display){shown}", fontsize="small", y=1 - 0.08 / H,
-                 va="top")
+    fig.suptitle(
+        f"{first['image_id']}: tau={tau:g}, alpha={alpha:g}, {correction}; noisy sample = "
+        f"estimation draw 0 (clipped for display){shown}",
+        fontsize="small",
+        y=1 - 0.08 / H,
+        va="top",
+    )
     return fig
 
 
@@ -268,8 +332,9 @@ class ExampleSampler:
             self._denoisers[name] = load_denoiser(self.cfg.models.denoisers[name], device="cpu")
         return self._denoisers.get(name) if name else None
 
-    def __call__(self, image: np.ndarray, image_id: str, method: str, sigma: float
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(
+        self, image: np.ndarray, image_id: str, method: str, sigma: float
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(noisy, denoised or None) as (H, W, 3) float arrays in [0, 1] space (not clipped)."""
         import torch
 
@@ -306,9 +371,16 @@ def _save(fig: Figure, path: str, storage_options: Mapping[str, Any] | None) -> 
     return path
 
 
-def write_plots(output: str, *, storage_options: Mapping[str, Any] | None = None,
-                config: JobConfig | None = None, examples: int = 3, radii: Sequence[float] | None = None,
-                max_sample_pixels: int = MAX_SAMPLE_PIXELS, engine: str = "auto") -> list[str]:
+def write_plots(
+    output: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    config: JobConfig | None = None,
+    examples: int = 3,
+    radii: Sequence[float] | None = None,
+    max_sample_pixels: int = MAX_SAMPLE_PIXELS,
+    engine: str = "auto",
+) -> list[str]:
     """Write the plots of the module docstring into ``<output>/plots/`` and return their paths. Curves use the
     alpha and correction of :func:`grid_point`, bars and strips also its tau; ``radii`` default to
     :func:`ray_certseg.analysis.radius_grid`. ``config``: the run's configuration (the job passes its own,
@@ -325,39 +397,69 @@ def write_plots(output: str, *, storage_options: Mapping[str, Any] | None = None
     plots = storage.join(output, "plots")
     written = []
     if radii is None:
-        radii = analysis.radius_grid(scalars["sigma"].unique(), int(scalars["n"].max()), alpha,
-                                     int((scalars["height"] * scalars["width"]).min()))
-    per_sigma = analysis.certified_accuracy_curve(output, radii, alpha=alpha, correction=correction,
-                                                  per_sigma=True, storage_options=storage_options,
-                                                  engine=engine)
-    curve = analysis.envelope(per_sigma, analysis.check_radii(radii),
-                              scalars[["dataset", "method"]].drop_duplicates())
-    storage.write_bytes(storage.join(plots, "certified_accuracy.csv"),
-                        per_sigma.to_csv(index=False, float_format="%.6g").encode(), storage_options)
+        radii = analysis.radius_grid(
+            scalars["sigma"].unique(),
+            int(scalars["n"].max()),
+            alpha,
+            int((scalars["height"] * scalars["width"]).min()),
+        )
+    per_sigma = analysis.certified_accuracy_curve(
+        output,
+        radii,
+        alpha=alpha,
+        correction=correction,
+        per_sigma=True,
+        storage_options=storage_options,
+        engine=engine,
+    )
+    curve = analysis.envelope(
+        per_sigma, analysis.check_radii(radii), scalars[["dataset", "method"]].drop_duplicates()
+    )
+    storage.write_bytes(
+        storage.join(plots, "certified_accuracy.csv"),
+        per_sigma.to_csv(index=False, float_format="%.6g").encode(),
+        storage_options,
+    )
     written.append(storage.join(plots, "certified_accuracy.csv"))
-    for name, fig in (("certified_accuracy.png", plot_certified_accuracy(curve, alpha=alpha,
-                                                                          correction=correction)),
-                      ("certified_accuracy_per_sigma.png", plot_certified_accuracy_per_sigma(
-                          per_sigma, alpha=alpha, correction=correction))):
+    for name, fig in (
+        ("certified_accuracy.png", plot_certified_accuracy(curve, alpha=alpha, correction=correction)),
+        (
+            "certified_accuracy_per_sigma.png",
+            plot_certified_accuracy_per_sigma(per_sigma, alpha=alpha, correction=correction),
+        ),
+    ):
         written.append(_save(fig, storage.join(plots, name), storage_options))
     names = class_names(cfg, cfg.dataset.num_classes)
-    written.append(_save(plot_iou_per_class(metrics, names, tau=tau, alpha=alpha, correction=correction),
-                         storage.join(plots, "iou_per_class.png"), storage_options))
+    written.append(
+        _save(
+            plot_iou_per_class(metrics, names, tau=tau, alpha=alpha, correction=correction),
+            storage.join(plots, "iou_per_class.png"),
+            storage_options,
+        )
+    )
     ids = example_ids(scalars, examples)
-    written += _write_examples(output, cfg, ids, names, (tau, alpha, correction), max_sample_pixels,
-                               storage_options)
+    written += _write_examples(
+        output, cfg, ids, names, (tau, alpha, correction), max_sample_pixels, storage_options
+    )
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
     return written + [_write_json(storage.join(plots, "plots.json"), shown, storage_options)]
 
 
-def _write_examples(output: str, cfg: JobConfig, ids: Sequence[str], names: Sequence[str],
-                    point: tuple[float, float, str], max_sample_pixels: int,
-                    storage_options: Mapping[str, Any] | None) -> list[str]:
+def _write_examples(
+    output: str,
+    cfg: JobConfig,
+    ids: Sequence[str],
+    names: Sequence[str],
+    point: tuple[float, float, str],
+    max_sample_pixels: int,
+    storage_options: Mapping[str, Any] | None,
+) -> list[str]:
     """One strip per image id: ``plots/examples/<image_id>.png``; noisy / denoised panels only for images of
     at most ``max_sample_pixels`` pixels."""
     tau, alpha, correction = point
-    frame = analysis.load_votes(output, columns=analysis.CERTIFY_COLUMNS, image_ids=ids,
-                                storage_options=storage_options)
+    frame = analysis.load_votes(
+        output, columns=analysis.CERTIFY_COLUMNS, image_ids=ids, storage_options=storage_options
+    )
     images = load_images(cfg, ids)
     sampler = ExampleSampler(cfg)
     written = []
@@ -365,14 +467,30 @@ def _write_examples(output: str, cfg: JobConfig, ids: Sequence[str], names: Sequ
         rows = frame[frame["image_id"] == image_id]
         image = images.get(image_id)
         if image is None:
-            log.warning("plots: image %s is no longer in the dataset; its strip has no image or samples",
-                        image_id)
+            log.warning(
+                "plots: image %s is no longer in the dataset; its strip has no image or samples", image_id
+            )
         small = image is not None and image.shape[0] * image.shape[1] <= max_sample_pixels
-        samples = {} if not small else {
-            (m, float(s)): sampler(image, image_id, m, float(s))
-            for m, s in rows[["method", "sigma"]].itertuples(index=False, name=None) if m in cfg.methods}
-        fig = plot_example(rows, image, names=names, tau=tau, alpha=alpha, correction=correction,
-                           samples=samples, no_sample=f"image > {max_sample_pixels} px", palette=palette_of(cfg))
+        samples = (
+            {}
+            if not small
+            else {
+                (m, float(s)): sampler(image, image_id, m, float(s))
+                for m, s in rows[["method", "sigma"]].itertuples(index=False, name=None)
+                if m in cfg.methods
+            }
+        )
+        fig = plot_example(
+            rows,
+            image,
+            names=names,
+            tau=tau,
+            alpha=alpha,
+            correction=correction,
+            samples=samples,
+            no_sample=f"image > {max_sample_pixels} px",
+            palette=palette_of(cfg),
+        )
         path = storage.join(output, "plots", "examples", f"{image_id}.png")
         written.append(_save(fig, path, storage_options))
     return written

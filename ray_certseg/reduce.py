@@ -7,6 +7,7 @@ per (dataset, method, sigma, tau, alpha, correction) as SegCertify pools: ``metr
 and ``summary.md``. Output is a deterministic function of the votes (rows sorted, no timestamps), so a re-run
 over the same votes writes byte-identical files.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,9 +32,23 @@ log = logging.getLogger("ray_certseg")
 
 KEY = ["dataset", "method", "denoiser", "segmenter", "sigma", "tau", "alpha", "correction", "n0", "n"]
 ID = ["image_id", "method", "sigma", "tau", "alpha", "correction"]
-SUMMARY_COLUMNS = ["dataset", "method", "sigma", "correction", "tau", "alpha", "radius", "certified_accuracy",
-                   "certified_error", "miou", "abstain_rate", "clean_accuracy", "clean_miou", "images",
-                   "seconds_per_image"]
+SUMMARY_COLUMNS = [
+    "dataset",
+    "method",
+    "sigma",
+    "correction",
+    "tau",
+    "alpha",
+    "radius",
+    "certified_accuracy",
+    "certified_error",
+    "miou",
+    "abstain_rate",
+    "clean_accuracy",
+    "clean_miou",
+    "images",
+    "seconds_per_image",
+]
 
 
 @dataclass(frozen=True)
@@ -56,35 +71,81 @@ def image_rows(rec: votes.VoteRecord, grid: Grid) -> list[dict[str, Any]]:
     vote = image_stats(rec.label, rec.c_hat, C, ignore)
     rows = []
     for tau, alpha, correction in grid:
-        cert = certify(rec.c_hat, rec.k, n=rec.n, sigma=rec.sigma, tau=tau, alpha=alpha, correction=correction,
-                       num_classes=C)
+        cert = certify(
+            rec.c_hat,
+            rec.k,
+            n=rec.n,
+            sigma=rec.sigma,
+            tau=tau,
+            alpha=alpha,
+            correction=correction,
+            num_classes=C,
+        )
         st = image_stats(rec.label, cert.labels, C, ignore)
-        rows.append(dict(
-            image_id=rec.image_id, dataset=rec.dataset, method=rec.method, denoiser=rec.denoiser,
-            segmenter=rec.segmenter, sigma=rec.sigma, tau=float(tau), alpha=float(alpha), correction=correction,
-            n0=rec.n0, n=rec.n, num_classes=C, radius=cert.radius, num_certified=cert.num_certified,
-            family_size=rec.c_hat.size, certifiable=can_certify(rec.n, tau, alpha, rec.c_hat.size),
-            num_pixels=st.num_pixels, num_abstained=st.num_abstained,
-            confusion=st.confusion.reshape(-1), clean_confusion=clean.confusion.reshape(-1),
-            vote_confusion=vote.confusion.reshape(-1), sample_seconds=rec.sample_seconds))
+        rows.append(
+            {
+                "image_id": rec.image_id,
+                "dataset": rec.dataset,
+                "method": rec.method,
+                "denoiser": rec.denoiser,
+                "segmenter": rec.segmenter,
+                "sigma": rec.sigma,
+                "tau": float(tau),
+                "alpha": float(alpha),
+                "correction": correction,
+                "n0": rec.n0,
+                "n": rec.n,
+                "num_classes": C,
+                "radius": cert.radius,
+                "num_certified": cert.num_certified,
+                "family_size": rec.c_hat.size,
+                "certifiable": can_certify(rec.n, tau, alpha, rec.c_hat.size),
+                "num_pixels": st.num_pixels,
+                "num_abstained": st.num_abstained,
+                "confusion": st.confusion.reshape(-1),
+                "clean_confusion": clean.confusion.reshape(-1),
+                "vote_confusion": vote.confusion.reshape(-1),
+                "sample_seconds": rec.sample_seconds,
+            }
+        )
     return rows
 
 
-PER_IMAGE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("dataset", pa.string()), ("method", pa.string()), ("denoiser", pa.string()),
-    ("segmenter", pa.string()), ("sigma", pa.float64()), ("tau", pa.float64()), ("alpha", pa.float64()),
-    ("correction", pa.string()), ("n0", pa.int32()), ("n", pa.int32()), ("num_classes", pa.int32()),
-    ("radius", pa.float64()), ("num_certified", pa.int64()), ("family_size", pa.int64()),
-    ("certifiable", pa.bool_()), ("num_pixels", pa.int64()),
-    ("num_abstained", pa.int64()), ("confusion", pa.large_list(pa.int64())),
-    ("clean_confusion", pa.large_list(pa.int64())), ("vote_confusion", pa.large_list(pa.int64())),
-    ("sample_seconds", pa.float64())])
+PER_IMAGE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("dataset", pa.string()),
+        ("method", pa.string()),
+        ("denoiser", pa.string()),
+        ("segmenter", pa.string()),
+        ("sigma", pa.float64()),
+        ("tau", pa.float64()),
+        ("alpha", pa.float64()),
+        ("correction", pa.string()),
+        ("n0", pa.int32()),
+        ("n", pa.int32()),
+        ("num_classes", pa.int32()),
+        ("radius", pa.float64()),
+        ("num_certified", pa.int64()),
+        ("family_size", pa.int64()),
+        ("certifiable", pa.bool_()),
+        ("num_pixels", pa.int64()),
+        ("num_abstained", pa.int64()),
+        ("confusion", pa.large_list(pa.int64())),
+        ("clean_confusion", pa.large_list(pa.int64())),
+        ("vote_confusion", pa.large_list(pa.int64())),
+        ("sample_seconds", pa.float64()),
+    ]
+)
 
 
 def certify_table(table: pa.Table, grid: Grid) -> pa.Table:
     """Vote rows (Arrow) -> per-image records (Arrow). The unit of work of the reducer, in or out of Ray."""
-    rows = [r for rec in votes.read_votes(table, columns=["label", "c_hat", "k", "clean_pred"])
-            for r in image_rows(rec, grid)]
+    rows = [
+        r
+        for rec in votes.read_votes(table, columns=["label", "c_hat", "k", "clean_pred"])
+        for r in image_rows(rec, grid)
+    ]
     return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
 
 
@@ -113,13 +174,22 @@ def per_image_ray(votes_dir: str, grid: Grid, storage_options: dict | None = Non
         return PER_IMAGE_SCHEMA.empty_table()  # every row failed, or nothing was sampled yet
     pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, storage_options)
     ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
-    ds = ds.map_batches(CertifyBatch, fn_constructor_args=(grid,), batch_format="pyarrow", batch_size=8,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()
-                                                                                          .get("CPU", 1)))),
-                        num_cpus=0.5)
+    ds = ds.map_batches(
+        CertifyBatch,
+        fn_constructor_args=(grid,),
+        batch_format="pyarrow",
+        batch_size=8,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ),
+        num_cpus=0.5,
+    )
     tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    return pa.concat_tables([t.cast(PER_IMAGE_SCHEMA) for t in tables if t.num_rows]) if tables \
+    return (
+        pa.concat_tables([t.cast(PER_IMAGE_SCHEMA) for t in tables if t.num_rows])
+        if tables
         else PER_IMAGE_SCHEMA.empty_table()
+    )
 
 
 def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
@@ -127,7 +197,9 @@ def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
     per_image = per_image.sort_values(ID, kind="stable").reset_index(drop=True)
     dup = per_image.duplicated(ID)
     if dup.any():
-        log.warning("%d duplicated per-image rows (same image, method, sigma, grid point) ignored", int(dup.sum()))
+        log.warning(
+            "%d duplicated per-image rows (same image, method, sigma, grid point) ignored", int(dup.sum())
+        )
         per_image = per_image[~dup].reset_index(drop=True)
     return per_image
 
@@ -139,6 +211,8 @@ def _left_out_of(skipped: pd.DataFrame, row: dict[str, Any]) -> int:
     """How many of this row's method's images like-for-like pooling left out at its (dataset, sigma)."""
     here = (skipped["dataset"] == row["dataset"]) & (skipped["sigma"] == row["sigma"])
     return int((here & skipped["has"].str.split(", ").map(lambda h: row["method"] in h)).sum())
+
+
 COMMON = ["dataset", "sigma"]  # like for like: within a (dataset, sigma), every method over the same images
 
 
@@ -153,8 +227,15 @@ def left_out(per_image: pd.DataFrame) -> pd.DataFrame:
         every = methods.loc[(dataset, sigma)]
         has = sorted(set(g["method"]))
         if has != every:
-            rows.append(dict(dataset=dataset, sigma=sigma, image_id=image_id, has=", ".join(has),
-                             lacks=", ".join(m for m in every if m not in has)))
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "sigma": sigma,
+                    "image_id": image_id,
+                    "has": ", ".join(has),
+                    "lacks": ", ".join(m for m in every if m not in has),
+                }
+            )
     return pd.DataFrame(rows, columns=COMMON + ["image_id", "has", "lacks"])
 
 
@@ -181,25 +262,44 @@ def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
         conf = np.stack(g["confusion"].to_numpy()).reshape(-1, side, side)
         fractions = (g["num_abstained"] / g["num_pixels"]).to_numpy()
         cert = dataset_metrics(conf, fractions)
-        clean = dataset_metrics(np.stack(g["clean_confusion"].to_numpy()).reshape(-1, side, side).sum(0),
-                                np.zeros(len(g)))
-        vote = dataset_metrics(np.stack(g["vote_confusion"].to_numpy()).reshape(-1, side, side).sum(0),
-                               np.zeros(len(g)))
+        clean = dataset_metrics(
+            np.stack(g["clean_confusion"].to_numpy()).reshape(-1, side, side).sum(0), np.zeros(len(g))
+        )
+        vote = dataset_metrics(
+            np.stack(g["vote_confusion"].to_numpy()).reshape(-1, side, side).sum(0), np.zeros(len(g))
+        )
         row = dict(zip(KEY, key))
         row.update(
-            radius=float(g["radius"].iloc[0]), certified_accuracy=cert.accuracy, certified_error=cert.error_rate,
-            miou=cert.miou, miou_present=cert.miou_present, classes_present=cert.num_present_classes,
-            abstain_rate=cert.abstain_rate, abstain_rate_pooled=cert.abstain_rate_pooled,
-            clean_accuracy=clean.accuracy, clean_miou=clean.miou, vote_accuracy=vote.accuracy,
-            vote_miou=vote.miou, images=len(g), infeasible_images=int((~g["certifiable"]).sum()),
-            max_family_size=int(g["family_size"].max()), pixels=cert.num_pixels,
+            radius=float(g["radius"].iloc[0]),
+            certified_accuracy=cert.accuracy,
+            certified_error=cert.error_rate,
+            miou=cert.miou,
+            miou_present=cert.miou_present,
+            classes_present=cert.num_present_classes,
+            abstain_rate=cert.abstain_rate,
+            abstain_rate_pooled=cert.abstain_rate_pooled,
+            clean_accuracy=clean.accuracy,
+            clean_miou=clean.miou,
+            vote_accuracy=vote.accuracy,
+            vote_miou=vote.miou,
+            images=len(g),
+            infeasible_images=int((~g["certifiable"]).sum()),
+            max_family_size=int(g["family_size"].max()),
+            pixels=cert.num_pixels,
             seconds_per_image=float(g["sample_seconds"].mean()),
-            certified_dice=cert.mdice, dice_present=cert.mdice_present, worst_accuracy=cert.worst_accuracy,
-            worst_miou=cert.worst_miou, worst_dice=cert.worst_mdice, pooling=pooling,
+            certified_dice=cert.mdice,
+            dice_present=cert.mdice_present,
+            worst_accuracy=cert.worst_accuracy,
+            worst_miou=cert.worst_miou,
+            worst_dice=cert.worst_mdice,
+            pooling=pooling,
             images_left_out=_left_out_of(skipped, row) if pooling == "common" else 0,
-            iou_per_class=cert.iou.tolist(), abstain_rate_per_class=np.nan_to_num(
-                cert.abstain_rate_per_class, nan=-1.0).tolist(), dice_per_class=cert.dice.tolist(),
-            worst_iou_per_class=cert.worst_iou.tolist(), worst_dice_per_class=cert.worst_dice.tolist())
+            iou_per_class=cert.iou.tolist(),
+            abstain_rate_per_class=np.nan_to_num(cert.abstain_rate_per_class, nan=-1.0).tolist(),
+            dice_per_class=cert.dice.tolist(),
+            worst_iou_per_class=cert.worst_iou.tolist(),
+            worst_dice_per_class=cert.worst_dice.tolist(),
+        )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -215,15 +315,30 @@ def errors_markdown(errors: pa.Table | None) -> str:
     rows = errors.to_pylist()
     cell = lambda v: "" if v is None or pd.isna(v) else str(v).replace("|", "\\|").replace("\n", " ")
     lines = ["| image_id | method | sigma | stage | error |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(cell(r[k]) for k in ("image_id", "method", "sigma", "stage", "error")) + " |"
-              for r in rows[:ERRORS_SHOWN]]
+    lines += [
+        "| " + " | ".join(cell(r[k]) for k in ("image_id", "method", "sigma", "stage", "error")) + " |"
+        for r in rows[:ERRORS_SHOWN]
+    ]
     if len(rows) > ERRORS_SHOWN:
         lines.append(f"\n... and {len(rows) - ERRORS_SHOWN} more in errors.parquet.")
     return "\n".join(lines)
 
 
-BOUNDS_COLUMNS = ["dataset", "method", "sigma", "correction", "tau", "alpha", "radius", "certified_accuracy",
-                  "miou", "certified_dice", "worst_accuracy", "worst_miou", "worst_dice"]
+BOUNDS_COLUMNS = [
+    "dataset",
+    "method",
+    "sigma",
+    "correction",
+    "tau",
+    "alpha",
+    "radius",
+    "certified_accuracy",
+    "miou",
+    "certified_dice",
+    "worst_accuracy",
+    "worst_miou",
+    "worst_dice",
+]
 LEFT_OUT_SHOWN = 20
 
 
@@ -236,27 +351,35 @@ def bounds_markdown(metrics: pd.DataFrame) -> str:
         t[c] = t[c].map(lambda x: f"{x:.3f}")
     lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
-    return ("\n".join(lines) + "\n\ncertified_dice = mean over classes of 2 tp / (pos + res), an abstention "
-            "a false negative (as in the IoU). worst_*: lower bounds over every perturbation within the radius, each "
-            "abstained pixel counted as a false negative of its true class and a false positive of the class "
-            "scored; they hold per image with probability >= 1 - alpha (all images at once: >= 1 - images * "
-            "alpha). Definitions: docs/metrics.md.")
+    return (
+        "\n".join(lines) + "\n\ncertified_dice = mean over classes of 2 tp / (pos + res), an abstention "
+        "a false negative (as in the IoU). worst_*: lower bounds over every perturbation within the radius, each "
+        "abstained pixel counted as a false negative of its true class and a false positive of the class "
+        "scored; they hold per image with probability >= 1 - alpha (all images at once: >= 1 - images * "
+        "alpha). Definitions: docs/metrics.md."
+    )
 
 
 def left_out_markdown(left: pd.DataFrame | None, metrics: pd.DataFrame) -> str:
     """How the table pools: like for like (and which images that left out) or every row."""
     if "pooling" in metrics and len(metrics) and (metrics["pooling"] == "all").all():
-        return ("\n\n**Every row pooled** (`--all-rows`): where a row failed, methods are averaged over "
-                "different images.")
+        return (
+            "\n\n**Every row pooled** (`--all-rows`): where a row failed, methods are averaged over "
+            "different images."
+        )
     if left is None or not len(left):
         return ""
-    lines = [f"- {r.dataset}, sigma {r.sigma:g}: image `{r.image_id}` (has {r.has}; lacks {r.lacks})"
-             for r in left.head(LEFT_OUT_SHOWN).itertuples(index=False)]
+    lines = [
+        f"- {r.dataset}, sigma {r.sigma:g}: image `{r.image_id}` (has {r.has}; lacks {r.lacks})"
+        for r in left.head(LEFT_OUT_SHOWN).itertuples(index=False)
+    ]
     if len(left) > LEFT_OUT_SHOWN:
         lines.append(f"- ... and {len(left) - LEFT_OUT_SHOWN} more")
-    return ("\n\n**Like for like**: per dataset and sigma, every method is pooled over the images that all "
-            f"methods have; {len(left)} (image, sigma) pairs left out because a method's row is missing "
-            "(`ray-certseg reduce OUT --all-rows` pools everything):\n" + "\n".join(lines))
+    return (
+        "\n\n**Like for like**: per dataset and sigma, every method is pooled over the images that all "
+        f"methods have; {len(left)} (image, sigma) pairs left out because a method's row is missing "
+        "(`ray-certseg reduce OUT --all-rows` pools everything):\n" + "\n".join(lines)
+    )
 
 
 def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame | None = None) -> str:
@@ -264,19 +387,29 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame 
     if metrics.empty:
         return "No vote rows to certify." + (f" {errors} rows failed: see errors.parquet." if errors else "")
     t = metrics[SUMMARY_COLUMNS].copy()
-    for c in ("certified_accuracy", "certified_error", "miou", "abstain_rate", "clean_accuracy", "clean_miou"):
+    for c in (
+        "certified_accuracy",
+        "certified_error",
+        "miou",
+        "abstain_rate",
+        "clean_accuracy",
+        "clean_miou",
+    ):
         t[c] = t[c].map(lambda x: f"{x:.3f}")
     infeasible = metrics.get("infeasible_images", pd.Series(0, index=metrics.index))
     t["certified_accuracy"] = [
         f"{a} (infeasible)" if bad == imgs else f"{a} ({bad} of {imgs} images infeasible)" if bad else a
-        for a, bad, imgs in zip(t["certified_accuracy"], infeasible, metrics["images"])]
+        for a, bad, imgs in zip(t["certified_accuracy"], infeasible, metrics["images"])
+    ]
     t["radius"] = t["radius"].map(lambda x: f"{x:.3f}")
     t["seconds_per_image"] = t["seconds_per_image"].map(lambda x: f"{x:.2f}")
     lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in t.itertuples(index=False)]
-    note = ("\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
-            "class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
-            "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units.")
+    note = (
+        "\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
+        "class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
+        "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units."
+    )
     note += infeasible_note(metrics)
     note += left_out_markdown(left, metrics)
     bounds = bounds_markdown(metrics)
@@ -297,11 +430,15 @@ def infeasible_note(metrics: pd.DataFrame) -> str:
     lines = []
     for (n, tau, alpha), g in bad.groupby(["n", "tau", "alpha"], sort=True):
         pixels = int(g["max_family_size"].max())
-        lines.append(f"- n = {int(n)}, tau = {tau:g}, alpha = {alpha:g}, N = {pixels} pixels: no pixel can be "
-                     f"certified, whatever the model (tau^n > alpha / N). Needs n >= {min_n(tau, alpha, pixels)} "
-                     f"for this tau, or tau <= {math.floor(max_tau(int(n), alpha, pixels) * 1000) / 1000:.3f} for this n.")
-    return ("\n\n**Infeasible rows** (certified accuracy 0 and abstain rate 1 there say nothing about the "
-            "model):\n" + "\n".join(lines))
+        lines.append(
+            f"- n = {int(n)}, tau = {tau:g}, alpha = {alpha:g}, N = {pixels} pixels: no pixel can be "
+            f"certified, whatever the model (tau^n > alpha / N). Needs n >= {min_n(tau, alpha, pixels)} "
+            f"for this tau, or tau <= {math.floor(max_tau(int(n), alpha, pixels) * 1000) / 1000:.3f} for this n."
+        )
+    return (
+        "\n\n**Infeasible rows** (certified accuracy 0 and abstain rate 1 there say nothing about the "
+        "model):\n" + "\n".join(lines)
+    )
 
 
 @dataclass
@@ -332,10 +469,18 @@ def grid_from_output(output: str, storage_options: dict | None, taus, alphas, co
     return Grid(tuple(float(t) for t in taus), tuple(float(a) for a in alphas), tuple(corrections))
 
 
-def reduce_output(output: str, *, storage_options: dict | None = None, taus: Sequence[float] | None = None,
-                  alphas: Sequence[float] | None = None, corrections: Iterable[str] | None = None,
-                  errors: pa.Table | None = None, engine: str = "auto", into: str = "metrics",
-                  pooling: str = "common") -> ReduceResult:
+def reduce_output(
+    output: str,
+    *,
+    storage_options: dict | None = None,
+    taus: Sequence[float] | None = None,
+    alphas: Sequence[float] | None = None,
+    corrections: Iterable[str] | None = None,
+    errors: pa.Table | None = None,
+    engine: str = "auto",
+    into: str = "metrics",
+    pooling: str = "common",
+) -> ReduceResult:
     """Certify ``<output>/votes`` for the grid (defaults: the run's config) and write ``<output>/<into>/``
     (default ``metrics/``, the run's own; ``ray-certseg reduce`` with another grid writes
     ``reductions/<name>/`` so the run's rows stay).
@@ -365,15 +510,26 @@ def reduce_output(output: str, *, storage_options: dict | None = None, taus: Seq
     return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary, left_out=left)
 
 
-def write_metrics(output: str, storage_options: dict | None, per_image: pd.DataFrame, metrics: pd.DataFrame,
-                  summary: str, *, into: str = "metrics") -> None:
+def write_metrics(
+    output: str,
+    storage_options: dict | None,
+    per_image: pd.DataFrame,
+    metrics: pd.DataFrame,
+    summary: str,
+    *,
+    into: str = "metrics",
+) -> None:
     fs, root = storage.get_filesystem(output, storage_options)
     mdir = f"{root}/{into}"
     fs.makedirs(mdir, exist_ok=True)
-    for name, df, schema in (("per_image.parquet", per_image, PER_IMAGE_SCHEMA), ("metrics.parquet", metrics, None)):
+    for name, df, schema in (
+        ("per_image.parquet", per_image, PER_IMAGE_SCHEMA),
+        ("metrics.parquet", metrics, None),
+    ):
         table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-        table = table.replace_schema_metadata({k: v for k, v in (table.schema.metadata or {}).items()
-                                               if k != b"pandas"})
+        table = table.replace_schema_metadata(
+            {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+        )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         with fs.open(f"{mdir}/{name}", "wb") as f:

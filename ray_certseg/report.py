@@ -1,5 +1,6 @@
 """``<output>/report.md``: what was run, the dataset table and the plots (relative image links), for a person
 opening the output folder (``ray-certseg report OUTPUT``)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,7 +16,8 @@ CURVE_NOTE = (
     "sigma * Phi^-1(tau) is exactly r; a larger tau certifies no more pixels), pooled over the images; one "
     "line per method is the maximum over sigma, as randomized-smoothing papers plot it. Each point holds at "
     "level alpha for its own (sigma, tau), not simultaneously for the whole curve. Abstentions count as "
-    "wrong.")
+    "wrong."
+)
 
 
 def _errors(output: str, storage_options: Mapping[str, Any] | None) -> pa.Table | None:
@@ -47,37 +49,63 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     per_image = analysis.load_metrics(output, per_image=True, storage_options=storage_options)
     left = reduce.left_out(per_image) if len(per_image) else None
     s = cfg.sampling
-    methods = ", ".join(f"`{name}` ({m.segmenter}" + (f" + {m.denoiser})" if m.denoiser else ")")
-                        for name, m in cfg.methods.items())
+    methods = ", ".join(
+        f"`{name}` ({m.segmenter}" + (f" + {m.denoiser})" if m.denoiser else ")")
+        for name, m in cfg.methods.items()
+    )
     images = int(metrics["images"].max()) if len(metrics) else 0
     lines = [
-        f"# Certification report: {cfg.name}", "",
+        f"# Certification report: {cfg.name}",
+        "",
         f"- output: `{output}`",
         f"- dataset: `{cfg.dataset.name}` ({images} images certified, {cfg.dataset.num_classes} classes)",
         f"- methods: {methods}",
         f"- sampling: sigma in {list(s.sigmas)}, n0 = {s.n0}, n = {s.n}, seed = {s.seed}",
-        "- certification grid (metrics/): " + (", ".join(
-            f"{k} in {sorted(metrics[k].unique().tolist())}" for k in ("tau", "alpha", "correction"))
-            if len(metrics) else "none"),
-        "", "## Results", "", reduce.summary_markdown(metrics, errors.num_rows if errors else 0, left), "",
+        "- certification grid (metrics/): "
+        + (
+            ", ".join(
+                f"{k} in {sorted(metrics[k].unique().tolist())}" for k in ("tau", "alpha", "correction")
+            )
+            if len(metrics)
+            else "none"
+        ),
+        "",
+        "## Results",
+        "",
+        reduce.summary_markdown(metrics, errors.num_rows if errors else 0, left),
+        "",
     ]
     present = set(_plot_names(output, storage_options, "*.png"))
     if "certified_accuracy.png" in present:
-        lines += ["## Certified accuracy vs radius", "", CURVE_NOTE, "",
-                  _image("certified accuracy vs radius", "plots/certified_accuracy.png"), ""]
+        lines += [
+            "## Certified accuracy vs radius",
+            "",
+            CURVE_NOTE,
+            "",
+            _image("certified accuracy vs radius", "plots/certified_accuracy.png"),
+            "",
+        ]
         if "certified_accuracy_per_sigma.png" in present:
-            lines += [_image("per sigma", "plots/certified_accuracy_per_sigma.png"), "",
-                      "Numbers: [plots/certified_accuracy.csv](plots/certified_accuracy.csv).", ""]
+            lines += [
+                _image("per sigma", "plots/certified_accuracy_per_sigma.png"),
+                "",
+                "Numbers: [plots/certified_accuracy.csv](plots/certified_accuracy.csv).",
+                "",
+            ]
     tau, alpha, correction = plots.grid_point(metrics, cfg)
     if "iou_per_class.png" in present:
-        note = (f"Certified IoU per class at tau = {tau:g}, alpha = {alpha:g}, {correction} (an abstention "
-                "is a false negative).")
+        note = (
+            f"Certified IoU per class at tau = {tau:g}, alpha = {alpha:g}, {correction} (an abstention "
+            "is a false negative)."
+        )
         lines += ["## Per-class IoU", "", note, "", _image("per-class IoU", "plots/iou_per_class.png"), ""]
     examples = _plot_names(output, storage_options, "examples", "*.png")
     if examples:
-        note = (f"image | ground truth | clean prediction | certified map at tau = {tau:g}, alpha = "
-                f"{alpha:g}, {correction} (abstain white, ignore black) | one noisy sample (estimation draw "
-                "0) | its denoised version.")
+        note = (
+            f"image | ground truth | clean prediction | certified map at tau = {tau:g}, alpha = "
+            f"{alpha:g}, {correction} (abstain white, ignore black) | one noisy sample (estimation draw "
+            "0) | its denoised version."
+        )
         lines += ["## Examples", "", note, ""]
         for name in examples:
             lines += [_image(name[:-4], f"plots/examples/{name}"), ""]
@@ -86,8 +114,9 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     return "\n".join(lines)
 
 
-def write_report(output: str, *, storage_options: Mapping[str, Any] | None = None,
-                 replot: bool = False) -> str:
+def write_report(
+    output: str, *, storage_options: Mapping[str, Any] | None = None, replot: bool = False
+) -> str:
     """Write ``<output>/report.md``; returns its path. The plots are (re)drawn first with ``replot``, when
     there are none, or when they show another grid point than ``metrics/`` now holds (after a
     ``ray-certseg reduce`` with another tau/alpha)."""

@@ -132,7 +132,7 @@ def prepare_model(
     low-precision results differ: an actor's first image would get other votes than the same image later.
     """
     dtype = resolve_dtype(dtype)
-    module = (module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device))
+    module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
     module = module.eval().requires_grad_(False)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -1,5 +1,6 @@
 """Analysis API, plots and report: unit tests on hand-made votes, and end-to-end on a real job output (a
 tiny world from jobworld run through the CLI on local Ray)."""
+
 from __future__ import annotations
 
 import logging
@@ -38,10 +39,26 @@ def synthetic_rows(seed: int = 0) -> list[dict]:
             for sigma in (0.25, 0.5):
                 c_hat = np.where(rng.random((8, 8)) < 0.8, np.minimum(label, 2), rng.integers(0, 3, (8, 8)))
                 k = rng.choice([10, 30, 42, 47, 50], size=(8, 8)).astype(np.uint16)
-                rows.append({"image_id": f"im{image}", "dataset": "syn", "method": method, "denoiser": "",
-                             "segmenter": "s", "sigma": sigma, "n0": 5, "n": 50, "seed": 0, "num_classes": 3,
-                             "ignore_index": IGNORE, "label": label, "c_hat": c_hat.astype(np.uint8), "k": k,
-                             "clean_pred": np.minimum(label, 2), "sample_seconds": 0.1})
+                rows.append(
+                    {
+                        "image_id": f"im{image}",
+                        "dataset": "syn",
+                        "method": method,
+                        "denoiser": "",
+                        "segmenter": "s",
+                        "sigma": sigma,
+                        "n0": 5,
+                        "n": 50,
+                        "seed": 0,
+                        "num_classes": 3,
+                        "ignore_index": IGNORE,
+                        "label": label,
+                        "c_hat": c_hat.astype(np.uint8),
+                        "k": k,
+                        "clean_pred": np.minimum(label, 2),
+                        "sample_seconds": 0.1,
+                    }
+                )
     return rows
 
 
@@ -86,8 +103,9 @@ def oracle_accuracy(rows: list[dict], method: str, sigma: float, radius: float, 
     correct = labelled = 0
     for r in rows:
         if r["method"] == method and r["sigma"] == sigma:
-            cert = certify(r["c_hat"], r["k"], n=r["n"], sigma=sigma, tau=tau, alpha=ALPHA,
-                           correction=correction)
+            cert = certify(
+                r["c_hat"], r["k"], n=r["n"], sigma=sigma, tau=tau, alpha=ALPHA, correction=correction
+            )
             valid = r["label"] != IGNORE
             correct += int(((cert.labels == r["label"]) & valid).sum())
             labelled += int(valid.sum())
@@ -98,8 +116,9 @@ def oracle_accuracy(rows: list[dict], method: str, sigma: float, radius: float, 
 def test_curve_per_sigma_is_certify_at_phi_of_r_over_sigma(syn_votes, correction):
     radii = [0.05, 0.2, 0.4, 0.6, 0.8]
     frame = analysis.load_votes(str(syn_votes))
-    curve = analysis.certified_accuracy_curve(frame, radii, alpha=ALPHA, correction=correction,
-                                              per_sigma=True)
+    curve = analysis.certified_accuracy_curve(
+        frame, radii, alpha=ALPHA, correction=correction, per_sigma=True
+    )
     rows = synthetic_rows()
     assert len(curve) == 2 * 2 * len(radii)
     for c in curve.itertuples():
@@ -111,8 +130,12 @@ def test_curve_per_sigma_is_certify_at_phi_of_r_over_sigma(syn_votes, correction
         assert (np.diff(g.sort_values("radius")["certified_accuracy"]) <= 1e-12).all()
     assert curve["certified_accuracy"].max() > 0  # the test data certify something
     # the path form, file by file, gives the same numbers
-    pd.testing.assert_frame_equal(curve, analysis.certified_accuracy_curve(
-        str(syn_votes), radii, alpha=ALPHA, correction=correction, per_sigma=True, engine="local"))
+    pd.testing.assert_frame_equal(
+        curve,
+        analysis.certified_accuracy_curve(
+            str(syn_votes), radii, alpha=ALPHA, correction=correction, per_sigma=True, engine="local"
+        ),
+    )
 
 
 def test_envelope_is_the_max_over_sigma_and_zero_where_nothing_certifies(syn_votes):
@@ -135,8 +158,19 @@ def test_envelope_is_the_max_over_sigma_and_zero_where_nothing_certifies(syn_vot
 
 
 def test_envelope_fills_radii_no_sigma_can_certify():
-    curve = pd.DataFrame({"dataset": ["d"], "method": ["m"], "sigma": [0.25], "radius": [0.1], "tau": [0.65],
-                          "certified_accuracy": [0.4], "miou": [0.3], "abstain_rate": [0.5], "images": [1]})
+    curve = pd.DataFrame(
+        {
+            "dataset": ["d"],
+            "method": ["m"],
+            "sigma": [0.25],
+            "radius": [0.1],
+            "tau": [0.65],
+            "certified_accuracy": [0.4],
+            "miou": [0.3],
+            "abstain_rate": [0.5],
+            "images": [1],
+        }
+    )
     env = analysis.envelope(curve, [0.1, 9.0])
     assert env["certified_accuracy"].tolist() == [0.4, 0.0]
     assert env["sigma"].iloc[0] == 0.25 and np.isnan(env["sigma"].iloc[1])
@@ -158,8 +192,18 @@ def test_noisy_sample_is_the_jobs_estimation_draw():
     torch.manual_seed(0)
     seg = Segmenter(tiny_segnet(3, width=8), num_classes=3).eval()
     image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    v = count_votes(image, seg, sigma=0.5, n0=1, n=2, num_classes=3, batch_size=2, seed=5, image_id="x",
-                    return_counts=True)
+    v = count_votes(
+        image,
+        seg,
+        sigma=0.5,
+        n0=1,
+        n=2,
+        num_classes=3,
+        batch_size=2,
+        seed=5,
+        image_id="x",
+        return_counts=True,
+    )
     with torch.inference_mode():
         samples = [analysis.noisy_sample(image, sigma=0.5, seed=5, image_id="x", index=j) for j in (0, 1)]
         labels = [seg(s[None])[0].argmax(0) for s in samples]
@@ -185,15 +229,20 @@ def test_votes_and_metrics_load_from_s3_like_local(syn_votes, monkeypatch):
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir("out-bucket")
         fs.put(str(syn_votes / "part-0.parquet"), "out-bucket/run/votes/part-0.parquet")
-        reduce.write_metrics("s3://out-bucket/run", opts, result.per_image, result.metrics,
-                             result.summary_markdown)
+        reduce.write_metrics(
+            "s3://out-bucket/run", opts, result.per_image, result.metrics, result.summary_markdown
+        )
         remote = analysis.load_votes("s3://out-bucket/run", storage_options=opts)
-        pd.testing.assert_frame_equal(analysis.recertify(remote, tau=0.75, alpha=ALPHA).metrics,
-                                      analysis.load_metrics("s3://out-bucket/run", storage_options=opts))
-        curve = analysis.certified_accuracy_curve("s3://out-bucket/run", [0.1, 0.3], alpha=ALPHA,
-                                                  storage_options=opts, engine="local")
-    pd.testing.assert_frame_equal(remote.drop(columns=list(votes.ARRAY_COLUMNS)),
-                                  local.drop(columns=list(votes.ARRAY_COLUMNS)))
+        pd.testing.assert_frame_equal(
+            analysis.recertify(remote, tau=0.75, alpha=ALPHA).metrics,
+            analysis.load_metrics("s3://out-bucket/run", storage_options=opts),
+        )
+        curve = analysis.certified_accuracy_curve(
+            "s3://out-bucket/run", [0.1, 0.3], alpha=ALPHA, storage_options=opts, engine="local"
+        )
+    pd.testing.assert_frame_equal(
+        remote.drop(columns=list(votes.ARRAY_COLUMNS)), local.drop(columns=list(votes.ARRAY_COLUMNS))
+    )
     pd.testing.assert_frame_equal(curve, analysis.certified_accuracy_curve(local, [0.1, 0.3], alpha=ALPHA))
 
 
@@ -227,8 +276,11 @@ def test_job_writes_plots_and_the_report_embeds_them(job):
     for name in ("certified_accuracy.png", "certified_accuracy_per_sigma.png", "iou_per_class.png"):
         pixels = png(out / "plots" / name)
         assert pixels.shape[0] > 200 and pixels.std() > 10  # a drawn figure, not a blank canvas
-    assert sorted(p.name for p in (out / "plots" / "examples").glob("*.png")) == \
-        ["img000.png", "img001.png", "img002.png"]
+    assert sorted(p.name for p in (out / "plots" / "examples").glob("*.png")) == [
+        "img000.png",
+        "img001.png",
+        "img002.png",
+    ]
     strip = png(out / "plots" / "examples" / "img000.png")
     assert strip.shape[0] > 4 * 100  # one row per (method, sigma): 4 rows
     csv = pd.read_csv(out / "plots" / "certified_accuracy.csv")
@@ -251,8 +303,9 @@ def test_recertify_gives_the_reducers_numbers(job, tmp_path):
     out = job["out"]
     frame = analysis.load_votes(str(out))
     cfg = analysis.load_config(str(out))
-    same = analysis.recertify(frame, tau=cfg.certify.taus, alpha=cfg.certify.alphas,
-                              correction=cfg.certify.corrections)
+    same = analysis.recertify(
+        frame, tau=cfg.certify.taus, alpha=cfg.certify.alphas, correction=cfg.certify.corrections
+    )
     pd.testing.assert_frame_equal(same.metrics, analysis.load_metrics(str(out)))
     pd.testing.assert_frame_equal(same.per_image, analysis.load_metrics(str(out), per_image=True))
     assert same.metrics["certified_accuracy"].max() > 0
@@ -288,8 +341,9 @@ def test_curve_at_the_runs_radius_matches_the_metrics_and_engines_agree(job):
             assert c.certified_accuracy == pytest.approx(holm.loc[(c.method, c.sigma), "certified_accuracy"])
     on_ray = analysis.certified_accuracy_curve(out, radii, alpha=ALPHA, per_sigma=True, engine="ray")
     pd.testing.assert_frame_equal(on_ray, local)
-    in_memory = analysis.certified_accuracy_curve(analysis.load_votes(out), radii, alpha=ALPHA,
-                                                  per_sigma=True)
+    in_memory = analysis.certified_accuracy_curve(
+        analysis.load_votes(out), radii, alpha=ALPHA, per_sigma=True
+    )
     pd.testing.assert_frame_equal(in_memory, local)
 
 
@@ -303,6 +357,7 @@ def test_a_plotting_failure_never_fails_the_job(job, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="ray_certseg"):
         code = cli.main(["run", "--config", str(job["config"]), "--progress-interval", "0"])
     assert code == job["code"]  # the same outcome as the first run (the corrupt image), no new failure
-    assert any("plots not written" in r.getMessage() and "no display today" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "plots not written" in r.getMessage() and "no display today" in r.getMessage() for r in caplog.records
+    )
     assert (job["out"] / "metrics" / "metrics.parquet").exists()

@@ -3,6 +3,7 @@ and is reported (errors.parquet, summary, exit code 1); a job-level fault is one
 before any sampling (no vote file, no per-image errors, no actor restarted); hostile image ids write nothing
 outside the output folder; no credential reaches a log, an error or an output file. Nothing is mocked: real
 PNGs, real checkpoints, a real pickle, moto's S3 server, a private Ray instance for the log test."""
+
 from __future__ import annotations
 
 import collections
@@ -62,8 +63,14 @@ def models(tmp_path_factory):
     torch.save({"conv.weight": torch.zeros(1), "extra": Marker(str(marker))}, root / "evil.pt")
     (root / "not_diffusers").mkdir()
     (root / "not_diffusers" / "README.txt").write_text("weights will be here")
-    return {**out, "nan_seg": nan_seg, "seg5": root / "seg5.safetensors", "evil": root / "evil.pt",
-            "marker": marker, "not_diffusers": root / "not_diffusers"}
+    return {
+        **out,
+        "nan_seg": nan_seg,
+        "seg5": root / "seg5.safetensors",
+        "evil": root / "evil.pt",
+        "marker": marker,
+        "not_diffusers": root / "not_diffusers",
+    }
 
 
 def base_config(models, manifest: Path, out: Path) -> dict:
@@ -80,7 +87,9 @@ def tree(root: Path) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ image-level
-def write_faulty_dataset(root: Path, abs_target: Path) -> tuple[Path, dict[str, str], dict[str, tuple[str, str]]]:
+def write_faulty_dataset(
+    root: Path, abs_target: Path
+) -> tuple[Path, dict[str, str], dict[str, tuple[str, str]]]:
     """jobworld's 3 good images plus one item per image-level fault, several with hostile ids. Returns the
     manifest, {jobworld id of a good image: its id in the manifest} and {id of a bad item: (its stage as the
     message names it, a phrase of the fix)}."""
@@ -100,12 +109,36 @@ def write_faulty_dataset(root: Path, abs_target: Path) -> tuple[Path, dict[str, 
     bad_label = label.copy()
     bad_label[5, 5] = 7  # a class id outside [0, 3) that is not the ignore label 255
     bad = [
-        ("garbage.png", "lab000.png", "../../../escape_garbage", "decode_image", "re-download or re-export it"),
-        ("truncated.png", "lab002.png", str(abs_target / "truncated"), "decode_image", "re-download or re-export"),
+        (
+            "garbage.png",
+            "lab000.png",
+            "../../../escape_garbage",
+            "decode_image",
+            "re-download or re-export it",
+        ),
+        (
+            "truncated.png",
+            "lab002.png",
+            str(abs_target / "truncated"),
+            "decode_image",
+            "re-download or re-export",
+        ),
         ("img000.png", "missing_label.png", "nolabel", "read_label", "check the manifest"),
         ("img000.png", save("small_label.png", label[:12]), "mismatch", "check_size", "pair the right files"),
-        ("img000.png", save("bad_label.png", bad_label), "badlabel", "check_label", "check dataset.num_classes"),
-        (save("white.png", np.full_like(image, 255)), "lab000.png", "white", "sigma=0.25", "check the model weights"),
+        (
+            "img000.png",
+            save("bad_label.png", bad_label),
+            "badlabel",
+            "check_label",
+            "check dataset.num_classes",
+        ),
+        (
+            save("white.png", np.full_like(image, 255)),
+            "lab000.png",
+            "white",
+            "sigma=0.25",
+            "check the model weights",
+        ),
     ]
     rows += [f"{i},{lab},{raw}" for i, lab, raw, _, _ in bad]
     manifest.write_text("\n".join(rows) + "\n")
@@ -120,7 +153,11 @@ def test_image_level_faults_cost_only_their_own_rows(models, tmp_path, ray_sessi
     work.mkdir()
     out = work / "out"
     cfg = base_config(models, manifest, out)
-    cfg["models"]["segmenters"]["seg"] = {"kind": "torchscript", "path": str(models["nan_seg"]), "num_classes": 3}
+    cfg["models"]["segmenters"]["seg"] = {
+        "kind": "torchscript",
+        "path": str(models["nan_seg"]),
+        "num_classes": 3,
+    }
     before = tree(tmp_path)
 
     assert run(cfg, work) == 1
@@ -129,8 +166,9 @@ def test_image_level_faults_cost_only_their_own_rows(models, tmp_path, ray_sessi
     votes = pq.read_table(out / "votes", columns=["image_id", "method", "sigma"])
     got = collections.Counter(zip(*(votes[c].to_pylist() for c in ("image_id", "method", "sigma"))))
     safe = {raw: sanitize_id(raw) for raw in [*good.values(), *expected]}
-    assert got == collections.Counter({(safe[raw], m, 0.25): 1 for raw in good.values()
-                                       for m in ("plain", "diffusion")})
+    assert got == collections.Counter(
+        {(safe[raw], m, 0.25): 1 for raw in good.values() for m in ("plain", "diffusion")}
+    )
     for raw in [*good.values(), *expected]:
         assert "/" not in safe[raw] and ".." not in safe[raw] and not safe[raw].startswith(".")
 
@@ -143,7 +181,10 @@ def test_image_level_faults_cost_only_their_own_rows(models, tmp_path, ray_sessi
     for raw, (stage, fix) in expected.items():
         records = by_image[safe[raw]]
         if raw == "white":
-            assert sorted((e["method"], e["stage"]) for e in records) == [("diffusion", "sample"), ("plain", "sample")]
+            assert sorted((e["method"], e["stage"]) for e in records) == [
+                ("diffusion", "sample"),
+                ("plain", "sample"),
+            ]
             assert all("non-finite logits (NaN/Inf)" in e["error"] for e in records)
         else:
             assert [(e["method"], e["stage"]) for e in records] == [("", "load")]
@@ -166,7 +207,9 @@ def test_image_level_faults_cost_only_their_own_rows(models, tmp_path, ray_sessi
 
 
 # -------------------------------------------------------------------------------------------------- job-level
-def assert_stopped_before_sampling(out: Path, err: str, *phrases: str, votes_before: tuple[str, ...] = ()) -> None:
+def assert_stopped_before_sampling(
+    out: Path, err: str, *phrases: str, votes_before: tuple[str, ...] = ()
+) -> None:
     """The message says what and how to fix; no vote file was added, no per-image error written, no secret shown."""
     for phrase in phrases:
         assert phrase in err, err
@@ -175,15 +218,18 @@ def assert_stopped_before_sampling(out: Path, err: str, *phrases: str, votes_bef
     assert KEY not in err and SECRET not in err and ENV_SECRET not in err
 
 
-@pytest.mark.parametrize("override,phrases", [
-    ("sampling.sigmas=[0.25, -0.5]", ["sampling.sigmas[1]", "> 0"]),
-    ("certify.taus=[0.4]", ["certify.taus[0]", "0.5 < tau < 1"]),
-    ("certify.alphas=[1.5]", ["certify.alphas[0]", "0 < alpha < 1"]),
-    ("sampling.n0=0", ["sampling.n0", ">= 1"]),
-    ("sampling.n=70000", ["sampling.n", "[1, 65535]"]),
-    ("sampling.batchsize=4", ["unknown key 'sampling.batchsize'", "did you mean 'batch_size'"]),
-    ("outptu=elsewhere", ["unknown key 'outptu'", "did you mean 'output'"]),
-])
+@pytest.mark.parametrize(
+    "override,phrases",
+    [
+        ("sampling.sigmas=[0.25, -0.5]", ["sampling.sigmas[1]", "> 0"]),
+        ("certify.taus=[0.4]", ["certify.taus[0]", "0.5 < tau < 1"]),
+        ("certify.alphas=[1.5]", ["certify.alphas[0]", "0 < alpha < 1"]),
+        ("sampling.n0=0", ["sampling.n0", ">= 1"]),
+        ("sampling.n=70000", ["sampling.n", "[1, 65535]"]),
+        ("sampling.batchsize=4", ["unknown key 'sampling.batchsize'", "did you mean 'batch_size'"]),
+        ("outptu=elsewhere", ["unknown key 'outptu'", "did you mean 'output'"]),
+    ],
+)
 def test_bad_config_values_stop_before_anything_runs(models, tmp_path, capsys, override, phrases):
     out = tmp_path / "out"
     cfg = base_config(models, jobworld.write_dataset(tmp_path / "data", 1), out)
@@ -226,8 +272,11 @@ def _actual_class_count(cfg, m, tmp_path):
     return ["models.segmenters.seg", "(1, 5, 64, 64)", "dataset.num_classes = 3", "check its num_classes"]
 
 
-@pytest.mark.parametrize("fault", [_missing_denoiser, _not_diffusers, _pickle_checkpoint, _declared_class_count,
-                                   _actual_class_count], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "fault",
+    [_missing_denoiser, _not_diffusers, _pickle_checkpoint, _declared_class_count, _actual_class_count],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_model_faults_are_one_job_error_before_sampling(models, tmp_path, capsys, ray_session, fault):
     out = tmp_path / "out"
     cfg = base_config(models, jobworld.write_dataset(tmp_path / "data", 4), out)
@@ -251,15 +300,20 @@ def test_output_written_with_another_schema_version_is_refused(models, tmp_path,
     pq.write_table(pa.table({"image_id": ["img000"], "schema_version": pa.array([99], pa.int16())}), old)
     content = old.read_bytes()
     assert run(cfg, tmp_path) == 2
-    assert_stopped_before_sampling(out, capsys.readouterr().err, "schema version 99", "--overwrite",
-                                   votes_before=("old.parquet",))
+    assert_stopped_before_sampling(
+        out, capsys.readouterr().err, "schema version 99", "--overwrite", votes_before=("old.parquet",)
+    )
     assert old.read_bytes() == content
 
     old.unlink()
     pq.write_table(pa.table({"image_id": ["img000"]}), out / "votes" / "foreign.parquet")
     assert run(cfg, tmp_path) == 2
-    assert_stopped_before_sampling(out, capsys.readouterr().err, "foreign.parquet is not a ray_certseg vote file",
-                                   votes_before=("foreign.parquet",))
+    assert_stopped_before_sampling(
+        out,
+        capsys.readouterr().err,
+        "foreign.parquet is not a ray_certseg vote file",
+        votes_before=("foreign.parquet",),
+    )
 
 
 @pytest.fixture
@@ -271,7 +325,9 @@ def secrets_in_env(monkeypatch):
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
-def test_forbidden_bucket_is_one_clear_error(models, tmp_path, capfd, ray_session, secrets_in_env, monkeypatch):
+def test_forbidden_bucket_is_one_clear_error(
+    models, tmp_path, capfd, ray_session, secrets_in_env, monkeypatch
+):
     monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")  # moto checks credentials: ours are unknown to it
     manifest = jobworld.write_dataset(tmp_path / "data", 2)
     with start_moto_server() as endpoint:
@@ -280,28 +336,38 @@ def test_forbidden_bucket_is_one_clear_error(models, tmp_path, capfd, ray_sessio
         cfg.update(output="s3://locked-bucket/run", storage_options=so)
         assert run(cfg, tmp_path) == 2
         captured = capfd.readouterr()
-        assert_stopped_before_sampling(tmp_path / "unused", captured.err + captured.out,
-                                       "access denied to bucket 'locked-bucket'", "check the credentials")
+        assert_stopped_before_sampling(
+            tmp_path / "unused",
+            captured.err + captured.out,
+            "access denied to bucket 'locked-bucket'",
+            "check the credentials",
+        )
 
         cfg = base_config(models, manifest, tmp_path / "out")
         cfg.update(storage_options=so)
         cfg["dataset"]["manifest"] = "s3://locked-bucket/data/manifest.csv"
         assert run(cfg, tmp_path) == 2
         captured = capfd.readouterr()
-        assert_stopped_before_sampling(tmp_path / "out", captured.err + captured.out,
-                                       "access denied to bucket 'locked-bucket'")
+        assert_stopped_before_sampling(
+            tmp_path / "out", captured.err + captured.out, "access denied to bucket 'locked-bucket'"
+        )
 
 
 def test_unreachable_store_stops_the_job_once(models, tmp_path, capfd, ray_session, secrets_in_env):
-    nowhere = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": KEY, "secret": SECRET,
-               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+    nowhere = {
+        "endpoint_url": f"http://127.0.0.1:{free_port()}",
+        "key": KEY,
+        "secret": SECRET,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+    }
     manifest = jobworld.write_dataset(tmp_path / "data", 3)
     cfg = base_config(models, manifest, tmp_path / "unused")
     cfg.update(output="s3://results/run", storage_options=nowhere)
     assert run(cfg, tmp_path) == 2
     captured = capfd.readouterr()
-    assert_stopped_before_sampling(tmp_path / "unused", captured.err + captured.out,
-                                   "cannot reach the object store for bucket 'results'")
+    assert_stopped_before_sampling(
+        tmp_path / "unused", captured.err + captured.out, "cannot reach the object store for bucket 'results'"
+    )
 
     # the listing is local, the images are in the unreachable store: the actor stops the job on the first
     # image instead of recording one identical error per image
@@ -312,8 +378,13 @@ def test_unreachable_store_stops_the_job_once(models, tmp_path, capfd, ray_sessi
     cfg["dataset"]["storage_options"] = nowhere
     assert run(cfg, tmp_path) == 2
     captured = capfd.readouterr()
-    assert_stopped_before_sampling(out, captured.err + captured.out, "sampling stopped: StorageError",
-                                   "cannot reach the object store for bucket 'images'", "run again to resume")
+    assert_stopped_before_sampling(
+        out,
+        captured.err + captured.out,
+        "sampling stopped: StorageError",
+        "cannot reach the object store for bucket 'images'",
+        "run again to resume",
+    )
 
 
 # ------------------------------------------------------------------------------------------------- credentials
@@ -337,16 +408,34 @@ def test_no_credential_in_logs_errors_or_outputs(models, tmp_path, secrets_in_en
             cfg["dataset"]["manifest"] = "s3://data-bucket/ds/manifest.csv"
             cfg["storage_options"] = so
             path = jobworld.write_config(tmp_path / "job.yaml", cfg)
-            env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
-                   "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+            env = {
+                **os.environ,
+                "RAY_TMPDIR": ray_tmp,
+                "RAY_AUTH_MODE": "disabled",
+                "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                "RAY_USAGE_STATS_ENABLED": "0",
+            }
             env.pop("RAY_ADDRESS", None)
-            done = subprocess.run([sys.executable, str(REPO / "jobs" / "certify.py"), "--config", str(path),
-                                   "--progress-interval", "1"], env=env, capture_output=True, timeout=600,
-                                  check=False)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "jobs" / "certify.py"),
+                    "--config",
+                    str(path),
+                    "--progress-interval",
+                    "1",
+                ],
+                env=env,
+                capture_output=True,
+                timeout=600,
+                check=False,
+            )
         log = done.stdout + done.stderr
         assert done.returncode == 1, log.decode(errors="replace")[-3000:]  # the corrupt image
         errors = pq.read_table(out / "errors.parquet").to_pylist()
-        assert [e["image_id"] for e in errors] == ["img001"] and "s3://data-bucket/ds/img001.png" in errors[0]["error"]
+        assert [e["image_id"] for e in errors] == ["img001"] and "s3://data-bucket/ds/img001.png" in errors[
+            0
+        ]["error"]
         files = [p for p in out.rglob("*") if p.is_file()]
         ray_logs = [p for p in Path(ray_tmp).rglob("*") if p.is_file() and not p.is_socket()]
         assert files and ray_logs and b"img001" in log
@@ -390,7 +479,12 @@ def test_resize_mode_with_non_integer_factors_is_one_job_error(models, tmp_path,
     cfg["dataset"]["resize"] = [24, 24]  # 24 / sample_size 16 is no integer factor
     actors_before = sampler_actors()
     assert run(cfg, tmp_path) == 2
-    assert_stopped_before_sampling(out, capsys.readouterr().err, "models.denoisers.ddpm",
-                                   "images are 24x24", "integer multiples of sample_size=16")
+    assert_stopped_before_sampling(
+        out,
+        capsys.readouterr().err,
+        "models.denoisers.ddpm",
+        "images are 24x24",
+        "integer multiples of sample_size=16",
+    )
     new = {k: a for k, a in sampler_actors().items() if k not in actors_before}
     assert len(new) <= 1 and all(a["NumRestarts"] == 0 for a in new.values())

@@ -4,6 +4,7 @@ No timing is asserted (timings belong in bench/README.md); what is checked is th
 its own checks pass (the reference and count_votes give identical votes; the GPU script's votes are
 reproducible), and the figures it reports are finite and positive.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -56,9 +57,15 @@ def test_reference_quick_votes_identical_and_table(capsys):
 def test_malloc_quick_votes_identical_and_table(capsys):
     assert load("malloc").main(["--quick"]) == 0  # raises if the votes differ between the settings
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(("1 process", "2 processes")) and "," in line]
-    assert [" ".join(r.split()[:3]) for r in rows] == ["1 process, default", "1 process, kept",
-                                                       "2 processes, default", "2 processes, kept"]
+    rows = [
+        line for line in out.splitlines() if line.startswith(("1 process", "2 processes")) and "," in line
+    ]
+    assert [" ".join(r.split()[:3]) for r in rows] == [
+        "1 process, default",
+        "1 process, kept",
+        "2 processes, default",
+        "2 processes, kept",
+    ]
     for row in rows:  # wall ms, user ms, kernel ms, faults per sample, speed-up
         wall, user, kernel, faults, speedup = (float(v) for v in row.split()[-5:])
         assert positive(wall) and positive(user) and kernel >= 0 and faults >= 0 and positive(speedup)
@@ -69,8 +76,11 @@ def test_gpu_script_cpu_smoke_checks_pass(capsys):
     gpu = load("gpu")
     assert gpu.main(["--cpu-smoke", "--batch-sizes", "4", "--options", "fp32", "bf16+channels_last"]) == 0
     out = capsys.readouterr().out
-    table = [line.split() for line in out.splitlines()  # the result table, not the progress lines ("B=  4:")
-             if line.strip().startswith(("fp32 ", "bf16+channels_last ")) and "B=" not in line]
+    table = [
+        line.split()
+        for line in out.splitlines()  # the result table, not the progress lines ("B=  4:")
+        if line.strip().startswith(("fp32 ", "bf16+channels_last ")) and "B=" not in line
+    ]
     assert [row[0] for row in table] == ["fp32", "bf16+channels_last"]
     assert all(row[-1] == "ok" and positive(float(row[2])) and positive(float(row[4])) for row in table)
     assert float(table[0][-2]) == 1.0  # fp32 agrees with itself

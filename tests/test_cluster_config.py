@@ -1,4 +1,5 @@
 """cluster.yaml passes the Ray cluster launcher's own schema validation (what `ray up` checks first)."""
+
 from pathlib import Path
 
 import yaml

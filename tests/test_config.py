@@ -252,7 +252,9 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_dataset_scale_renamed_with_both_meanings_explained(config_file, tmp_path):
     """dataset.scale downsampled before the noise (certificate at low resolution), unlike SegCertify's scale:
     a user's scale other than 1.0 is refused with both fixes; a run's recorded config.json is translated."""
-    with pytest.raises(ConfigError, match=r"dataset.scale was renamed.*certify_at_scale: 0.25.*input_scale: 0.25"):
+    with pytest.raises(
+        ConfigError, match=r"dataset.scale was renamed.*certify_at_scale: 0.25.*input_scale: 0.25"
+    ):
         load(config_file, "dataset.scale=0.25")
     assert load(config_file, "dataset.scale=1.0").dataset.certify_at_scale == 1.0  # a no-op then and now
     assert load(config_file, "dataset.certify_at_scale=0.5").dataset.certify_at_scale == 0.5

@@ -377,9 +377,13 @@ def test_learned_variance_needs_six_channels_and_names_the_choice():
     den = DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, multistep=2, variance="learned")
     with pytest.raises(ValueError, match="6 output channels"):
         den(torch.rand(1, 3, 8, 8), 0.25)
-    one_shot = [DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, variance=v).name for v in ("auto", "fixed")]
-    chains = [DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, multistep=2, variance=v).name
-              for v in ("auto", "fixed")]
+    one_shot = [
+        DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, variance=v).name for v in ("auto", "fixed")
+    ]
+    chains = [
+        DiffusionDenoiser(conv_model(1), sched.alphas_cumprod, multistep=2, variance=v).name
+        for v in ("auto", "fixed")
+    ]
     assert one_shot[0] == one_shot[1] and chains[0] != chains[1]
 
 

@@ -5,6 +5,7 @@ waits are on conditions, never fixed sleeps; only processes started here are sto
 
 Run as a script (``python tests/test_faults.py node-loss CONFIG REPORT``) this file is the node-loss driver:
 a ``ray.cluster_utils.Cluster`` cannot share the test session's Ray instance, so it lives in its own process."""
+
 from __future__ import annotations
 
 import collections
@@ -67,8 +68,9 @@ def vote_rows(votes_dir: Path) -> collections.Counter:
     return collections.Counter(zip(*(t[c].to_pylist() for c in ("image_id", "method", "sigma"))))
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 300,
-             alive: Callable[[], bool] = lambda: True) -> Any:
+def wait_for(
+    condition: Callable[[], Any], what: str, timeout: float = 300, alive: Callable[[], bool] = lambda: True
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s or once ``alive()`` is False."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,15 +85,23 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 300,
 
 def sampler_actors(state: Any, state_filter: str | None = None) -> dict[str, dict]:
     """The VoteSampler actors in the GCS actor table of the connected Ray instance (no dashboard needed)."""
-    return {k: a for k, a in state.actors().items()
-            if SAMPLER in a["ActorClassName"] and state_filter in (None, a["State"])}
+    return {
+        k: a
+        for k, a in state.actors().items()
+        if SAMPLER in a["ActorClassName"] and state_filter in (None, a["State"])
+    }
 
 
 def ray_env(temp_dir: str) -> dict[str, str]:
     """Environment of a job process with its own Ray instance under ``temp_dir`` (RAY_TMPDIR): its processes
     inherit it, which is how :func:`private_ray_dir` finds them and no others."""
-    env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": temp_dir,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -129,12 +139,20 @@ def test_actor_killed_mid_run_every_row_exactly_once(tmp_path, ray_session):
     path = fault_config(tmp_path, out)
     old = set(sampler_actors(state))
     result: dict[str, int] = {}
-    run = threading.Thread(target=lambda: result.update(code=cli.main(["run", "--config", str(path)])), daemon=True)
+    run = threading.Thread(
+        target=lambda: result.update(code=cli.main(["run", "--config", str(path)])), daemon=True
+    )
     run.start()
 
     wait_for(lambda: finished_files(out / "votes"), "a first vote file", alive=run.is_alive)
-    actor_id, actor = next(iter(wait_for(lambda: {k: a for k, a in sampler_actors(state, "ALIVE").items()
-                                                  if k not in old}, "the sampling actor").items()))
+    actor_id, actor = next(
+        iter(
+            wait_for(
+                lambda: {k: a for k, a in sampler_actors(state, "ALIVE").items() if k not in old},
+                "the sampling actor",
+            ).items()
+        )
+    )
     os.kill(actor["Pid"], signal.SIGKILL)  # a crash of the actor process, mid-run
     rows_at_kill = sum(len(k) for k in finished_files(out / "votes").values())
     run.join(timeout=600)
@@ -150,12 +168,24 @@ def test_actor_killed_mid_run_every_row_exactly_once(tmp_path, ray_session):
 def test_driver_killed_mid_run_rerun_redoes_nothing_and_loses_nothing(tmp_path):
     out = tmp_path / "out"
     path = fault_config(tmp_path, out)
-    cmd = [sys.executable, str(REPO / "jobs" / "certify.py"), "--config", str(path), "--progress-interval", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "certify.py"),
+        "--config",
+        str(path),
+        "--progress-interval",
+        "1",
+    ]
     with private_ray_dir() as temp_dir, open(tmp_path / "run1.log", "wb") as log:
-        driver = subprocess.Popen(cmd, env=ray_env(temp_dir), stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        driver = subprocess.Popen(
+            cmd, env=ray_env(temp_dir), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            wait_for(lambda: finished_files(out / "votes"), "a first vote file", alive=lambda: driver.poll() is None)
+            wait_for(
+                lambda: finished_files(out / "votes"),
+                "a first vote file",
+                alive=lambda: driver.poll() is None,
+            )
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)  # the driver and its process group, mid-run
@@ -167,8 +197,9 @@ def test_driver_killed_mid_run_rerun_redoes_nothing_and_loses_nothing(tmp_path):
     assert 0 < len(done) < TOTAL, (tmp_path / "run1.log").read_text()[-3000:]
 
     with private_ray_dir() as temp_dir:
-        rerun = subprocess.run(cmd, env=ray_env(temp_dir), capture_output=True, text=True, timeout=600,
-                               check=False)
+        rerun = subprocess.run(
+            cmd, env=ray_env(temp_dir), capture_output=True, text=True, timeout=600, check=False
+        )
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     assert f"{len(done)} already written, {TOTAL - len(done)} to sample" in rerun.stderr
     for name, content in contents.items():  # finished files are kept as they were
@@ -186,8 +217,14 @@ def test_worker_node_lost_mid_run_job_finishes_on_the_survivor(tmp_path):
     path = fault_config(tmp_path, out, actors=2, num_cpus_per_actor=1)
     report = tmp_path / "report.json"
     with private_ray_dir() as temp_dir:
-        done = subprocess.run([sys.executable, __file__, "node-loss", str(path), str(report)], env=ray_env(temp_dir),
-                              capture_output=True, text=True, timeout=860, check=False)
+        done = subprocess.run(
+            [sys.executable, __file__, "node-loss", str(path), str(report)],
+            env=ray_env(temp_dir),
+            capture_output=True,
+            text=True,
+            timeout=860,
+            check=False,
+        )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     r = json.loads(report.read_text())
     assert r["code"] == 0
@@ -208,25 +245,37 @@ def node_loss_main(config: str, report: str) -> None:
 
     from ray_certseg import cli
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False,
-                                                            "object_store_memory": 200 * 1024**2})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 3, "include_dashboard": False, "object_store_memory": 200 * 1024**2},
+    )
     worker = cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
     ray.init(address=cluster.address, log_to_driver=False)
     out = Path(yaml.safe_load(Path(config).read_text())["output"])
     result: dict[str, Any] = {}
-    run = threading.Thread(target=lambda: result.update(code=cli.main(["run", "--config", config])), daemon=True)
+    run = threading.Thread(
+        target=lambda: result.update(code=cli.main(["run", "--config", config])), daemon=True
+    )
     run.start()
-    on_worker = lambda: {k: a for k, a in sampler_actors(state, "ALIVE").items()
-                         if a["Address"]["NodeID"] == worker.node_id}
+    on_worker = lambda: {
+        k: a for k, a in sampler_actors(state, "ALIVE").items() if a["Address"]["NodeID"] == worker.node_id
+    }
     actor_id = next(iter(wait_for(on_worker, "a sampling actor on the worker node", alive=run.is_alive)))
     wait_for(lambda: finished_files(out / "votes"), "a first vote file", alive=run.is_alive)
     cluster.remove_node(worker, allow_graceful=False)
     rows_at_removal = sum(len(k) for k in finished_files(out / "votes").values())
     run.join(timeout=780)  # generous: on a loaded 2-core machine the survivor alone redoes the lost work
     actor = state.actors()[actor_id]
-    Path(report).write_text(json.dumps({
-        "code": result.get("code"), "rows_at_removal": rows_at_removal, "head_node": cluster.head_node.node_id,
-        "worker_actor": {"NumRestarts": actor["NumRestarts"], "NodeID": actor["Address"]["NodeID"]}}))
+    Path(report).write_text(
+        json.dumps(
+            {
+                "code": result.get("code"),
+                "rows_at_removal": rows_at_removal,
+                "head_node": cluster.head_node.node_id,
+                "worker_actor": {"NumRestarts": actor["NumRestarts"], "NodeID": actor["Address"]["NodeID"]},
+            }
+        )
+    )
     ray.shutdown()
     cluster.shutdown()
 

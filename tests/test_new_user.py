@@ -1,6 +1,7 @@
 """What a new user with their own data and model hits, point by point (each test failed before its fix): images
 decoded right or refused, duplicate ids named, infeasible (n, tau, alpha) grids explained, their own code's import
 error pointing at runtime_env, quiet model loading, and plots that draw a class "red" red."""
+
 from __future__ import annotations
 
 import json
@@ -71,14 +72,16 @@ def test_two_images_under_one_image_id_fail_naming_the_rows(tmp_path):
 def test_duplicate_ids_renamed_only_when_asked_and_loudly(tmp_path, caplog):
     manifest = two_images_one_id(tmp_path)
     with caplog.at_level(logging.WARNING, logger="ray_certseg"):
-        refs = list_items({"kind": "manifest", "manifest": str(manifest), "num_classes": 2,
-                           "duplicate_ids": "rename"})
+        refs = list_items(
+            {"kind": "manifest", "manifest": str(manifest), "num_classes": 2, "duplicate_ids": "rename"}
+        )
     ids = [r["image_id"] for r in refs]
     assert len(set(ids)) == 2 and all(i.startswith("mine-1-") for i in ids)
     assert "renamed" in caplog.text and "mine-1" in caplog.text
     with pytest.raises(ConfigError, match="dataset.duplicate_ids: must be one of error, rename"):
-        DatasetConfig.from_dict({"kind": "manifest", "manifest": str(manifest), "num_classes": 2,
-                                 "duplicate_ids": "keep"})
+        DatasetConfig.from_dict(
+            {"kind": "manifest", "manifest": str(manifest), "num_classes": 2, "duplicate_ids": "keep"}
+        )
 
 
 # ------------------------------------------------------------------------------------------------ feasibility
@@ -97,15 +100,34 @@ def test_feasibility_matches_what_certify_can_do():
 
 
 def test_summary_marks_infeasible_rows_and_says_what_would_certify():
-    rec = dict(image_id="x", dataset="d", method="m", denoiser="", segmenter="s", sigma=0.25, n0=10,
-               num_classes=2, ignore_index=255, height=96, width=128)
+    rec = {
+        "image_id": "x",
+        "dataset": "d",
+        "method": "m",
+        "denoiser": "",
+        "segmenter": "s",
+        "sigma": 0.25,
+        "n0": 10,
+        "num_classes": 2,
+        "ignore_index": 255,
+        "height": 96,
+        "width": 128,
+    }
     from ray_certseg.votes import VoteRecord
 
     label = np.zeros((96, 128), np.uint8)
     rows = []
     for n in (50, 100):
-        vr = VoteRecord(**rec, n=n, seed=0, label=label, c_hat=label, k=np.full((96, 128), n, np.uint16),
-                        clean_pred=label, sample_seconds=1.0)
+        vr = VoteRecord(
+            **rec,
+            n=n,
+            seed=0,
+            label=label,
+            c_hat=label,
+            k=np.full((96, 128), n, np.uint16),
+            clean_pred=label,
+            sample_seconds=1.0,
+        )
         rows += reduce.image_rows(vr, reduce.Grid((0.75,), (0.001,), ("holm",)))
     per_image = pd.DataFrame(rows)
     assert per_image["certifiable"].tolist() == [False, True]
@@ -118,15 +140,19 @@ def test_summary_marks_infeasible_rows_and_says_what_would_certify():
 
 
 def test_infeasible_grid_is_named_when_the_config_loads(tmp_path, caplog):
-    from ray_certseg import faults
+    from ray_certseg import preflight
 
-    cfg = JobConfig.from_dict({
-        "dataset": {"kind": "manifest", "manifest": "m.csv", "num_classes": 2},
-        "models": {"segmenters": {"s": {"kind": "torchscript", "path": "s.pt"}}},
-        "methods": {"m": {"segmenter": "s"}},
-        "sampling": {"n": 50}, "certify": {"taus": [0.7, 0.75], "alphas": [0.001]}})
+    cfg = JobConfig.from_dict(
+        {
+            "dataset": {"kind": "manifest", "manifest": "m.csv", "num_classes": 2},
+            "models": {"segmenters": {"s": {"kind": "torchscript", "path": "s.pt"}}},
+            "methods": {"m": {"segmenter": "s"}},
+            "sampling": {"n": 50},
+            "certify": {"taus": [0.7, 0.75], "alphas": [0.001]},
+        }
+    )
     with caplog.at_level(logging.WARNING, logger="ray_certseg"):
-        found = faults.check_feasible(cfg, 96, 128)
+        found = preflight.check_feasible(cfg, 96, 128)
     assert len(found) == 1 and "tau=0.75, alpha=0.001: that needs n >= 57, or tau <= 0.721" in found[0]
     assert found[0] in caplog.text
 
@@ -140,28 +166,32 @@ def test_missing_factory_package_points_at_runtime_env():
 
 
 def test_runtime_env_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
-    from ray_certseg import faults
+    from ray_certseg import preflight
     from ray_certseg.config import load_config
 
     (tmp_path / "mine_nets").mkdir()
     (tmp_path / "mine_nets" / "__init__.py").write_text("")
-    config = {"dataset": {"kind": "manifest", "manifest": "m.csv", "num_classes": 2},
-              "models": {"segmenters": {"s": {"kind": "module", "factory": "mine_nets:build", "num_classes": 2}}},
-              "methods": {"m": {"segmenter": "s"}},
-              "ray": {"runtime_env": {"py_modules": ["mine_nets"], "env_vars": {"A": 1}}}}
+    config = {
+        "dataset": {"kind": "manifest", "manifest": "m.csv", "num_classes": 2},
+        "models": {"segmenters": {"s": {"kind": "module", "factory": "mine_nets:build", "num_classes": 2}}},
+        "methods": {"m": {"segmenter": "s"}},
+        "ray": {"runtime_env": {"py_modules": ["mine_nets"], "env_vars": {"A": 1}}},
+    }
     (tmp_path / "job.yaml").write_text(json.dumps(config))
     monkeypatch.chdir("/")
     cfg = load_config(tmp_path / "job.yaml")
     assert cfg.ray.runtime_env == {"py_modules": [str(tmp_path / "mine_nets")], "env_vars": {"A": "1"}}
-    faults.check_runtime_env(cfg)
+    preflight.check_runtime_env(cfg)
     assert JobConfig.from_dict(cfg.to_dict(redact=False)).ray.runtime_env == cfg.ray.runtime_env
     config["ray"]["runtime_env"] = {"py_modules": ["not_there"]}
     (tmp_path / "job.yaml").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"ray.runtime_env.py_modules\[0\]: 'not_there' does not exist"):
-        faults.check_runtime_env(load_config(tmp_path / "job.yaml"))
+        preflight.check_runtime_env(load_config(tmp_path / "job.yaml"))
     config["ray"]["runtime_env"] = {"py_module": ["mine_nets"]}
     (tmp_path / "job.yaml").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="unknown key 'ray.runtime_env.py_module' .did you mean 'py_modules'"):
+    with pytest.raises(
+        ConfigError, match="unknown key 'ray.runtime_env.py_module' .did you mean 'py_modules'"
+    ):
         load_config(tmp_path / "job.yaml")
 
 
@@ -169,8 +199,13 @@ def test_segformer_loads_without_progress_bars(tmp_path, capfd):
     transformers = pytest.importorskip("transformers")
     from ray_certseg.models.registry import load_segmenter
 
-    config = transformers.SegformerConfig(num_labels=3, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 16],
-                                          num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16)
+    config = transformers.SegformerConfig(
+        num_labels=3,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 16, 16],
+        num_attention_heads=[1, 1, 1, 1],
+        decoder_hidden_size=16,
+    )
     transformers.SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "sf")
     capfd.readouterr()
     load_segmenter({"kind": "segformer", "path": str(tmp_path / "sf")})
@@ -182,10 +217,16 @@ def test_segformer_loads_without_progress_bars(tmp_path, capfd):
 def test_plots_draw_a_class_named_red_in_red_and_honour_a_palette():
     from matplotlib.colors import to_rgb
 
-    base = {"dataset": {"kind": "manifest", "manifest": "m.csv", "num_classes": 3,
-                        "class_names": ["red", "blue", "road"]},
-            "models": {"segmenters": {"s": {"kind": "torchscript", "path": "s.pt"}}},
-            "methods": {"m": {"segmenter": "s"}}}
+    base = {
+        "dataset": {
+            "kind": "manifest",
+            "manifest": "m.csv",
+            "num_classes": 3,
+            "class_names": ["red", "blue", "road"],
+        },
+        "models": {"segmenters": {"s": {"kind": "torchscript", "path": "s.pt"}}},
+        "methods": {"m": {"segmenter": "s"}},
+    }
     assert plots.palette_of(JobConfig.from_dict(base)) is None  # "road" is no colour: the defaults
     base["dataset"]["class_names"] = ["red", "blue", "green"]
     cfg = JobConfig.from_dict(base)
@@ -205,10 +246,29 @@ def test_plots_draw_a_class_named_red_in_red_and_honour_a_palette():
 
 def test_example_strip_legend_uses_the_palette():
     label = np.array([[0, 1], [1, 0]], np.uint8)
-    row = dict(image_id="x", method="m", sigma=0.25, n=10, num_classes=2, ignore_index=255, height=2, width=2,
-               label=label, clean_pred=label, c_hat=label, k=np.full((2, 2), 10, np.uint16))
-    fig = plots.plot_example(pd.DataFrame([row]), None, names=["red", "blue"], tau=0.6, alpha=0.1,
-                             correction="holm", palette=("red", "blue"))
+    row = {
+        "image_id": "x",
+        "method": "m",
+        "sigma": 0.25,
+        "n": 10,
+        "num_classes": 2,
+        "ignore_index": 255,
+        "height": 2,
+        "width": 2,
+        "label": label,
+        "clean_pred": label,
+        "c_hat": label,
+        "k": np.full((2, 2), 10, np.uint16),
+    }
+    fig = plots.plot_example(
+        pd.DataFrame([row]),
+        None,
+        names=["red", "blue"],
+        tau=0.6,
+        alpha=0.1,
+        correction="holm",
+        palette=("red", "blue"),
+    )
     handles = fig.legends[0].legend_handles
     assert [h.get_label() for h in handles[:2]] == ["red", "blue"]
     np.testing.assert_allclose(handles[0].get_facecolor()[:3], [1, 0, 0])
@@ -216,7 +276,7 @@ def test_example_strip_legend_uses_the_palette():
 
 
 def test_load_item_of_a_16bit_image_end_to_end(tmp_path):
-    grey16 = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
+    grey16 = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000
     Image.fromarray(grey16).save(tmp_path / "scan.png")
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "lab.png")
     (tmp_path / "m.csv").write_text("image_path,label_path\nscan.png,lab.png\n")

@@ -1,5 +1,6 @@
 """notebooks/analysis.ipynb runs top to bottom (nbclient, the venv's python) against a small job output, so it
 cannot rot; the committed copy carries no outputs."""
+
 from __future__ import annotations
 
 import sys
@@ -25,10 +26,21 @@ def test_committed_notebook_is_clean_and_reads_its_output_parameter():
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, ray_session) -> Path:
     root = tmp_path_factory.mktemp("nbjob")
-    cfg = jobworld.config(jobworld.write_dataset(root / "data", 3), jobworld.write_models(root / "models"),
-                          root / "out", n=40)
-    assert cli.main(["run", "--config", str(jobworld.write_config(root / "job.yaml", cfg)),
-                     "--progress-interval", "0"]) == 0
+    cfg = jobworld.config(
+        jobworld.write_dataset(root / "data", 3), jobworld.write_models(root / "models"), root / "out", n=40
+    )
+    assert (
+        cli.main(
+            [
+                "run",
+                "--config",
+                str(jobworld.write_config(root / "job.yaml", cfg)),
+                "--progress-interval",
+                "0",
+            ]
+        )
+        == 0
+    )
     return root / "out"
 
 
@@ -40,8 +52,9 @@ def test_notebook_runs_top_to_bottom(output, monkeypatch):
     monkeypatch.setenv("RAY_CERTSEG_OUTPUT", str(output))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # "python3" runs `python -m ipykernel_launcher`; jupyter_client substitutes sys.executable for `python`
-    NotebookClient(nb, kernel_name="python3", timeout=600,
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"python: {sys.executable}" in text and f"output: {output}" in text

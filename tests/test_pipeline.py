@@ -1,5 +1,6 @@
 """The Ray job end to end on a real local Ray instance: votes exactly once, determinism against an in-process
 run, resume, per-image errors, and the reducer (Ray and local engines, byte-identical reruns)."""
+
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,11 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    return {"manifest": jobworld.write_dataset(root / "data", 5, corrupt=(3,)),
-            "models": jobworld.write_models(root / "models"), "root": root}
+    return {
+        "manifest": jobworld.write_dataset(root / "data", 5, corrupt=(3,)),
+        "models": jobworld.write_models(root / "models"),
+        "root": root,
+    }
 
 
 def run(world, tmp_path, name="out", extra=(), **sampling):
@@ -64,7 +68,9 @@ def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
     from ray_certseg.models.registry import load_denoiser, load_segmenter
     from ray_certseg.sampling import count_votes
 
-    code, out, path = run(world, tmp_path, extra=["--set", "ray.batch_size=3", "--set", "sampling.batch_size=5"])
+    code, out, path = run(
+        world, tmp_path, extra=["--set", "ray.batch_size=3", "--set", "sampling.batch_size=5"]
+    )
     assert code == 1  # the corrupt image
     from ray_certseg.config import load_config
 
@@ -74,12 +80,27 @@ def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
     records = votes.read_votes(str(out / "votes"))
     assert len(records) == 16
     for rec in records:
-        item = load_item({"image_id": rec.image_id, "image_path": str(world["root"] / "data" /
-                                                                       f"img{rec.image_id[3:]}.png"),
-                          "label_path": str(world["root"] / "data" / f"lab{rec.image_id[3:]}.png"),
-                          "dataset": "toy"}, cfg.dataset)
-        v = count_votes(item["image"], seg, denoiser=den if rec.method == "diffusion" else None, sigma=rec.sigma,
-                        n0=3, n=12, num_classes=3, batch_size=12, seed=7, image_id=rec.image_id)
+        item = load_item(
+            {
+                "image_id": rec.image_id,
+                "image_path": str(world["root"] / "data" / f"img{rec.image_id[3:]}.png"),
+                "label_path": str(world["root"] / "data" / f"lab{rec.image_id[3:]}.png"),
+                "dataset": "toy",
+            },
+            cfg.dataset,
+        )
+        v = count_votes(
+            item["image"],
+            seg,
+            denoiser=den if rec.method == "diffusion" else None,
+            sigma=rec.sigma,
+            n0=3,
+            n=12,
+            num_classes=3,
+            batch_size=12,
+            seed=7,
+            image_id=rec.image_id,
+        )
         np.testing.assert_array_equal(v.c_hat, rec.c_hat)
         np.testing.assert_array_equal(v.k, rec.k)
         np.testing.assert_array_equal(v.clean_pred, rec.clean_pred)
@@ -113,8 +134,21 @@ def test_resume_refuses_an_output_made_with_another_config(world, tmp_path, ray_
     code, out, path = run(world, tmp_path, extra=["--set", "dataset.limit=1"])
     assert code == 0
     assert cli.main(["run", "--config", str(path), "--set", "dataset.limit=1", "--set", "sampling.n=13"]) == 2
-    assert cli.main(["run", "--config", str(path), "--set", "dataset.limit=1", "--set", "sampling.n=13",
-                     "--overwrite"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "--config",
+                str(path),
+                "--set",
+                "dataset.limit=1",
+                "--set",
+                "sampling.n=13",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert {r.n for r in votes.read_votes(str(out / "votes"), columns=[])} == {13}
 
 
@@ -136,8 +170,12 @@ def test_reduce_cli_recertifies_at_another_tau(world, tmp_path, ray_session):
     own = (out / "metrics" / "metrics.parquet").read_bytes()
     assert cli.main(["reduce", str(out), "--tau", "0.9", "--alpha", "0.1"]) == 0
     assert (out / "metrics" / "metrics.parquet").read_bytes() == own  # the run's own rows stay
-    after = pq.read_table(out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni" / "metrics.parquet").to_pandas()
-    pd.testing.assert_frame_equal(after, analysis.load_metrics(str(out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni")))
+    after = pq.read_table(
+        out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni" / "metrics.parquet"
+    ).to_pandas()
+    pd.testing.assert_frame_equal(
+        after, analysis.load_metrics(str(out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni"))
+    )
     assert set(after["tau"]) == {0.9}
     assert (after["radius"] > before["radius"].max()).all()
     # a higher tau can only certify fewer pixels
@@ -147,7 +185,9 @@ def test_reduce_cli_recertifies_at_another_tau(world, tmp_path, ray_session):
 
 
 def test_check_resumable_names_what_changed():
-    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    cfg = JobConfig.from_dict(
+        jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o"))
+    )
     old = cfg.to_dict()
     new = json.loads(json.dumps(old))
     new["models"]["denoisers"]["ddpm"]["path"] = "other"
@@ -158,10 +198,22 @@ def test_check_resumable_names_what_changed():
     pipeline.check_resumable(old, new)
 
 
-@pytest.mark.parametrize("key, value", [("n0", 4), ("n", 7), ("seed", 1), ("dtype", "bfloat16"),
-                                        ("device", "cuda"), ("compile", True), ("channels_last", True)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("n0", 4),
+        ("n", 7),
+        ("seed", 1),
+        ("dtype", "bfloat16"),
+        ("device", "cuda"),
+        ("compile", True),
+        ("channels_last", True),
+    ],
+)
 def test_check_resumable_refuses_keys_that_change_votes(key, value):
-    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    cfg = JobConfig.from_dict(
+        jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o"))
+    )
     old = cfg.to_dict()
     new = json.loads(json.dumps(old))
     new["sampling"][key] = value
@@ -175,7 +227,9 @@ def test_check_resumable_refuses_keys_that_change_votes(key, value):
 
 
 def test_check_resumable_allows_batch_size_with_a_warning(caplog):
-    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    cfg = JobConfig.from_dict(
+        jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o"))
+    )
     old = cfg.to_dict()
     new = json.loads(json.dumps(old))
     new["sampling"]["batch_size"] = old["sampling"]["batch_size"] + 3
@@ -195,8 +249,22 @@ def test_votes_bit_identical_across_batch_sizes_with_the_job_models(world):
     seg = load_segmenter(cfg.models.segmenters[cfg.methods["diffusion"].segmenter])
     den = load_denoiser(cfg.models.denoisers[cfg.methods["diffusion"].denoiser])
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    runs = [count_votes(image, seg, denoiser=den, sigma=0.25, n0=2, n=9, num_classes=cfg.dataset.num_classes,
-                        batch_size=b, seed=3, image_id="x", return_counts=True) for b in (1, 4, 11)]
+    runs = [
+        count_votes(
+            image,
+            seg,
+            denoiser=den,
+            sigma=0.25,
+            n0=2,
+            n=9,
+            num_classes=cfg.dataset.num_classes,
+            batch_size=b,
+            seed=3,
+            image_id="x",
+            return_counts=True,
+        )
+        for b in (1, 4, 11)
+    ]
     for other in runs[1:]:
         np.testing.assert_array_equal(other.counts, runs[0].counts)
         np.testing.assert_array_equal(other.counts0, runs[0].counts0)
@@ -205,8 +273,25 @@ def test_votes_bit_identical_across_batch_sizes_with_the_job_models(world):
 def test_reduce_cli_takes_lists_and_names_its_folder(world, tmp_path, ray_session):
     code, out, _ = run(world, tmp_path, extra=["--set", "dataset.limit=1"])
     assert code == 0
-    assert cli.main(["reduce", str(out), "--tau", "0.6", "0.9", "--alpha", "0.1", "0.2", "--correction", "holm",
-                     "--name", "sweep"]) == 0
+    assert (
+        cli.main(
+            [
+                "reduce",
+                str(out),
+                "--tau",
+                "0.6",
+                "0.9",
+                "--alpha",
+                "0.1",
+                "0.2",
+                "--correction",
+                "holm",
+                "--name",
+                "sweep",
+            ]
+        )
+        == 0
+    )
     sweep = analysis.load_metrics(str(out / "reductions" / "sweep"))
     assert set(zip(sweep["tau"], sweep["alpha"])) == {(0.6, 0.1), (0.6, 0.2), (0.9, 0.1), (0.9, 0.2)}
     assert set(sweep["correction"]) == {"holm"}
@@ -215,7 +300,9 @@ def test_reduce_cli_takes_lists_and_names_its_folder(world, tmp_path, ray_sessio
 
 
 def test_check_resumable_reads_an_older_run_that_wrote_dataset_scale():
-    cfg = JobConfig.from_dict(jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o")))
+    cfg = JobConfig.from_dict(
+        jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o"))
+    )
     old, new = cfg.to_dict(), cfg.to_dict()
     old["dataset"]["scale"] = old["dataset"].pop("certify_at_scale")
     pipeline.check_resumable(old, new)

@@ -18,23 +18,48 @@ def record(image_id: str, method: str, sigma: float, seed: int) -> votes.VoteRec
     label = rng.integers(0, 3, (4, 4)).astype(np.uint8)
     c_hat = np.where(rng.random((4, 4)) < 0.7, label, rng.integers(0, 3, (4, 4))).astype(np.uint8)
     k = rng.integers(30, 41, (4, 4)).astype(np.uint16)
-    return votes.VoteRecord(image_id=image_id, dataset="toy", method=method, denoiser="", segmenter="s",
-                            sigma=sigma, n0=2, n=40, seed=0, num_classes=3, ignore_index=255, height=4, width=4,
-                            label=label, c_hat=c_hat, k=k, clean_pred=label, sample_seconds=0.1, counts=None)
+    return votes.VoteRecord(
+        image_id=image_id,
+        dataset="toy",
+        method=method,
+        denoiser="",
+        segmenter="s",
+        sigma=sigma,
+        n0=2,
+        n=40,
+        seed=0,
+        num_classes=3,
+        ignore_index=255,
+        height=4,
+        width=4,
+        label=label,
+        c_hat=c_hat,
+        k=k,
+        clean_pred=label,
+        sample_seconds=0.1,
+        counts=None,
+    )
 
 
 @pytest.fixture
 def per_image() -> pd.DataFrame:
     """Methods a and b at sigma 0.25 and 0.5 over images 0-2, except b's row of image 2 at sigma 0.25 (failed)."""
-    recs = [record(f"img{i}", m, s, seed=10 * i + (m == "b") + int(s * 4))
-            for s in (0.25, 0.5) for m in ("a", "b") for i in range(3) if (m, s, i) != ("b", 0.25, 2)]
+    recs = [
+        record(f"img{i}", m, s, seed=10 * i + (m == "b") + int(s * 4))
+        for s in (0.25, 0.5)
+        for m in ("a", "b")
+        for i in range(3)
+        if (m, s, i) != ("b", 0.25, 2)
+    ]
     rows = [r for rec in recs for r in reduce.image_rows(rec, GRID)]
     return reduce.deduplicate(pd.DataFrame(rows))
 
 
 def test_default_pooling_compares_every_method_over_the_same_images(per_image):
     left = reduce.left_out(per_image)
-    assert left.to_dict("records") == [dict(dataset="toy", sigma=0.25, image_id="img2", has="a", lacks="b")]
+    assert left.to_dict("records") == [
+        {"dataset": "toy", "sigma": 0.25, "image_id": "img2", "has": "a", "lacks": "b"}
+    ]
     common = reduce.pool(per_image).set_index(["method", "sigma"])
     assert common.loc[("a", 0.25), "images"] == common.loc[("b", 0.25), "images"] == 2
     assert common.loc[("a", 0.25), "images_left_out"] == 1 and common.loc[("b", 0.25), "images_left_out"] == 0
@@ -65,6 +90,10 @@ def test_summary_lists_what_was_left_out_and_the_bounds(per_image):
 
 def test_dataset_table_has_dice_and_worst_case_columns_in_order(per_image):
     m = reduce.pool(per_image)
-    assert (m["worst_miou"] <= m["miou"] + 1e-12).all() and (m["worst_dice"] <= m["certified_dice"] + 1e-12).all()
+    assert (m["worst_miou"] <= m["miou"] + 1e-12).all() and (
+        m["worst_dice"] <= m["certified_dice"] + 1e-12
+    ).all()
     assert np.allclose(m["worst_accuracy"], m["certified_accuracy"])
-    assert all(len(v) == 3 for v in m["worst_iou_per_class"]) and all(len(v) == 3 for v in m["dice_per_class"])
+    assert all(len(v) == 3 for v in m["worst_iou_per_class"]) and all(
+        len(v) == 3 for v in m["dice_per_class"]
+    )

@@ -221,8 +221,9 @@ def test_clean_prediction_never_calls_the_denoiser(image):
         sigmas.append(sigma)
         return noisy * 0.0
 
-    v = count_votes(image, channel_argmax, denoiser=darken, sigma=0.25, n0=2, n=3, num_classes=3, batch_size=8,
-                    seed=0)
+    v = count_votes(
+        image, channel_argmax, denoiser=darken, sigma=0.25, n0=2, n=3, num_classes=3, batch_size=8, seed=0
+    )
     assert sigmas == [0.25]  # one batch of n0 + n draws; nothing at sigma = 0
     np.testing.assert_array_equal(v.clean_pred, image.argmax(0).numpy())
 
@@ -322,8 +323,13 @@ def test_keep_freed_host_memory_reuses_memory_and_leaves_votes_unchanged():
     its activations in again (4 MiB per batch here: about 1,000 pages each time with glibc's defaults), and
     the votes are the same. Fewest faults of 3 passes each: the kernel may reclaim idle heap pages between
     passes under memory pressure (a loaded CI machine), which faults some back in."""
-    out = subprocess.run([sys.executable, "-c", KEEP_MEMORY_SCRIPT], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", KEEP_MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    ).stdout.split()
     ok, faults_default, faults_kept = out[0] == "True", int(out[1]), int(out[2])
     assert ok
     assert faults_default > 4000 and faults_kept < faults_default / 10, (faults_default, faults_kept)

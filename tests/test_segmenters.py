@@ -10,13 +10,13 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
+from ray_certseg.models.registry import load_segmenter
 from ray_certseg.models.segmenters import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Segmenter,
     load_state_dict,
 )
-from ray_certseg.models.registry import load_segmenter
 
 CONV_SPEC = {
     "kind": "module",

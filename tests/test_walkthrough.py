@@ -3,6 +3,7 @@ from its ``bash`` blocks in a fresh folder, locally (a private Ray started by th
 ``ray job submit`` to a real head; then a no-op resume (no Ray started) and the doc's pandas block. The only
 substitutions are the ones a test must make: the head's free port instead of 8265, and auth disabled on the
 test's own head instead of a token."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ DOC = REPO / "docs" / "own-data.md"
 
 
 def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), flags=re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
 
 
 def write_files(root: Path) -> list[str]:
@@ -29,7 +30,7 @@ def write_files(root: Path) -> list[str]:
     for block in blocks("python") + blocks("yaml"):
         first, _, body = block.partition("\n")
         if first.startswith("# file: "):
-            path = root / first[len("# file: "):].strip()
+            path = root / first[len("# file: ") :].strip()
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(body)
             written.append(path.name)
@@ -37,7 +38,9 @@ def write_files(root: Path) -> list[str]:
 
 
 def sh(line: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        ["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     return done
 
 
@@ -45,10 +48,17 @@ def test_own_data_walkthrough_runs_as_written(tmp_path, ray_head):  # noqa: F811
     root = tmp_path / "walk"
     root.mkdir()
     assert {"make_scenes.py", "colour.py", "save_weights.py", "make_segformer.py", "job.yaml"} <= set(
-        write_files(root))
+        write_files(root)
+    )
     ray_tmp = tempfile.mkdtemp(prefix="rw", dir="/tmp")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_CERTSEG": str(REPO),
-           "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp, "PYTHONPATH": ""}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_CERTSEG": str(REPO),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": ray_tmp,
+        "PYTHONPATH": "",
+    }
     env.pop("RAY_ADDRESS", None)
     local, cluster = blocks("bash")
 
@@ -61,12 +71,19 @@ def test_own_data_walkthrough_runs_as_written(tmp_path, ray_head):  # noqa: F811
 
     # without runtime_env, from a folder that is not the package's parent: the actor cannot import mynets and the
     # job stops once (exit 2), its last line the one that says why and how to fix it
-    (root / "no_env.yaml").write_text((root / "job.yaml").read_text().replace("  runtime_env: {py_modules: [mynets]}\n", "")
-                                      .replace("${RAY_CERTSEG}", str(REPO)).replace("outputs/mine", "outputs/no_env"))
+    (root / "no_env.yaml").write_text(
+        (root / "job.yaml")
+        .read_text()
+        .replace("  runtime_env: {py_modules: [mynets]}\n", "")
+        .replace("${RAY_CERTSEG}", str(REPO))
+        .replace("outputs/mine", "outputs/no_env")
+    )
     done = sh("ray-certseg run --config ../no_env.yaml", root / "mydata", env)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("ray-certseg: error: the sampling actor could not start") and "py_modules" in last, last
+    assert (
+        last.startswith("ray-certseg: error: the sampling actor could not start") and "py_modules" in last
+    ), last
 
     assert "certified_accuracy" in log and "Loading weights" not in log
     out = root / "outputs" / "mine"
@@ -91,13 +108,21 @@ def test_own_data_walkthrough_runs_as_written(tmp_path, ray_head):  # noqa: F811
     done = sh(submit, root, {**env, **ray_head["env"], "RAY_CERTSEG": str(REPO)})
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     cluster_votes = pq.read_table(root / "outputs" / "mine-cluster" / "votes").sort_by(
-        [("image_id", "ascending"), ("method", "ascending")])
+        [("image_id", "ascending"), ("method", "ascending")]
+    )
     for column in ("image_id", "method", "c_hat", "k", "clean_pred"):
         assert cluster_votes[column].equals(local_votes[column]), column
 
     # the pandas block
     (python_block,) = [b for b in blocks("python") if not b.startswith("# file:")]
-    done = subprocess.run([sys.executable, "-c", python_block], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", python_block],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "colour_ddpm" in done.stdout and "infeasible_images" in done.stdout

@@ -58,8 +58,12 @@ def unique_ids(raw_ids: Sequence[str], keys: Sequence[str]) -> list[str]:
             if not (len(kept) == 1 and kept[0] == i):
                 out[i] = f"{name}-{_crc(str(keys[i]))}"
                 renamed.append(f"{raw_ids[i]!r} -> {out[i]!r}")
-        log.warning("image ids %s collide once made file-name safe (as %r): renamed %s", sorted({raw_ids[i] for i
-                    in members}), name, ", ".join(renamed))
+        log.warning(
+            "image ids %s collide once made file-name safe (as %r): renamed %s",
+            sorted({raw_ids[i] for i in members}),
+            name,
+            ", ".join(renamed),
+        )
     if len(set(out)) != len(out):
         seen: dict[str, int] = {}
         for i, name in enumerate(out):

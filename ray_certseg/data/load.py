@@ -105,8 +105,13 @@ def _note_alpha(image_id: str, path: str, mode: str) -> None:
     _alpha_notes[0] += 1
     if _alpha_notes[0] <= ALPHA_NOTES:
         more = "; further such notices in this worker are not shown" if _alpha_notes[0] == ALPHA_NOTES else ""
-        log.warning("image %r: %s has an alpha channel (mode %s): dropped, the colour values are used as "
-                    "stored%s", image_id, path, mode, more)
+        log.warning(
+            "image %r: %s has an alpha channel (mode %s): dropped, the colour values are used as stored%s",
+            image_id,
+            path,
+            mode,
+            more,
+        )
 
 
 def decode_label(data: bytes, path: str, image_id: str) -> np.ndarray:

@@ -78,16 +78,26 @@ def list_refs(cfg: DatasetConfig) -> list[dict[str, Any]]:
     return refs
 
 
-def _duplicate(cfg: DatasetConfig, manifest: str, image_id: str, explicit: bool, first: tuple[int, str],
-               again: tuple[int, str]) -> None:
+def _duplicate(
+    cfg: DatasetConfig,
+    manifest: str,
+    image_id: str,
+    explicit: bool,
+    first: tuple[int, str],
+    again: tuple[int, str],
+) -> None:
     """Two different images under one id: an error naming both rows (data rows, counted from 1 after the
     header), or with ``dataset.duplicate_ids: rename`` a warning (both get a ``-<crc32 of the path>`` suffix)."""
     source = "image_id" if explicit else "the id derived from image_path (no image_id column value)"
-    what = (f"dataset.manifest: {manifest} rows {first[0]} ({first[1]}) and {again[0]} ({again[1]}) are "
-            f"different images with the same {source} {image_id!r}")
+    what = (
+        f"dataset.manifest: {manifest} rows {first[0]} ({first[1]}) and {again[0]} ({again[1]}) are "
+        f"different images with the same {source} {image_id!r}"
+    )
     if cfg.duplicate_ids == "error":
-        raise ValueError(f"{what}: give each image its own image_id, or set dataset.duplicate_ids: rename to "
-                         "suffix both with a hash of their path")
+        raise ValueError(
+            f"{what}: give each image its own image_id, or set dataset.duplicate_ids: rename to "
+            "suffix both with a hash of their path"
+        )
     log.warning("%s: both renamed with a hash suffix (dataset.duplicate_ids: rename)", what)
 
 

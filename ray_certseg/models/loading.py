@@ -23,14 +23,8 @@ from torch import Tensor, nn
 from ray_certseg.models.adm import _DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, load_adm_unet
 from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser
 from ray_certseg.models.schedule import adm_alphas_cumprod
-from ray_certseg.models.specs import ADMDenoiserSpec
+from ray_certseg.models.specs import DIFFUSERS_FOLDER_HELP, ADMDenoiserSpec
 from ray_certseg.models.util import resolve_dtype, short_hash
-
-DIFFUSERS_FOLDER_HELP = (
-    "a diffusers denoiser folder is a DDPMPipeline folder (model_index.json, unet/ with config.json + "
-    "diffusion_pytorch_model.safetensors of a UNet2DModel, scheduler/ with scheduler_config.json), or pass "
-    "unet= (a UNet2DModel folder) and scheduler= (a folder with scheduler_config.json) separately"
-)
 
 
 class DiffusersUNet(nn.Module):
@@ -95,8 +89,7 @@ def load_diffusers(
     cfg = dict(getattr(unet_model, "config", {}))
     if cfg.get("in_channels", 3) != 3:
         raise ValueError(
-            "the denoiser UNet must take 3-channel images, its config has "
-            f"in_channels={cfg['in_channels']}"
+            f"the denoiser UNet must take 3-channel images, its config has in_channels={cfg['in_channels']}"
         )
     kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
     size = cfg.get("sample_size")
@@ -106,9 +99,7 @@ def load_diffusers(
         size = size[0]
     kwargs.setdefault("sample_size", size)
     if not kwargs.get("name"):
-        configs = [
-            {k: v for k, v in c.items() if not k.startswith("_")} for c in (cfg, dict(sched.config))
-        ]
+        configs = [{k: v for k, v in c.items() if not k.startswith("_")} for c in (cfg, dict(sched.config))]
         options = {k: v for k, v in kwargs.items() if k != "name"}
         kwargs["name"] = f"{_folder_name(unet_src)}-{short_hash([configs, options])}"
     if any(p.dtype != dtype for p in unet_model.parameters()):  # loaded folders already are (torch_dtype)
@@ -287,16 +278,24 @@ def build_identity(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any =
     return IdentityDenoiser()
 
 
-def build_diffusers(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32) -> DiffusionDenoiser:
+def build_diffusers(
+    spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32
+) -> DiffusionDenoiser:
     """``{"kind": "diffusers", "path": DIR, ...}`` (or ``unet:``/``scheduler:`` folders): :func:`load_diffusers`
     with the spec's other keys as ``DiffusionDenoiser`` options."""
     options = {k: v for k, v in spec.items() if k not in ("kind", "path", "unet", "scheduler")}
     return load_diffusers(
-        spec.get("path"), unet=spec.get("unet"), scheduler=spec.get("scheduler"), dtype=dtype, device=device,
+        spec.get("path"),
+        unet=spec.get("unet"),
+        scheduler=spec.get("scheduler"),
+        dtype=dtype,
+        device=device,
         **options,
     )
 
 
-def build_adm(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32) -> DiffusionDenoiser:
+def build_adm(
+    spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32
+) -> DiffusionDenoiser:
     """``{"kind": "adm", "checkpoint": PATH, "preset": ...}``: :func:`load_adm_denoiser`."""
     return load_adm_denoiser(spec, device=device, dtype=dtype)

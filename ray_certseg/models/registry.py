@@ -43,8 +43,12 @@ class Kind:
 KINDS: dict[str, dict[str, Kind]] = {
     "segmenters": {
         "module": Kind(specs.ModuleSegmenterSpec, "ray_certseg.models.segmenters:build_module"),
-        "torchscript": Kind(specs.TorchscriptSegmenterSpec, "ray_certseg.models.segmenters:build_torchscript"),
-        "torchvision": Kind(specs.TorchvisionSegmenterSpec, "ray_certseg.models.segmenters:build_torchvision"),
+        "torchscript": Kind(
+            specs.TorchscriptSegmenterSpec, "ray_certseg.models.segmenters:build_torchscript"
+        ),
+        "torchvision": Kind(
+            specs.TorchvisionSegmenterSpec, "ray_certseg.models.segmenters:build_torchvision"
+        ),
         "segformer": Kind(specs.SegformerSegmenterSpec, "ray_certseg.models.segmenters:build_segformer"),
     },
     "denoisers": {

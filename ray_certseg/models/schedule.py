@@ -72,9 +72,9 @@ def timestep(abar: Tensor, sigma: float) -> int:
 def x0_from_output(out: Tensor, x_t: Tensor, abar_t: float, prediction_type: str) -> Tensor:
     """x0_hat in [-1,1] (clipped) from the network output at step t:
 
-        epsilon:       (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
-        v_prediction:  sqrt(abar_t) x_t - sqrt(1 - abar_t) v_hat
-        sample:        the output itself
+    epsilon:       (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+    v_prediction:  sqrt(abar_t) x_t - sqrt(1 - abar_t) v_hat
+    sample:        the output itself
     """
     if prediction_type == "epsilon":
         x0 = (x_t - math.sqrt(1 - abar_t) * out) / math.sqrt(abar_t)

@@ -315,7 +315,12 @@ def assemble(
     name = spec.get("name") or f"{Path(str(source).split(':')[-1]).stem}-{short_hash(dict(spec))}"
     size = spec.get("input_size")
     segmenter = Segmenter(
-        net, num_classes=num_classes, mean=mean, std=std, name=name, input_scale=spec.get("input_scale"),
+        net,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        name=name,
+        input_scale=spec.get("input_scale"),
         input_size=None if size is None else list(size),
     )
     return segmenter.to(device=torch.device(device), dtype=resolve_dtype(dtype)).eval().requires_grad_(False)

@@ -8,9 +8,15 @@ mode: what YAML gives as a string is not silently turned into a number.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+DIFFUSERS_FOLDER_HELP = (
+    "a diffusers denoiser folder is a DDPMPipeline folder (model_index.json, unet/ with config.json + "
+    "diffusion_pytorch_model.safetensors of a UNet2DModel, scheduler/ with scheduler_config.json), or pass "
+    "unet= (a UNet2DModel folder) and scheduler= (a folder with scheduler_config.json) separately"
+)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -21,6 +27,8 @@ class Spec(BaseModel):
     """A model spec: unknown keys are errors, values keep the type YAML gave them."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    #: what the kind's files must be, for the driver's message when one does not exist
+    files_help: ClassVar[str] = ""
     kind: str
     name: str = ""
 
@@ -89,6 +97,7 @@ class DiffusionOptions(Spec):
 class DiffusersDenoiserSpec(DiffusionOptions):
     """A diffusers ``UNet2DModel`` + DDPM scheduler: a pipeline folder ``path``, or ``unet`` and ``scheduler``."""
 
+    files_help: ClassVar[str] = DIFFUSERS_FOLDER_HELP
     kind: Literal["diffusers"]
     path: str | None = None
     unet: str | None = None
@@ -101,6 +110,9 @@ class DiffusersDenoiserSpec(DiffusionOptions):
 class ADMDenoiserSpec(DiffusionOptions):
     """A guided-diffusion checkpoint and its architecture: ``preset``, ``flags`` and/or ``flags_file``."""
 
+    files_help: ClassVar[str] = (
+        "checkpoint is guided-diffusion's .pt file (e.g. 256x256_diffusion_uncond.pt), downloaded beforehand"
+    )
     kind: Literal["adm"]
     checkpoint: str
     preset: str | None = None

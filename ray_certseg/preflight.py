@@ -1,4 +1,5 @@
-"""Job-level faults: what every image would hit stops the job once, with one clear error (exit code 2).
+"""Preflight: the job-level checks that stop a job once, with one clear error (exit code 2), instead of
+failing every image the same way; and the Ray error of a stopped sampling stage turned back into its cause.
 
 A model that cannot load, a segmenter made for another number of classes or an object store that cannot be
 reached is not a property of one image: recorded per image it would turn into N identical errors, and an
@@ -22,7 +23,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ray_certseg.config import ConfigError, JobConfig
+from ray_certseg.config import ConfigError, JobConfig, is_path_key
+from ray_certseg.models import registry
 
 log = logging.getLogger("ray_certseg")
 T = TypeVar("T")
@@ -49,7 +51,40 @@ def check_class_counts(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"models.segmenters.{name}.num_classes: the segmenter predicts {declared} classes but dataset "
                 f"{cfg.dataset.name!r} has {cfg.dataset.num_classes} (dataset.num_classes): use a segmenter "
-                "trained for the dataset's classes, or correct the wrong num_classes")
+                "trained for the dataset's classes, or correct the wrong num_classes"
+            )
+
+
+def check_model_files(cfg: JobConfig) -> None:
+    """Every local file or folder a used model spec names (``weights``, ``path``, ``checkpoint``, ``unet``,
+    ``scheduler``, ``*_file``, ...) exists on the driver, so a wrong path fails in seconds and names its key.
+    Remote URLs are the loader's; so is a diffusers hub id (``org/model``, not a local path), which loads only
+    where a hub is reachable."""
+    used = {
+        "segmenters": {m.segmenter for m in cfg.methods.values()},
+        "denoisers": {m.denoiser for m in cfg.methods.values() if m.denoiser},
+    }
+    for group, names in used.items():
+        for name in sorted(names):
+            spec = getattr(cfg.models, group)[name]
+            for key, value in spec.items():
+                if (
+                    not (is_path_key(key) and isinstance(value, str))
+                    or "://" in value
+                    or os.path.exists(value)
+                ):
+                    continue
+                hub_id = (
+                    spec["kind"] == "diffusers"
+                    and value.count("/") == 1
+                    and not value.startswith((".", "/", "~"))
+                )
+                if not hub_id:
+                    help_ = registry.kind_of(group, spec).spec.files_help
+                    raise ConfigError(
+                        f"models.{group}.{name}.{key}: {value!r} does not exist (relative paths are taken from the "
+                        "working directory, else the config file's folder)" + (f"; {help_}" if help_ else "")
+                    )
 
 
 def check_runtime_env(cfg: JobConfig) -> None:
@@ -60,9 +95,11 @@ def check_runtime_env(cfg: JobConfig) -> None:
         paths.append(("ray.runtime_env.working_dir", env["working_dir"]))
     for key, value in paths:
         if "://" not in value and not os.path.exists(value):
-            raise ConfigError(f"{key}: {value!r} does not exist (relative paths are taken from the working "
-                              "directory, else the config file's folder); give the folder of your package, "
-                              "the one holding its __init__.py")
+            raise ConfigError(
+                f"{key}: {value!r} does not exist (relative paths are taken from the working "
+                "directory, else the config file's folder); give the folder of your package, "
+                "the one holding its __init__.py"
+            )
 
 
 def add_py_modules_to_path(cfg: JobConfig) -> None:
@@ -70,8 +107,11 @@ def add_py_modules_to_path(cfg: JobConfig) -> None:
     plots with the job's models), as Ray makes them importable in the workers."""
     for module in (cfg.ray.runtime_env or {}).get("py_modules", []):
         if "://" not in module and os.path.exists(module):
-            parent = os.path.dirname(os.path.abspath(module)) if os.path.isdir(module) or \
-                module.endswith(".py") else os.path.abspath(module)
+            parent = (
+                os.path.dirname(os.path.abspath(module))
+                if os.path.isdir(module) or module.endswith(".py")
+                else os.path.abspath(module)
+            )
             if parent not in sys.path:
                 sys.path.insert(0, parent)
 
@@ -93,7 +133,8 @@ def check_feasible(cfg: JobConfig, height: int, width: int) -> list[str]:
                     f"sampling.n={n} cannot certify any pixel of a {height}x{width} image ({pixels} pixels, the "
                     f"first that loads) at tau={tau:g}, alpha={alpha:g}: that needs n >= "
                     f"{min_n(tau, alpha, pixels)}, or tau <= {math.floor(max_tau(n, alpha, pixels) * 1000) / 1000:.3f} "
-                    "for this n (certifying needs tau^n <= alpha / N); these rows will be marked infeasible")
+                    "for this n (certifying needs tau^n <= alpha / N); these rows will be marked infeasible"
+                )
     for line in found:
         log.warning("%s", line)
     return found
@@ -108,8 +149,10 @@ def check_denoiser(name: str, denoiser: Any, height: int, width: int) -> None:
     try:
         effective_sigma(1.0, height, width)
     except ValueError as exc:
-        raise ModelError(f"models.denoisers.{name}: the dataset's images are {height}x{width} (the first that "
-                         f"loads): {exc}") from exc
+        raise ModelError(
+            f"models.denoisers.{name}: the dataset's images are {height}x{width} (the first that "
+            f"loads): {exc}"
+        ) from exc
 
 
 def load_model(group: str, name: str, load: Callable[[], T]) -> T:
@@ -120,24 +163,31 @@ def load_model(group: str, name: str, load: Callable[[], T]) -> T:
         raise ModelError(f"models.{group}.{name}: {type(exc).__name__}: {exc}") from exc
 
 
-def check_segmenter(name: str, segmenter: Any, num_classes: int, device: Any,
-                    size: tuple[int, int] | None = None) -> None:
+def check_segmenter(
+    name: str, segmenter: Any, num_classes: int, device: Any, size: tuple[int, int] | None = None
+) -> None:
     """One forward pass on a black (1, 3, H, W) image (H x W = ``size``, default 64 x 64) must give
     (1, num_classes, H, W) logits: a segmenter for another class count fails here, not on every image."""
     import torch
 
     h, w = size or PROBE_SIZE
-    fix = (f"the segmenter must map (B, 3, H, W) images to (B, {num_classes}, H, W) logits, one channel per "
-           f"class of the dataset (dataset.num_classes = {num_classes}): check its num_classes, kwargs and weights")
+    fix = (
+        f"the segmenter must map (B, 3, H, W) images to (B, {num_classes}, H, W) logits, one channel per "
+        f"class of the dataset (dataset.num_classes = {num_classes}): check its num_classes, kwargs and weights"
+    )
     with torch.inference_mode():
         try:
             logits = segmenter(torch.zeros(1, 3, h, w, device=device))
         except Exception as exc:  # reported with the config key
-            raise ModelError(f"models.segmenters.{name}: a probe forward on a black {h}x{w} image failed "
-                             f"({type(exc).__name__}: {exc}); {fix}") from exc
+            raise ModelError(
+                f"models.segmenters.{name}: a probe forward on a black {h}x{w} image failed "
+                f"({type(exc).__name__}: {exc}); {fix}"
+            ) from exc
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, num_classes, h, w):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelError(f"models.segmenters.{name}: a probe forward on a black {h}x{w} image gave {got}; {fix}")
+        raise ModelError(
+            f"models.segmenters.{name}: a probe forward on a black {h}x{w} image gave {got}; {fix}"
+        )
 
 
 def root_cause(text: str) -> str:
@@ -147,7 +197,7 @@ def root_cause(text: str) -> str:
     if not found:
         return text.strip().splitlines()[0] if text.strip() else "unknown error"
     last = found[-1]
-    message = text[last.end():].split("\n\n", 1)[0].strip()
+    message = text[last.end() :].split("\n\n", 1)[0].strip()
     return f"{last.group(1)}: {message}"
 
 
