@@ -19,7 +19,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python jobs/certify.py --config configs/demo.yaml
 
-test: $(STAMP)
+test: lint  # ruff first: a lint or format finding fails in seconds, before the suite
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

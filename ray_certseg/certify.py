@@ -24,10 +24,11 @@ from numbers import Integral, Real
 import numpy as np
 from scipy.stats import binom, norm
 
+from ray_certseg.constants import CORRECTIONS
+
 ABSTAIN = -1
 """Label of a pixel whose null hypothesis was not rejected (SegCertify's abstain, ⊘)."""
 
-CORRECTIONS = ("holm", "bonferroni")
 
 _LABEL_DTYPE = np.int16
 _CHUNK = (

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ray_certseg.constants import CORRECTIONS
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -182,7 +184,6 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from ray_certseg.certify import CORRECTIONS
     from ray_certseg.selftest import run_selftest
 
     report = run_selftest(
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--alpha", type=float, nargs="+", action="extend", help="alpha values (default: the run's config)"
     )
-    d.add_argument("--correction", nargs="+", action="extend", choices=["holm", "bonferroni"])
+    d.add_argument("--correction", nargs="+", action="extend", choices=CORRECTIONS)
     d.add_argument(
         "--name",
         help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--images", type=int, default=1000, help="number of seeded images (default 1000)")
     s.add_argument("--alpha", type=float, default=0.2, help="family-wise error level tested (default 0.2)")
-    s.add_argument("--correction", action="append", choices=["holm", "bonferroni"], help="default: both")
+    s.add_argument("--correction", action="append", choices=CORRECTIONS, help="default: both")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--shared-noise",

@@ -46,20 +46,18 @@ from typing import Any, ClassVar
 import yaml
 
 from ray_certseg import storage
+from ray_certseg.constants import CORRECTIONS, MAX_UINT16, UINT8_LABEL_CLASSES
 from ray_certseg.models import registry
 
 DATASET_KINDS = ("manifest", "cityscapes", "pascal_context")
 DEFAULT_NUM_CLASSES = {"cityscapes": 19, "pascal_context": 59}
-CORRECTIONS = ("holm", "bonferroni")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 SPLIT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MODEL_PATH_KEYS = ("path", "weights", "checkpoint", "unet", "scheduler")
 MODEL_PATH_SUFFIXES = ("_path", "_file", "_dir")
-MAX_N = 65535
 RUNTIME_ENV_KEYS = ("py_modules", "working_dir", "pip", "uv", "env_vars", "excludes", "config")
-UINT8_LABEL_CLASSES = 254
 
 
 class ConfigError(ValueError):
@@ -285,7 +283,7 @@ class DatasetConfig:
         num_classes = d.get("num_classes", DEFAULT_NUM_CLASSES.get(kind))
         if num_classes is None:
             raise ConfigError(f"{p('num_classes')}: required for kind {kind!r} (an integer >= 1)")
-        num_classes = _integer(num_classes, p("num_classes"), 1, MAX_N)
+        num_classes = _integer(num_classes, p("num_classes"), 1, MAX_UINT16)
         ignore = _ignore_index(d.get("ignore_index", 255), p("ignore_index"), num_classes)
         limit, resize, class_names = d.get("limit"), d.get("resize"), d.get("class_names")
         # scale: 1.0 alone did nothing then and does nothing now; anything else is refused with both fixes
@@ -335,7 +333,7 @@ class DatasetConfig:
 
 def _ignore_index(value: Any, path: str, num_classes: int) -> int:
     """Not a class id, and representable in the label dtype (uint8 up to 254 classes, else uint16)."""
-    top = 255 if num_classes <= UINT8_LABEL_CLASSES else MAX_N
+    top = 255 if num_classes <= UINT8_LABEL_CLASSES else MAX_UINT16
     ok = isinstance(value, int) and not isinstance(value, bool) and num_classes <= value <= top
     if not ok:
         dtype = "uint8" if top == 255 else "uint16"
@@ -407,7 +405,7 @@ def _label_map(value: Any, path: str, num_classes: int, ignore: int) -> dict[int
     for key, target in _mapping(value, path).items():
         raw = int(key) if isinstance(key, str) and key.isdigit() else key
         item = f"{path}.{key}"
-        _integer(raw, f"{item} (the key)", 0, MAX_N)
+        _integer(raw, f"{item} (the key)", 0, MAX_UINT16)
         if not (
             isinstance(target, int)
             and not isinstance(target, bool)
@@ -519,7 +517,7 @@ class SamplingConfig:
                 lambda v, q: _number(v, q, lambda x: x > 0, "a number > 0"),
             ),
             n0=_integer(d.get("n0", cls.n0), p("n0"), 1),
-            n=_integer(d.get("n", cls.n), p("n"), 1, MAX_N),
+            n=_integer(d.get("n", cls.n), p("n"), 1, MAX_UINT16),
             batch_size=_integer(d.get("batch_size", cls.batch_size), p("batch_size"), 1),
             seed=_integer(d.get("seed", cls.seed), p("seed"), 0, 2**63 - 1),
             device=_string(

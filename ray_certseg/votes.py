@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_certseg import storage
+from ray_certseg.constants import MAX_UINT16
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"ray_certseg.schema_version"
 PARQUET_ARGS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
 UINT8_CLASSES = 254  # class maps (and the ignore label) fit in uint8 up to this many classes
-MAX_N = 65535  # k and counts are uint16
 CLASS_MAP_COLUMNS = ("label", "c_hat", "clean_pred")
 ARRAY_COLUMNS = ("label", "c_hat", "k", "clean_pred", "counts")
 
@@ -152,10 +152,10 @@ def _validated(r: VoteRecord, i: int) -> dict[str, np.ndarray | None]:
     """Check one record; return its arrays as numpy."""
     if r.schema_version != SCHEMA_VERSION:
         raise ValueError(f"vote row {i}: schema_version {r.schema_version}, this is version {SCHEMA_VERSION}")
-    if not 1 <= r.n <= MAX_N:
-        raise ValueError(f"vote row {i}: n must be in [1, {MAX_N}] (k is stored as uint16), got {r.n}")
-    if not 1 <= r.num_classes <= MAX_N:
-        raise ValueError(f"vote row {i}: num_classes must be in [1, {MAX_N}], got {r.num_classes}")
+    if not 1 <= r.n <= MAX_UINT16:
+        raise ValueError(f"vote row {i}: n must be in [1, {MAX_UINT16}] (k is stored as uint16), got {r.n}")
+    if not 1 <= r.num_classes <= MAX_UINT16:
+        raise ValueError(f"vote row {i}: num_classes must be in [1, {MAX_UINT16}], got {r.num_classes}")
     if not (np.isfinite(r.sigma) and r.sigma >= 0):
         raise ValueError(f"vote row {i}: sigma must be a finite number >= 0, got {r.sigma}")
     arrays = {
