@@ -60,11 +60,7 @@ def check_model_files(cfg: JobConfig) -> None:
     ``scheduler``, ``*_file``, ...) exists on the driver, so a wrong path fails in seconds and names its key.
     Remote URLs are the loader's; so is a diffusers hub id (``org/model``, not a local path), which loads only
     where a hub is reachable."""
-    used = {
-        "segmenters": {m.segmenter for m in cfg.methods.values()},
-        "denoisers": {m.denoiser for m in cfg.methods.values() if m.denoiser},
-    }
-    for group, names in used.items():
+    for group, names in _used_models(cfg).items():
         for name in sorted(names):
             spec = getattr(cfg.models, group)[name]
             for key, value in spec.items():
@@ -85,6 +81,25 @@ def check_model_files(cfg: JobConfig) -> None:
                         f"models.{group}.{name}.{key}: {value!r} does not exist (relative paths are taken from the "
                         "working directory, else the config file's folder)" + (f"; {help_}" if help_ else "")
                     )
+
+
+def check_model_builds(cfg: JobConfig) -> None:
+    """Every used model whose kind has a driver-side check (``registry.Kind.check``: a module segmenter is built
+    on the meta device and its weights' names and shapes compared, no tensor loaded) passes it, so a model that
+    cannot be built fails in seconds as :class:`ModelError` naming ``models.<group>.<name>``, before Ray."""
+    for group, names in _used_models(cfg).items():
+        for name in sorted(names):
+            spec = getattr(cfg.models, group)[name]
+            load_model(
+                group, name, lambda spec=spec, group=group: registry.kind_of(group, spec).preflight(spec)
+            )
+
+
+def _used_models(cfg: JobConfig) -> dict[str, set[str]]:
+    return {
+        "segmenters": {m.segmenter for m in cfg.methods.values()},
+        "denoisers": {m.denoiser for m in cfg.methods.values() if m.denoiser},
+    }
 
 
 def check_runtime_env(cfg: JobConfig) -> None:

@@ -146,3 +146,116 @@ def test_the_job_refuses_a_missing_weights_file_before_ray_starts(tmp_path):
         "does not exist"
     )
     assert not (tmp_path / "out").exists()
+
+
+# --- models built on the driver without their weights (meta device, checkpoint headers) ----------------
+
+
+def _job(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "certify.py"), "--config", str(DEMO)]
+        + ["--output", str(tmp_path / "out")]
+        + [arg for override in overrides for arg in ("--set", override)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_job_refuses_a_model_that_cannot_be_built_before_ray_starts(tmp_path):
+    done = _job(tmp_path, "models.segmenters.clean.kwargs.width=4")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "ray-certseg: error: models.segmenters.clean: ValueError: width (4) must be divisible by groups (8)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_job_refuses_weights_that_do_not_fit_the_model_before_ray_starts(tmp_path):
+    done = _job(tmp_path, "models.segmenters.noise.kwargs.width=16")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("ray-certseg: error: models.segmenters.noise: ValueError: weights ")
+    assert "segmenter_noise/model.safetensors do not fit the module model: 31 mis-shaped (first: " in line
+    assert "dec1.0.weight: (24, 72, 3, 3) in the file, (16, 48, 3, 3) in the model" in line
+    assert not (tmp_path / "out").exists()
+
+
+def _module_spec(weights, **kwargs):
+    return {
+        "kind": "module",
+        "factory": "ray_certseg.models.tiny:tiny_segnet",
+        "kwargs": {"num_classes": 3, "width": 8, **kwargs},
+        "weights": str(weights),
+        "num_classes": 3,
+    }
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_the_module_check_reads_names_and_shapes_as_the_build_does(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    from ray_certseg.models.segmenters import build_module
+    from ray_certseg.models.tiny import tiny_segnet
+
+    state = tiny_segnet(3, width=8).state_dict()
+    path = tmp_path / f"w{suffix}"
+    (torch.save if suffix == ".pt" else save_file)({"model." + k: v for k, v in state.items()}, str(path))
+    kind = registry.KINDS["segmenters"]["module"]
+    good = {**_module_spec(path), "strip_prefix": "model."}
+    kind.preflight(good)
+    build_module(good)  # what the check passed, the build loads
+    for bad, pattern in [
+        (
+            _module_spec(path),
+            r"3\d missing keys \(first: dec1\.0\.weight.*3\d unexpected keys \(first: model\.",
+        ),
+        (
+            {**good, "kwargs": {"num_classes": 4, "width": 8}},
+            r"2 mis-shaped \(first: head\.bias: \(3,\) in the file, \(4,\)",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            kind.preflight(bad)
+        with pytest.raises(ValueError, match="do not fit"):
+            build_module(bad)
+
+
+def test_the_adm_check_finds_what_the_loader_refuses_without_reading_tensors():
+    import json
+
+    data = REPO / "tests" / "data" / "adm"
+    flags = json.loads((data / "adm_small_flags.json").read_text())
+    spec = {"kind": "adm", "checkpoint": str(data / "adm_small.pt"), "flags": flags}
+    kind = registry.KINDS["denoisers"]["adm"]
+    kind.preflight(spec)
+    wrong = {**spec, "flags": {**flags, "learn_sigma": False}}
+    with pytest.raises(
+        ValueError, match=r"out\.2\.weight: checkpoint \(6, 32, 3, 3\) vs model \(3, 32, 3, 3\)"
+    ):
+        kind.preflight(wrong)
+    with pytest.raises(ValueError, match="class_cond ADM checkpoints need class labels"):
+        kind.preflight({**spec, "flags": {**flags, "class_cond": True}})
+
+
+def test_the_diffusers_check_finds_a_config_that_does_not_fit_its_weights(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "ddpm"
+    shutil.copytree(REPO / "assets" / "demo" / "models" / "ddpm", folder)
+    kind = registry.KINDS["denoisers"]["diffusers"]
+    kind.preflight({"kind": "diffusers", "path": str(folder)})
+    config = folder / "unet" / "config.json"
+    saved = config.read_text()
+    config.write_text(json.dumps({**json.loads(saved), "block_out_channels": [16, 32, 32]}))
+    with pytest.raises(
+        ValueError, match=r"weights do not fit its config\.json: 0 missing tensors .*mis-shaped"
+    ):
+        kind.preflight({"kind": "diffusers", "path": str(folder)})
+    config.write_text(saved)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no diffusion_pytorch_model.safetensors"):
+        kind.preflight({"kind": "diffusers", "path": str(folder)})

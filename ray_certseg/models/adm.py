@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -457,8 +458,9 @@ class ADMUNet(nn.Module):
         return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)
 
 
-def load_adm_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """The ``state_dict`` in ``path``, read with ``torch.load(weights_only=True)``: no pickled code runs."""
+def load_adm_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Tensor]:
+    """The ``state_dict`` in ``path``, read with ``torch.load(weights_only=True)``: no pickled code runs.
+    ``mmap``: map the file instead of reading it (for its names and shapes only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -466,7 +468,9 @@ def load_adm_checkpoint(path: str | Path) -> dict[str, Tensor]:
             "256x256_diffusion_uncond.pt) and set the denoiser's 'checkpoint' to its path"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it is not a plain state_dict and unpickling it would execute code "
@@ -514,6 +518,21 @@ def load_adm_unet(checkpoint: str | Path, flags: Mapping[str, Any]) -> ADMUNet:
     first few keys.
     """
     state = load_adm_checkpoint(checkpoint)
+    model = _fitting_meta_unet(checkpoint, flags, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.float().eval().requires_grad_(False)
+
+
+def check_adm_unet(checkpoint: str | Path, flags: Mapping[str, Any]) -> None:
+    """What :func:`load_adm_unet` would refuse, found with the checkpoint memory-mapped and the model on the
+    meta device: no tensor is read into memory."""
+    _fitting_meta_unet(checkpoint, flags, load_adm_checkpoint(checkpoint, mmap=True))
+
+
+def _fitting_meta_unet(
+    checkpoint: str | Path, flags: Mapping[str, Any], state: Mapping[str, Tensor]
+) -> ADMUNet:
+    """``ADMUNet(**flags)`` on the meta device, if ``state``'s names and shapes fit it (else ValueError)."""
     with torch.device("meta"):
         model = ADMUNet(**flags)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -525,5 +544,4 @@ def load_adm_unet(checkpoint: str | Path, flags: Mapping[str, Any]) -> ADMUNet:
             "attention_resolutions, num_head_channels, learn_sigma, class_cond, resblock_updown, "
             "use_scale_shift_norm); for 256x256_diffusion_uncond.pt use preset: 256x256_uncond"
         )
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.float().eval().requires_grad_(False)
+    return model

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ray_certseg.models.adm import _DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, load_adm_unet
+from ray_certseg.models.adm import _DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, check_adm_unet, load_adm_unet
 from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser
 from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.specs import DIFFUSERS_FOLDER_HELP, ADMDenoiserSpec
@@ -87,15 +87,10 @@ def load_diffusers(
             f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(sched).__name__}"
         )
     cfg = dict(getattr(unet_model, "config", {}))
-    if cfg.get("in_channels", 3) != 3:
-        raise ValueError(
-            f"the denoiser UNet must take 3-channel images, its config has in_channels={cfg['in_channels']}"
-        )
+    _check_unet_config(cfg)
     kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ValueError(f"non-square UNet sample_size {size} is not supported; pass sample_size=")
         size = size[0]
     kwargs.setdefault("sample_size", size)
     if not kwargs.get("name"):
@@ -121,6 +116,25 @@ def _from_pretrained(
 ) -> Any:
     """``klass.from_pretrained`` from a local folder (``<source>/<subfolder>/`` or ``<source>/``, local
     files only) or, for a string that is not a local path, a hub id."""
+    folder = _local_folder(klass, source, subfolder, config_name)
+    if folder is not None:
+        return klass.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    text = str(source)
+    try:
+        return klass.from_pretrained(text, subfolder=subfolder, **kwargs)
+    except OSError:
+        try:
+            return klass.from_pretrained(text, **kwargs)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"{text!r} is neither a local folder nor a reachable hub model "
+                f"({exc}); " + DIFFUSERS_FOLDER_HELP
+            ) from exc
+
+
+def _local_folder(klass: Any, source: str | os.PathLike, subfolder: str, config_name: str) -> Path | None:
+    """The local folder holding ``klass``'s ``config_name`` (``<source>/<subfolder>/`` or ``<source>/``);
+    None for a hub id (``org/model``, not a local path). Anything else raises, with the folder layout."""
     local = Path(source).expanduser()
     if local.is_dir():
         for folder in (local / subfolder, local):
@@ -133,7 +147,7 @@ def _from_pretrained(
                         raise ValueError(
                             f"{folder} holds a {class_name}, not a {klass.__name__}; " + DIFFUSERS_FOLDER_HELP
                         )
-                return klass.from_pretrained(str(folder), local_files_only=True, **kwargs)
+                return folder
         raise ValueError(
             f"{local} is not a diffusers model folder: no {subfolder}/{config_name} or {config_name}; "
             + DIFFUSERS_FOLDER_HELP
@@ -143,16 +157,69 @@ def _from_pretrained(
         raise ValueError(f"{local} is a file, not a folder; " + DIFFUSERS_FOLDER_HELP)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise FileNotFoundError(f"denoiser folder {text!r} does not exist; " + DIFFUSERS_FOLDER_HELP)
-    try:
-        return klass.from_pretrained(text, subfolder=subfolder, **kwargs)
-    except OSError:
-        try:
-            return klass.from_pretrained(text, **kwargs)
-        except OSError as exc:
-            raise FileNotFoundError(
-                f"{text!r} is neither a local folder nor a reachable hub model "
-                f"({exc}); " + DIFFUSERS_FOLDER_HELP
-            ) from exc
+    return None
+
+
+def check_diffusers(spec: Mapping[str, Any]) -> None:
+    """What :func:`load_diffusers` would refuse, found without reading a tensor (driver side): the folders'
+    layout and configs, the scheduler, and the UNet built from its config on the meta device against the
+    names and shapes in its safetensors header(s). Hub ids are left to the loader."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    from safetensors import safe_open
+
+    path = spec.get("path")
+    if path is None and spec.get("unet") is None:
+        raise ValueError(
+            "a diffusers denoiser spec needs path (a diffusers folder) or unet and scheduler; "
+            + DIFFUSERS_FOLDER_HELP
+        )
+    unet_src = spec.get("unet") or path
+    sched_src = spec.get("scheduler") or path or unet_src
+    sched_dir = _local_folder(DDPMScheduler, sched_src, "scheduler", "scheduler_config.json")
+    if sched_dir is not None:
+        DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_dir)))
+    unet_dir = _local_folder(UNet2DModel, unet_src, "unet", "config.json")
+    if unet_dir is None:
+        return
+    config = UNet2DModel.load_config(str(unet_dir))
+    _check_unet_config(config)
+    with torch.device("meta"):
+        unet = UNet2DModel.from_config(config)
+    single = unet_dir / "diffusion_pytorch_model.safetensors"
+    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = sorted({unet_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        raise FileNotFoundError(
+            f"{unet_dir} has no diffusion_pytorch_model.safetensors (weights load only from "
+            "safetensors); " + DIFFUSERS_FOLDER_HELP
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118 - no mapping
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    wrong = sorted(k for k in expected if k in shapes and shapes[k] != expected[k])
+    if missing or wrong:
+        raise ValueError(
+            f"{unet_dir}'s weights do not fit its config.json: {len(missing)} missing tensors "
+            f"{missing[:3]}, {len(wrong)} mis-shaped {[f'{k}: {shapes[k]} vs {expected[k]}' for k in wrong[:3]]}; "
+            "the weights and config.json must come from the same model"
+        )
+
+
+def _check_unet_config(cfg: Mapping[str, Any]) -> None:
+    """A UNet config the denoiser can use: 3-channel images, a square sample size."""
+    if cfg.get("in_channels", 3) != 3:
+        raise ValueError(
+            f"the denoiser UNet must take 3-channel images, its config has in_channels={cfg['in_channels']}"
+        )
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+        raise ValueError(f"non-square UNet sample_size {size} is not supported; pass sample_size=")
 
 
 _ADM_SPEC_KEYS = frozenset(ADMDenoiserSpec.model_fields)
@@ -204,23 +271,8 @@ def _split_flags(flags: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     )
 
 
-def load_adm_denoiser(
-    spec: Mapping[str, Any], *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
-) -> DiffusionDenoiser:
-    """A :class:`~ray_certseg.models.denoisers.DiffusionDenoiser` around a guided-diffusion checkpoint.
-
-    spec: ``{"kind": "adm", "checkpoint": PATH, "preset": "256x256_uncond" | "flags": {...} |
-    "flags_file": JSON, "noise_schedule": "linear", "diffusion_steps": 1000, "resolution": "native" | "tile" |
-    "resize", "tile_overlap": 16, "multistep": 0, "multistep_seed": 0, "variance": "auto", "name": ""}``.
-    ``flags`` and ``flags_file`` update the preset; a flags file may also carry guided-diffusion's
-    diffusion flags (``diffusion_steps``, ``noise_schedule``, ``predict_xstart``; top-level keys win). The denoiser tiles at
-    ``image_size`` and pads to ``2 ** (len(channel_mult) - 1)``.
-
-    Precision: float32 on CPU whatever ``dtype``. On CUDA the input, middle and output blocks run in half
-    precision as guided-diffusion does (:meth:`ADMUNet.convert_blocks_to`; not autocast): in ``dtype`` when it
-    is float16 or bfloat16, else in float16 when the flags say ``use_fp16`` (``flags: {use_fp16: false}`` for
-    full float32).
-    """
+def _adm_flags(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (model, diffusion) flags of an ADM spec, with what the denoiser cannot use refused."""
     if not isinstance(spec, Mapping):
         raise TypeError(f"an ADM denoiser spec must be a mapping; got {type(spec).__name__}")
     unknown = sorted(set(spec) - _ADM_SPEC_KEYS)
@@ -238,6 +290,34 @@ def load_adm_denoiser(
         )
     if diffusion_flags.get("rescale_timesteps"):
         raise ValueError("rescale_timesteps=True (improved-diffusion style float timesteps) is not supported")
+    return model_flags, diffusion_flags
+
+
+def check_adm(spec: Mapping[str, Any]) -> None:
+    """What :func:`load_adm_denoiser` would refuse, found without reading a tensor (driver side): the spec's
+    flags, and the checkpoint's names and shapes against the network built on the meta device."""
+    model_flags, _ = _adm_flags(spec)
+    check_adm_unet(spec["checkpoint"], model_flags)
+
+
+def load_adm_denoiser(
+    spec: Mapping[str, Any], *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+) -> DiffusionDenoiser:
+    """A :class:`~ray_certseg.models.denoisers.DiffusionDenoiser` around a guided-diffusion checkpoint.
+
+    spec: ``{"kind": "adm", "checkpoint": PATH, "preset": "256x256_uncond" | "flags": {...} |
+    "flags_file": JSON, "noise_schedule": "linear", "diffusion_steps": 1000, "resolution": "native" | "tile" |
+    "resize", "tile_overlap": 16, "multistep": 0, "multistep_seed": 0, "variance": "auto", "name": ""}``.
+    ``flags`` and ``flags_file`` update the preset; a flags file may also carry guided-diffusion's
+    diffusion flags (``diffusion_steps``, ``noise_schedule``, ``predict_xstart``; top-level keys win). The denoiser tiles at
+    ``image_size`` and pads to ``2 ** (len(channel_mult) - 1)``.
+
+    Precision: float32 on CPU whatever ``dtype``. On CUDA the input, middle and output blocks run in half
+    precision as guided-diffusion does (:meth:`ADMUNet.convert_blocks_to`; not autocast): in ``dtype`` when it
+    is float16 or bfloat16, else in float16 when the flags say ``use_fp16`` (``flags: {use_fp16: false}`` for
+    full float32).
+    """
+    model_flags, diffusion_flags = _adm_flags(spec)
     schedule = spec.get("noise_schedule", diffusion_flags.get("noise_schedule", "linear"))
     steps = spec.get("diffusion_steps", diffusion_flags.get("diffusion_steps", 1000))
     alphas_cumprod = adm_alphas_cumprod(schedule, steps)

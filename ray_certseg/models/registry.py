@@ -27,22 +27,36 @@ class Kind:
 
     spec: type[specs.Spec]
     builder: str | Callable[..., Any]
+    #: optional ``check(spec)``: what the builder would refuse, found without loading weights (driver side)
+    check: str | Callable[..., Any] | None = None
 
     @property
     def keys(self) -> list[str]:
         return sorted(self.spec.model_fields)
 
     def build(self, spec: Mapping[str, Any], **options: Any) -> Any:
-        builder = self.builder
-        if isinstance(builder, str):
-            module, _, attr = builder.partition(":")
-            builder = getattr(importlib.import_module(module), attr)
-        return builder(spec, **options)
+        return _resolve(self.builder)(spec, **options)
+
+    def preflight(self, spec: Mapping[str, Any]) -> None:
+        if self.check is not None:
+            _resolve(self.check)(spec)
+
+
+def _resolve(function: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A callable, or the one a ``"module:function"`` name points at (imported now)."""
+    if callable(function):
+        return function
+    module, _, attr = function.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 KINDS: dict[str, dict[str, Kind]] = {
     "segmenters": {
-        "module": Kind(specs.ModuleSegmenterSpec, "ray_certseg.models.segmenters:build_module"),
+        "module": Kind(
+            specs.ModuleSegmenterSpec,
+            "ray_certseg.models.segmenters:build_module",
+            "ray_certseg.models.segmenters:check_module",
+        ),
         "torchscript": Kind(
             specs.TorchscriptSegmenterSpec, "ray_certseg.models.segmenters:build_torchscript"
         ),
@@ -53,8 +67,16 @@ KINDS: dict[str, dict[str, Kind]] = {
     },
     "denoisers": {
         "identity": Kind(specs.IdentityDenoiserSpec, "ray_certseg.models.loading:build_identity"),
-        "diffusers": Kind(specs.DiffusersDenoiserSpec, "ray_certseg.models.loading:build_diffusers"),
-        "adm": Kind(specs.ADMDenoiserSpec, "ray_certseg.models.loading:build_adm"),
+        "diffusers": Kind(
+            specs.DiffusersDenoiserSpec,
+            "ray_certseg.models.loading:build_diffusers",
+            "ray_certseg.models.loading:check_diffusers",
+        ),
+        "adm": Kind(
+            specs.ADMDenoiserSpec,
+            "ray_certseg.models.loading:build_adm",
+            "ray_certseg.models.loading:check_adm",
+        ),
     },
 }
 

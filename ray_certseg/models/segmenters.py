@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,13 @@ class _LogitsAttribute(nn.Module):
         return self.net(pixel_values=x).logits
 
 
-def load_state_dict(path: str | Path, *, key: str | None = None, strip_prefix: str = "") -> dict[str, Tensor]:
+def load_state_dict(
+    path: str | Path, *, key: str | None = None, strip_prefix: str = "", mmap: bool = False
+) -> dict[str, Tensor]:
     """Tensors of a checkpoint: ``.safetensors`` via safetensors, ``.pt/.pth/.bin/.ckpt`` via
     ``torch.load(weights_only=True)``. ``key`` selects a nested state dict (e.g. "state_dict", "model");
-    ``strip_prefix`` removes a key prefix (e.g. "module."). A pickle that needs code execution is refused."""
+    ``strip_prefix`` removes a key prefix (e.g. "module."). A pickle that needs code execution is refused.
+    ``mmap``: map a zip-format ``torch.save`` file instead of reading it (only the shapes are wanted)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -159,7 +163,9 @@ def load_state_dict(path: str | Path, *, key: str | None = None, strip_prefix: s
         obj: Any = load_file(str(path))
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+            )
         except pickle.UnpicklingError as exc:
             raise ValueError(
                 f"checkpoint {path} is a pickle that needs code execution to load; it is refused (never "
@@ -237,6 +243,67 @@ def build_module(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
     if spec.get("weights"):
         _load_weights(net, spec)
     return net, _num_classes(spec), (spec.get("mean"), spec.get("std"))
+
+
+def check_module(spec: Mapping[str, Any]) -> None:
+    """What ``build_module`` would refuse, found without loading weights: the factory imports and builds (on
+    the meta device: no memory, no initialisation; on the CPU if the factory cannot build on meta), and the
+    tensor names and shapes of ``weights`` (a safetensors header, or a weights-only checkpoint read lazily)
+    fit the module. Raises as ``build_module`` would."""
+    factory = _import_factory(spec.get("factory", ""))
+    kwargs = dict(spec.get("kwargs") or {})
+    try:
+        with torch.device("meta"):
+            net = factory(**kwargs)
+    except Exception:  # noqa: BLE001 - a factory that cannot build on meta; the CPU build decides
+        net = factory(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"factory {spec['factory']!r} returned {type(net).__name__}, not a torch.nn.Module")
+    if not spec.get("weights"):
+        return
+    shapes = _checkpoint_shapes(spec["weights"], spec.get("state_dict_key"), spec.get("strip_prefix", ""))
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [
+        f"{k}: {shapes[k]} in the file, {expected[k]} in the model"
+        for k in sorted(expected)
+        if k in shapes and shapes[k] != expected[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(items)} {label} (first: {', '.join(items[:3])})"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("mis-shaped", wrong),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"weights {spec['weights']} do not fit the module model: {'; '.join(parts)}; "
+            "check the factory's kwargs (they must match the ones the weights were trained with), "
+            "state_dict_key and strip_prefix"
+        )
+
+
+def _checkpoint_shapes(path: str | Path, key: str | None, strip_prefix: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a checkpoint: from the safetensors header without reading a tensor; other
+    checkpoints through ``load_state_dict`` (weights only, as the build reads them)."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors" or key is not None:
+        return {
+            k: tuple(v.shape) for k, v in load_state_dict(path, key=key, strip_prefix=strip_prefix).items()
+        }
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    return {
+        (k[len(strip_prefix) :] if strip_prefix and k.startswith(strip_prefix) else k): v
+        for k, v in shapes.items()
+    }
 
 
 def build_torchscript(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
