@@ -209,13 +209,14 @@ def recertify(
     tau: float | Sequence[float] = 0.75,
     alpha: float | Sequence[float] = 0.001,
     correction: str | Sequence[str] = "holm",
+    procedures: Sequence[Any] = ("segcertify",),
     pooling: str = "common",
 ) -> reduce.ReduceResult:
-    """Certify the stored votes again for every combination of ``tau`` x ``alpha`` x ``correction`` (scalars
-    or sequences) and pool per (dataset, method, sigma, grid point): the reducer's per-image records and
-    metrics (same columns, same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in
-    this process, nothing written and no resampling. ``pooling``: ``common`` (like for like) or ``all``
-    (:func:`reduce.pool`)."""
+    """Certify the stored votes again at every point of ``procedures`` (entries as in ``certify.procedures``;
+    SegCertify by default) over the shared grid ``tau`` x ``alpha`` x ``correction`` (scalars or sequences),
+    and pool per (dataset, method, sigma, point): the reducer's per-image records and metrics (same columns,
+    same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in this process, nothing
+    written and no resampling. ``pooling``: ``common`` (like for like) or ``all`` (:func:`reduce.pool`)."""
     corrections = _values("correction", correction)
     bad = [c for c in corrections if c not in CORRECTIONS]
     if bad:
@@ -224,17 +225,11 @@ def recertify(
         tuple(float(t) for t in _values("tau", tau)),
         tuple(float(a) for a in _values("alpha", alpha)),
         corrections,
+        tuple(procedures),
     )
-    rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), grid)]
-    per_image = _per_image(rows)
-    metrics = reduce.pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=reduce.KEY)
-    left = reduce.left_out(per_image) if len(per_image) and pooling == "common" else None
-    return reduce.ReduceResult(
-        per_image=per_image,
-        metrics=metrics,
-        left_out=left,
-        summary_markdown=reduce.summary_markdown(metrics, left=left),
-    )
+    points = grid.points()
+    rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), points)]
+    return reduce.reduce_table(pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA), pooling)
 
 
 def noisy_sample(

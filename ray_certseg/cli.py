@@ -1,7 +1,8 @@
 """``ray-certseg`` command line: run the job, re-run the reducer, and the other tools.
 
     ray-certseg run [--config configs/demo.yaml] [--output DIR] [--set key=value ...] [--overwrite]
-    ray-certseg reduce OUTPUT [--tau 0.6 0.75] [--alpha 0.001 ...] [--correction holm ...] [--name NAME]
+    ray-certseg reduce OUTPUT [--tau 0.6 0.75] [--alpha 0.001 ...] [--correction holm ...] [--procedure ENTRY ...]
+                          [--name NAME]
     ray-certseg report OUTPUT [--replot]
     ray-certseg selftest [--images 1000] [--alpha 0.2] [--correction holm ...] [--seed 0] [--shared-noise]
 
@@ -163,8 +164,10 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     from ray_certseg import reduce, storage
 
     into = "metrics"
-    if not args.replace_metrics and (args.tau or args.alpha or args.correction or args.name or args.all_rows):
-        grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction)
+    procedures = [_procedure_entry(text) for text in args.procedure or []]
+    changed = args.tau or args.alpha or args.correction or procedures or args.name or args.all_rows
+    if not args.replace_metrics and changed:
+        grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction, procedures)
         suffix = "_all-rows" if args.all_rows else ""
         into = f"reductions/{args.name or reduce.reduction_name(grid) + suffix}"
     result = reduce.reduce_output(
@@ -172,6 +175,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         taus=args.tau,
         alphas=args.alpha,
         corrections=args.correction,
+        procedures=procedures or None,
         into=into,
         pooling="all" if args.all_rows else "common",
     )
@@ -181,6 +185,16 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         "summary.md)" + ("" if into == "metrics" else f"; the run's own rows stay in {args.output}/metrics/")
     )
     return 0
+
+
+def _procedure_entry(text: str) -> Any:
+    """A ``--procedure`` value: a name, or a YAML mapping ``{procedure: NAME, params: {...}, grid: {...}}``."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--procedure {text!r}: not a name or a YAML mapping ({exc})") from None
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -243,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=float, nargs="+", action="extend", help="alpha values (default: the run's config)"
     )
     d.add_argument("--correction", nargs="+", action="extend", choices=CORRECTIONS)
+    d.add_argument(
+        "--procedure",
+        action="append",
+        metavar="ENTRY",
+        help="a certification procedure to certify at (repeatable; default: the run's certify.procedures): "
+        "a name, e.g. segcertify, or YAML such as '{procedure: pkg.module:PROC, params: {min_votes: 90}}' "
+        "(docs/extending.md)",
+    )
     d.add_argument(
         "--name",
         help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "

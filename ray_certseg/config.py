@@ -17,7 +17,8 @@ Shape (defaults shown; ``dataset``, ``models`` and ``methods`` have no defaults)
     methods: {NAME: {segmenter: NAME, denoiser: NAME | null}}
     sampling: {sigmas: [0.25, 0.5], n0: 10, n: 100, batch_size: 16, seed: 0, device: auto, dtype: float32,
                channels_last: false, compile: false, store_counts: false, keep_host_memory: true}
-    certify: {taus: [0.75], alphas: [0.001], corrections: [holm, bonferroni]}
+    certify: {taus: [0.75], alphas: [0.001], corrections: [holm, bonferroni],
+              procedures: [segcertify]}   # entries: NAME | {procedure: NAME, params: {...}, grid: {...}}
     ray: {address: null, actors: 1 | {min: 1, max: 4}, num_gpus_per_actor: 0, num_cpus_per_actor: 1,
           batch_size: 1, max_tasks_in_flight_per_actor: 2}
 
@@ -533,11 +534,14 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class CertifyConfig:
-    """The certification grid: every tau x alpha x correction is applied to every vote row."""
+    """What every vote row is certified at: each procedure of ``procedures`` (SegCertify by default) at each
+    of its points, the parameters it leaves open (tau, alpha, correction) taken from the shared grid
+    taus x alphas x corrections (:func:`ray_certseg.certify.points`)."""
 
     taus: tuple[float, ...] = (0.75,)
     alphas: tuple[float, ...] = (0.001,)
     corrections: tuple[str, ...] = CORRECTIONS
+    procedures: tuple[Any, ...] = ("segcertify",)
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "certify") -> CertifyConfig:
@@ -558,7 +562,23 @@ class CertifyConfig:
                 _join(path, "corrections"),
                 lambda v, q: _choice(v, q, CORRECTIONS),
             ),
+            procedures=cls._procedures(d.get("procedures", cls.procedures), _join(path, "procedures")),
         )
+
+    def __post_init__(self) -> None:
+        from ray_certseg import certify
+
+        try:  # every entry names a procedure and gives it valid parameters, before anything starts
+            certify.points(self.procedures, self.__dict__, "certify.procedures")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @staticmethod
+    def _procedures(value: Any, path: str) -> tuple[Any, ...]:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise _fail(path, "a non-empty list of procedures (e.g. [segcertify])", value)
+        return tuple(items)
 
 
 @dataclass(frozen=True)

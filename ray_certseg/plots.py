@@ -108,6 +108,8 @@ def grid_point(metrics: pd.DataFrame, cfg: JobConfig) -> tuple[float, float, str
     alpha, then the smallest tau)."""
     c = cfg.certify
     wanted = (c.taus[0], c.alphas[0], c.corrections[0])
+    if "procedure" in metrics:  # the pictures are SegCertify's; other procedures are in the tables
+        metrics = metrics[metrics["procedure"] == "segcertify"]
     listed = {
         (float(t), float(a), str(k))
         for t, a, k in metrics[["tau", "alpha", "correction"]].itertuples(index=False, name=None)

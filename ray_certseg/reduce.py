@@ -1,4 +1,5 @@
-"""The reducer: certify stored votes for a grid of (tau, alpha, correction), per image, then pool per dataset.
+"""The reducer: certify stored votes at every configured point (certification procedure x parameters; SegCertify
+over the (tau, alpha, correction) grid by default), per image, then pool per dataset.
 
 No resampling: a vote row (c_hat, k per pixel, plus n) is all CERTIFY needs, so the grid can be changed and the
 reducer re-run at will (``ray-certseg reduce OUTPUT --tau 0.95``). Per vote row and grid point it keeps one small
@@ -11,7 +12,6 @@ over the same votes writes byte-identical files.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import math
@@ -24,14 +24,30 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import storage, votes
-from ray_certseg.certify import can_certify, certify, max_tau, min_n
+from ray_certseg import certify, storage, votes
+from ray_certseg.certify import max_tau, min_n
 from ray_certseg.metrics import dataset_metrics, image_stats
 
 log = logging.getLogger("ray_certseg")
 
-KEY = ["dataset", "method", "denoiser", "segmenter", "sigma", "tau", "alpha", "correction", "n0", "n"]
-ID = ["image_id", "method", "sigma", "tau", "alpha", "correction"]
+KEY = [
+    "dataset",
+    "method",
+    "denoiser",
+    "segmenter",
+    "sigma",
+    "procedure",
+    "params",
+    "tau",
+    "alpha",
+    "correction",
+    "n0",
+    "n",
+]
+ID = ["image_id", "method", "sigma", "procedure", "params", "tau", "alpha", "correction"]
+POINT_COLUMNS = ("tau", "alpha", "correction")
+"""Parameters copied from a point into their own columns (null where the procedure has no such parameter), so
+SegCertify rows read as they always did."""
 SUMMARY_COLUMNS = [
     "dataset",
     "method",
@@ -53,35 +69,34 @@ SUMMARY_COLUMNS = [
 
 @dataclass(frozen=True)
 class Grid:
-    """The certification grid: every combination of tau, alpha and correction."""
+    """What the reducer certifies each vote row at: the shared (tau, alpha, correction) grid and the
+    certification procedures (entries of ``certify.procedures``; SegCertify alone by default), each expanded
+    to its points by :func:`ray_certseg.certify.points`."""
 
     taus: tuple[float, ...]
     alphas: tuple[float, ...]
     corrections: tuple[str, ...]
+    procedures: tuple[Any, ...] = ("segcertify",)
+
+    def points(self) -> tuple[certify.Point, ...]:
+        shared = {"taus": self.taus, "alphas": self.alphas, "corrections": self.corrections}
+        return certify.points(self.procedures, shared)
 
     def __iter__(self):
-        return iter(itertools.product(self.taus, self.alphas, self.corrections))
+        return iter(self.points())
 
 
-def image_rows(rec: votes.VoteRecord, grid: Grid) -> list[dict[str, Any]]:
-    """One record per grid point for one vote row: CERTIFY(c_hat, k) at (tau, alpha, correction) and the
-    confusion matrices of the certified map, of the clean prediction and of the majority vote c_hat."""
+def image_rows(rec: votes.VoteRecord, grid: Grid | Sequence[certify.Point]) -> list[dict[str, Any]]:
+    """One record per point for one vote row: the point's certified map and the confusion matrices of the
+    certified map, of the clean prediction and of the majority vote c_hat."""
     C, ignore = rec.num_classes, rec.ignore_index
     clean = image_stats(rec.label, rec.clean_pred, C, ignore)
     vote = image_stats(rec.label, rec.c_hat, C, ignore)
     rows = []
-    for tau, alpha, correction in grid:
-        cert = certify(
-            rec.c_hat,
-            rec.k,
-            n=rec.n,
-            sigma=rec.sigma,
-            tau=tau,
-            alpha=alpha,
-            correction=correction,
-            num_classes=C,
-        )
+    for point in grid:
+        cert = point.run(rec)
         st = image_stats(rec.label, cert.labels, C, ignore)
+        params = point.params.model_dump()
         rows.append(
             {
                 "image_id": rec.image_id,
@@ -90,16 +105,16 @@ def image_rows(rec: votes.VoteRecord, grid: Grid) -> list[dict[str, Any]]:
                 "denoiser": rec.denoiser,
                 "segmenter": rec.segmenter,
                 "sigma": rec.sigma,
-                "tau": float(tau),
-                "alpha": float(alpha),
-                "correction": correction,
+                "procedure": point.procedure.name,
+                "params": point.key,
+                **{name: params.get(name) for name in POINT_COLUMNS},
                 "n0": rec.n0,
                 "n": rec.n,
                 "num_classes": C,
-                "radius": cert.radius,
-                "num_certified": cert.num_certified,
+                "radius": float(cert.radius),
+                "num_certified": int(cert.num_certified),
                 "family_size": rec.c_hat.size,
-                "certifiable": can_certify(rec.n, tau, alpha, rec.c_hat.size),
+                "certifiable": point.can_certify(rec),
                 "num_pixels": st.num_pixels,
                 "num_abstained": st.num_abstained,
                 "confusion": st.confusion.reshape(-1),
@@ -119,6 +134,8 @@ PER_IMAGE_SCHEMA = pa.schema(
         ("denoiser", pa.string()),
         ("segmenter", pa.string()),
         ("sigma", pa.float64()),
+        ("procedure", pa.string()),
+        ("params", pa.string()),
         ("tau", pa.float64()),
         ("alpha", pa.float64()),
         ("correction", pa.string()),
@@ -139,13 +156,11 @@ PER_IMAGE_SCHEMA = pa.schema(
 )
 
 
-def certify_table(table: pa.Table, grid: Grid) -> pa.Table:
+def certify_table(table: pa.Table, grid: Grid | Sequence[certify.Point]) -> pa.Table:
     """Vote rows (Arrow) -> per-image records (Arrow). The unit of work of the reducer, in or out of Ray."""
-    rows = [
-        r
-        for rec in votes.read_votes(table, columns=["label", "c_hat", "k", "clean_pred"])
-        for r in image_rows(rec, grid)
-    ]
+    points = tuple(grid)
+    wanted = list(dict.fromkeys(["label", "c_hat", "clean_pred", *certify.columns(points)]))
+    rows = [r for rec in votes.read_votes(table, columns=wanted) for r in image_rows(rec, points)]
     return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
 
 
@@ -153,16 +168,17 @@ class CertifyBatch:
     """Ray Data UDF of the reducer stage (a class so the grid is bound once per worker)."""
 
     def __init__(self, grid: Grid):
-        self.grid = grid
+        self.points = tuple(grid)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return certify_table(batch, self.grid)
+        return certify_table(batch, self.points)
 
 
 def per_image_local(votes_dir: str, grid: Grid, storage_options: dict | None = None) -> pa.Table:
     """The reducer's map, in this process, one vote file at a time."""
     fs, files = votes.parquet_files(votes_dir, storage_options=storage_options)
-    parts = [certify_table(pq.read_table(path, filesystem=fs, partitioning=None), grid) for path in files]
+    points = tuple(grid)
+    parts = [certify_table(pq.read_table(path, filesystem=fs, partitioning=None), points) for path in files]
     return pa.concat_tables(parts) if parts else PER_IMAGE_SCHEMA.empty_table()
 
 
@@ -346,7 +362,7 @@ def bounds_markdown(metrics: pd.DataFrame) -> str:
     """Certified Dice and the worst-case lower bounds (metrics.DatasetMetrics), one row per dataset row."""
     if metrics.empty or "worst_miou" not in metrics:
         return ""
-    t = metrics[BOUNDS_COLUMNS].copy()
+    t = _with_procedures(metrics, BOUNDS_COLUMNS)
     for c in BOUNDS_COLUMNS[6:]:
         t[c] = t[c].map(lambda x: f"{x:.3f}")
     lines = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
@@ -386,7 +402,7 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame 
     """The dataset table a person reads first (also printed by the job); ``left``: :func:`left_out`."""
     if metrics.empty:
         return "No vote rows to certify." + (f" {errors} rows failed: see errors.parquet." if errors else "")
-    t = metrics[SUMMARY_COLUMNS].copy()
+    t = _with_procedures(metrics, SUMMARY_COLUMNS)
     for c in (
         "certified_accuracy",
         "certified_error",
@@ -420,6 +436,19 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame 
     return "\n".join(lines) + note
 
 
+def _with_procedures(metrics: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``metrics[columns]`` for a table; when a procedure other than SegCertify is there, with ``procedure``
+    and (for the others) ``params`` after sigma, and ``-`` for the tau/alpha/correction a procedure lacks."""
+    if "procedure" not in metrics or (metrics["procedure"] == "segcertify").all():
+        return metrics[columns].copy()
+    at = columns.index("sigma") + 1
+    t = metrics[columns[:at] + ["procedure", "params"] + columns[at:]].copy()
+    t["params"] = [p if name != "segcertify" else "" for name, p in zip(t["procedure"], t["params"])]
+    for c in POINT_COLUMNS:
+        t[c] = t[c].astype(object).where(t[c].notna(), "-")
+    return t
+
+
 def infeasible_note(metrics: pd.DataFrame) -> str:
     """Why rows marked infeasible certify nothing, and what would (``certify.can_certify``): per (n, tau,
     alpha) with an image that cannot certify any pixel, the minimum n for that tau and the largest tau for n,
@@ -450,12 +479,18 @@ class ReduceResult:
 
 
 def reduction_name(grid: Grid) -> str:
-    """A folder name for a re-reduction: ``tau0.6-0.75_alpha0.001_holm-bonferroni``."""
+    """A folder name for a re-reduction: ``tau0.6-0.75_alpha0.001_holm-bonferroni``, followed by the
+    procedures' names when they are not SegCertify alone (``..._segcertify-threshold``)."""
     join = lambda values: "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-    return f"tau{join(grid.taus)}_alpha{join(grid.alphas)}_{join(grid.corrections)}"
+    name = f"tau{join(grid.taus)}_alpha{join(grid.alphas)}_{join(grid.corrections)}"
+    procedures = list(dict.fromkeys(p.procedure.name for p in grid.points()))
+    return name if procedures == ["segcertify"] else f"{name}_{join(procedures)}"
 
 
-def grid_from_output(output: str, storage_options: dict | None, taus, alphas, corrections) -> Grid:
+def grid_from_output(
+    output: str, storage_options: dict | None, taus, alphas, corrections, procedures=None
+) -> Grid:
+    """The run's grid (``config.json``'s certify section), each part replaced by the one given."""
     fs, root = storage.get_filesystem(output, storage_options)
     cfg = {}
     if fs.exists(f"{root}/config.json"):
@@ -464,9 +499,14 @@ def grid_from_output(output: str, storage_options: dict | None, taus, alphas, co
     taus = taus or cfg.get("taus")
     alphas = alphas or cfg.get("alphas")
     corrections = corrections or cfg.get("corrections") or ["holm"]
+    procedures = procedures or cfg.get("procedures") or ["segcertify"]
     if not taus or not alphas:
         raise ValueError(f"{output}: no config.json with certify.taus/alphas; pass --tau and --alpha")
-    return Grid(tuple(float(t) for t in taus), tuple(float(a) for a in alphas), tuple(corrections))
+    grid = Grid(
+        tuple(float(t) for t in taus), tuple(float(a) for a in alphas), tuple(corrections), tuple(procedures)
+    )
+    grid.points()  # every entry valid, before anything is read
+    return grid
 
 
 def reduce_output(
@@ -476,38 +516,48 @@ def reduce_output(
     taus: Sequence[float] | None = None,
     alphas: Sequence[float] | None = None,
     corrections: Iterable[str] | None = None,
+    procedures: Sequence[Any] | None = None,
     errors: pa.Table | None = None,
     engine: str = "auto",
     into: str = "metrics",
     pooling: str = "common",
 ) -> ReduceResult:
-    """Certify ``<output>/votes`` for the grid (defaults: the run's config) and write ``<output>/<into>/``
-    (default ``metrics/``, the run's own; ``ray-certseg reduce`` with another grid writes
-    ``reductions/<name>/`` so the run's rows stay).
+    """Certify ``<output>/votes`` at every point of the grid (defaults: the run's config; ``procedures``:
+    entries as in ``certify.procedures``) and write ``<output>/<into>/`` (default ``metrics/``, the run's own;
+    ``ray-certseg reduce`` with another grid writes ``reductions/<name>/`` so the run's rows stay).
 
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
     ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see
     :func:`pool`."""
-    grid = grid_from_output(output, storage_options, taus, alphas, corrections)
+    grid = grid_from_output(output, storage_options, taus, alphas, corrections, procedures)
     votes_dir = storage.join(output, "votes")
     if engine == "auto":
         import sys
 
         engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
     table = (per_image_ray if engine == "ray" else per_image_local)(votes_dir, grid, storage_options)
-    per_image = deduplicate(table.to_pandas())
-    metrics = pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=KEY)
-    left = left_out(per_image) if len(per_image) and pooling == "common" else None
+    result = reduce_table(table, pooling)
     fs, root = storage.get_filesystem(output, storage_options)
     if errors is None and fs.exists(f"{root}/errors.parquet"):
         with fs.open(f"{root}/errors.parquet", "rb") as f:
             errors = pq.read_table(f)
     n_errors = errors.num_rows if errors is not None else 0
-    summary = summary_markdown(metrics, n_errors, left)
+    summary = summary_markdown(result.metrics, n_errors, result.left_out)
     if n_errors:  # which images failed and why, next to the numbers they are missing from
         summary += "\n\n" + errors_markdown(errors)
-    write_metrics(output, storage_options, per_image, metrics, summary, into=into)
-    return ReduceResult(per_image=per_image, metrics=metrics, summary_markdown=summary, left_out=left)
+    result.summary_markdown = summary
+    write_metrics(output, storage_options, result.per_image, result.metrics, summary, into=into)
+    return result
+
+
+def reduce_table(table: pa.Table | pd.DataFrame, pooling: str = "common") -> ReduceResult:
+    """Per-image records (:func:`certify_table`'s) -> deduplicated rows, dataset metrics, the like-for-like
+    left-outs and the summary: the one pooling path of the reducer and of ``analysis.recertify``."""
+    frame = table.to_pandas() if isinstance(table, pa.Table) else table
+    per_image = deduplicate(frame)
+    metrics = pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=KEY)
+    left = left_out(per_image) if len(per_image) and pooling == "common" else None
+    return ReduceResult(per_image, metrics, summary_markdown(metrics, 0, left), left)
 
 
 def write_metrics(

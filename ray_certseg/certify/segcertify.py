@@ -12,7 +12,8 @@ pixel whose null is not rejected abstains. With probability >= 1 - alpha every c
 tau-thresholded smoothed classifier g^tau_i(x) and keeps its class under any ||delta||_2 < R, with
 R = sigma * Phi^-1(tau) (``radius``) the same for every pixel, in [0, 1] pixel units at the image resolution.
 
-Pure numpy/scipy: no torch, no Ray.
+:data:`SEGCERTIFY` is this test as a certification procedure (:mod:`ray_certseg.certify.procedure`), with
+parameters (tau, alpha, correction). Pure numpy/scipy: no torch, no Ray.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 from scipy.stats import binom, norm
 
+from ray_certseg.certify.procedure import Params, Procedure
 from ray_certseg.constants import CORRECTIONS
-
-ABSTAIN = -1
-"""Label of a pixel whose null hypothesis was not rejected (SegCertify's abstain, ⊘)."""
-
 
 _LABEL_DTYPE = np.int16
 _CHUNK = (
@@ -285,3 +285,38 @@ def _check_classes(c_hat: np.ndarray, num_classes: int | None) -> None:
             f"c_hat holds classes outside [0, {upper}) (min {lowest}, max {highest}); "
             + ("pass the selected class per pixel" if num_classes is None else "check num_classes or c_hat")
         )
+
+
+class SegCertifyParams(Params):
+    """One point of SegCertify's grid."""
+
+    tau: float = Field(gt=0.5, lt=1.0)
+    alpha: float = Field(gt=0.0, lt=1.0)
+    correction: Literal["holm", "bonferroni"] = "holm"
+
+
+def _certify_row(rec: Any, params: SegCertifyParams) -> Certificate:
+    return certify(
+        rec.c_hat,
+        rec.k,
+        n=rec.n,
+        sigma=rec.sigma,
+        tau=params.tau,
+        alpha=params.alpha,
+        correction=params.correction,
+        num_classes=rec.num_classes,
+    )
+
+
+def _can_certify_row(rec: Any, params: SegCertifyParams) -> bool:
+    return can_certify(rec.n, params.tau, params.alpha, rec.c_hat.size)
+
+
+SEGCERTIFY = Procedure(
+    name="segcertify",
+    params=SegCertifyParams,
+    certify=_certify_row,
+    columns=("c_hat", "k"),
+    certifiable=_can_certify_row,
+)
+"""SegCertify (Holm or Bonferroni) as a procedure: :func:`certify` of the row's stored c_hat and k."""
