@@ -3,8 +3,10 @@
     ray-certseg run [--config configs/demo.yaml] [--output DIR] [--set key=value ...] [--overwrite]
     ray-certseg reduce OUTPUT [--tau 0.6 0.75] [--alpha 0.001 ...] [--correction holm ...] [--procedure ENTRY ...]
                           [--name NAME]
+    ray-certseg sweep OUTPUT --thresholds 0.5,0.3,0 0.3,0.1,0 ... [--held-out IDS_FILE]
     ray-certseg report OUTPUT [--replot]
     ray-certseg selftest [--images 1000] [--alpha 0.2] [--correction holm ...] [--seed 0] [--shared-noise]
+                         [--procedure hierarchical [--level-from-s]]
 
 ``python jobs/certify.py ...`` is ``ray-certseg run ...``. Run directly, the job starts a local Ray
 instance; under ``ray job submit`` (``RAY_ADDRESS`` set) it attaches to that cluster.
@@ -165,6 +167,14 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
     into = "metrics"
     procedures = [_procedure_entry(text) for text in args.procedure or []]
+    if args.thresholds:  # --procedure hierarchical --thresholds 0.5,0.3,0 [--hierarchy NAME]
+        tree = args.hierarchy or _run_hierarchy(args.output)
+        procedures = [
+            {"procedure": "hierarchical", "params": {"hierarchy": tree, "thresholds": t}}
+            for e in procedures or ["hierarchical"]
+            if e == "hierarchical"
+            for t in args.thresholds
+        ] + [e for e in procedures if e != "hierarchical"]
     changed = args.tau or args.alpha or args.correction or procedures or args.name or args.all_rows
     if not args.replace_metrics and changed:
         grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction, procedures)
@@ -187,6 +197,51 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_hierarchy(output: str) -> str:
+    """The run's ``dataset.hierarchy`` (its config.json), for ``--thresholds`` without ``--hierarchy``."""
+    from ray_certseg.analysis import load_config
+
+    tree = load_config(output).dataset.hierarchy
+    if tree is None:
+        raise ValueError(
+            f"{output} was sampled without dataset.hierarchy: hierarchical certification needs it"
+        )
+    return tree
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ray_certseg import analysis
+
+    held = None
+    if args.held_out:
+        with open(args.held_out) as f:
+            held = [line.strip() for line in f if line.strip()]
+    table = analysis.sweep_thresholds(
+        analysis.load_votes(args.output),
+        args.thresholds,
+        hierarchy=args.hierarchy or _run_hierarchy(args.output),
+        tau=args.tau,
+        alpha=args.alpha,
+        correction=args.correction,
+        held_out=held,
+    )
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if held is None:
+        print(
+            "\nWarning: thresholds chosen on these images are optimistic for them; pass --held-out IDS_FILE."
+        )
+    return 0
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"thresholds look like 0.5,0.3,0 (one per level), got {text!r}"
+        ) from None
+
+
 def _procedure_entry(text: str) -> Any:
     """A ``--procedure`` value: a name, or a YAML mapping ``{procedure: NAME, params: {...}, grid: {...}}``."""
     import yaml
@@ -198,21 +253,35 @@ def _procedure_entry(text: str) -> Any:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from ray_certseg.selftest import run_selftest
+    from ray_certseg.selftest import run_hierarchical_selftest, run_selftest
 
-    report = run_selftest(
-        images=args.images,
-        alpha=args.alpha,
-        corrections=args.correction or CORRECTIONS,
-        seed=args.seed,
-        shared_noise=args.shared_noise,
-        sigma=args.sigma,
-        tau=args.tau,
-        n0=args.n0,
-        n=args.n,
-        batch_size=args.batch_size,
-    )
+    common = {
+        "images": args.images,
+        "alpha": args.alpha,
+        "corrections": args.correction or CORRECTIONS,
+        "seed": args.seed,
+        "sigma": args.sigma,
+        "tau": args.tau,
+        "n0": args.n0,
+        "n": args.n,
+        "batch_size": args.batch_size,
+    }
+    if args.procedure == "hierarchical":
+        if args.shared_noise:
+            raise ValueError(
+                "--shared-noise is SegCertify's self-test; with --procedure hierarchical use --level-from-s"
+            )
+        report = run_hierarchical_selftest(**common, level_from_s=args.level_from_s)
+    else:
+        if args.level_from_s:
+            raise ValueError("--level-from-s needs --procedure hierarchical")
+        report = run_selftest(**common, shared_noise=args.shared_noise)
     print(report.to_markdown())
+    if args.level_from_s:
+        print(
+            "\nlevel chosen from S (the wrong variant): see docs/hierarchical.md for why, with nested nodes and "
+            "tau > 1/2, it raises the false-certificate rate but cannot exceed alpha by much"
+        )
     return 0 if report.passed else 1
 
 
@@ -266,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/extending.md)",
     )
     d.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        nargs="+",
+        help="with --procedure hierarchical: threshold functions t_0,...,t_L (one margin per level, "
+        "non-increasing), e.g. --thresholds 0.5,0.3,0",
+    )
+    d.add_argument(
+        "--hierarchy", help="with --thresholds: the hierarchy (default: the run's dataset.hierarchy)"
+    )
+    d.add_argument(
         "--name",
         help="write OUTPUT/reductions/NAME/ (default with --tau/--alpha/--correction: named "
         "after the grid, e.g. tau0.6_alpha0.001_holm-bonferroni); the run's metrics/ stay",
@@ -282,6 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="write OUTPUT/metrics/ instead (what `report` and the plots read)",
     )
     d.set_defaults(func=cmd_reduce)
+
+    w = sub.add_parser(
+        "sweep", help="hierarchical certification: CIG and abstain rate per threshold function"
+    )
+    w.add_argument("output", help="an output folder of `run` sampled with dataset.hierarchy")
+    w.add_argument(
+        "--thresholds", type=_thresholds, nargs="+", required=True, help="candidates, e.g. 0.5,0.3,0"
+    )
+    w.add_argument("--hierarchy", help="default: the run's dataset.hierarchy")
+    w.add_argument("--tau", type=float, default=0.75)
+    w.add_argument("--alpha", type=float, default=0.001)
+    w.add_argument("--correction", choices=CORRECTIONS, default="holm")
+    w.add_argument(
+        "--held-out", help="a file of image ids (one per line) to report on; selection uses the others"
+    )
+    w.set_defaults(func=cmd_sweep)
 
     o = sub.add_parser("report", help="write OUTPUT/report.md: the metrics table and the plots")
     o.add_argument("output", help="an output folder of `run`")
@@ -305,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared-noise",
         action="store_true",
         help="replay the released SegCertify bug (one noise draw per batch): the test must fail",
+    )
+    s.add_argument("--procedure", choices=("segcertify", "hierarchical"), default="segcertify")
+    s.add_argument(
+        "--level-from-s",
+        action="store_true",
+        help="with --procedure hierarchical: choose each pixel's level from S instead of S0 (wrong on purpose)",
     )
     s.add_argument("--sigma", type=float, default=0.25)
     s.add_argument("--tau", type=float, default=0.75)

@@ -216,6 +216,7 @@ class DatasetConfig:
     label_map: dict[int, int] | None = None
     palette: tuple[str, ...] | None = None
     duplicate_ids: str = "error"
+    hierarchy: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     KEYS = (
@@ -235,6 +236,7 @@ class DatasetConfig:
         "label_map",
         "palette",
         "duplicate_ids",
+        "hierarchy",
         "storage_options",
     )
     # absent from older config.json files
@@ -242,6 +244,7 @@ class DatasetConfig:
         "palette": None,
         "duplicate_ids": "error",
         "certify_at_scale": 1.0,
+        "hierarchy": None,
     }
     SCALE_RENAMED = (
         "{path}.scale was renamed, because it did not do what SegCertify's scale does. It resized the image "
@@ -312,6 +315,7 @@ class DatasetConfig:
             label_map=_label_map(d.get("label_map"), p("label_map"), num_classes, ignore),
             palette=None if d.get("palette") is None else _palette(d["palette"], p("palette"), num_classes),
             duplicate_ids=_choice(d.get("duplicate_ids", "error"), p("duplicate_ids"), ("error", "rename")),
+            hierarchy=_hierarchy(d.get("hierarchy"), p("hierarchy"), num_classes, class_names, base_dir),
             storage_options={
                 **dict(storage_options or {}),
                 **_mapping(d.get("storage_options"), p("storage_options")),
@@ -330,6 +334,28 @@ class DatasetConfig:
             storage.redact_options(self.storage_options) if redact else dict(self.storage_options)
         )
         return _plain(d)
+
+
+def _hierarchy(
+    value: Any, path: str, num_classes: int, class_names: Any, base_dir: Path | None
+) -> str | None:
+    """A shipped hierarchy's name or a file (resolved like a model path), loaded and checked against the
+    dataset's classes (:mod:`ray_certseg.hierarchy`)."""
+    from ray_certseg import hierarchy
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(
+            path, f"a shipped hierarchy {list(hierarchy.SHIPPED)} or the path of a hierarchy file", value
+        )
+    source = value if value in hierarchy.SHIPPED else _resolve(value, base_dir)
+    try:
+        tree = hierarchy.load(source)
+        hierarchy.check_classes(tree, num_classes, class_names)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return source
 
 
 def _ignore_index(value: Any, path: str, num_classes: int) -> int:

@@ -107,6 +107,11 @@ class VoteSampler:
         if probe_size is not None:
             for name, denoiser in self.denoisers.items():
                 preflight.check_denoiser(name, denoiser, *probe_size)
+        self.hierarchy = None
+        if self.cfg.dataset.hierarchy is not None:  # per-level votes for hierarchical certification
+            from ray_certseg import hierarchy
+
+            self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
         self.errors_dir = storage.join(self.cfg.output, "_errors")
         self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
 
@@ -155,6 +160,7 @@ class VoteSampler:
             autocast_dtype=None if s.dtype == "float32" else self.dtype,
             channels_last=s.channels_last,
             return_counts=s.store_counts,
+            hierarchy_nodes=None if self.hierarchy is None else self.hierarchy.node[1:],
         )
         h, w = v.c_hat.shape
         return votes.VoteRecord(
@@ -177,6 +183,10 @@ class VoteSampler:
             clean_pred=v.clean_pred,
             sample_seconds=v.seconds,
             counts=v.counts if s.store_counts else None,
+            hierarchy=None if self.hierarchy is None else self.hierarchy.digest,
+            margin=v.margin,
+            c_hat_levels=v.c_hat_levels,
+            k_levels=v.k_levels,
         )
 
     def _record_error(self, image_id: str, method: str, sigma: float, stage: str, exc: BaseException) -> None:
@@ -352,6 +362,7 @@ def prepare_run(cfg: JobConfig, *, overwrite: bool = False) -> Plan:
     from ray_certseg.data import list_items
 
     preflight.check_class_counts(cfg)
+    preflight.check_hierarchies(cfg)
     preflight.check_model_files(cfg)
     preflight.check_runtime_env(cfg)
     preflight.add_py_modules_to_path(cfg)

@@ -55,6 +55,24 @@ def check_class_counts(cfg: JobConfig) -> None:
             )
 
 
+def check_hierarchies(cfg: JobConfig) -> None:
+    """A procedure that certifies at hierarchy levels needs votes counted for its hierarchy: the one named by
+    ``dataset.hierarchy``, from which the sampler counts each level's c_hat and k."""
+    from ray_certseg import certify, hierarchy
+
+    shared = {"taus": cfg.certify.taus, "alphas": cfg.certify.alphas, "corrections": cfg.certify.corrections}
+    for point in certify.points(cfg.certify.procedures, shared):
+        wanted = getattr(point.params, "hierarchy", None)
+        if wanted is None:
+            continue
+        sampled = cfg.dataset.hierarchy
+        if sampled is None or hierarchy.load(sampled).digest != hierarchy.load(wanted).digest:
+            raise ConfigError(
+                f"certify.procedures: {point.procedure.name} at hierarchy {wanted!r} needs votes counted for it: "
+                f"set dataset.hierarchy: {wanted} (now {sampled!r}), so the sampler stores every level's votes"
+            )
+
+
 def check_model_files(cfg: JobConfig) -> None:
     """Every local file or folder a used model spec names (``weights``, ``path``, ``checkpoint``, ``unet``,
     ``scheduler``, ``*_file``, ...) exists on the driver, so a wrong path fails in seconds and names its key.

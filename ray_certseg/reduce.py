@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_certseg import certify, storage, votes
-from ray_certseg.certify import max_tau, min_n
-from ray_certseg.metrics import dataset_metrics, image_stats
+from ray_certseg.certify import ABSTAIN, max_tau, min_n
+from ray_certseg.metrics import dataset_metrics, image_stats, level_stats
 
 log = logging.getLogger("ray_certseg")
 
@@ -60,6 +60,7 @@ SUMMARY_COLUMNS = [
     "certified_error",
     "miou",
     "abstain_rate",
+    "cig",
     "clean_accuracy",
     "clean_miou",
     "images",
@@ -93,9 +94,14 @@ def image_rows(rec: votes.VoteRecord, grid: Grid | Sequence[certify.Point]) -> l
     clean = image_stats(rec.label, rec.clean_pred, C, ignore)
     vote = image_stats(rec.label, rec.c_hat, C, ignore)
     rows = []
+    flat = (np.arange(C)[None], np.ones((1, C), dtype=np.int64))
     for point in grid:
         cert = point.run(rec)
-        st = image_stats(rec.label, cert.labels, C, ignore)
+        level = getattr(cert, "level", None)
+        tree = getattr(cert, "hierarchy", None)
+        fine = cert.labels if level is None else np.where(level == 0, cert.labels, ABSTAIN)
+        st = image_stats(rec.label, fine, C, ignore)  # a coarse certificate is no fine one: abstain here
+        lv = level_stats(rec.label, cert.labels, level, *(flat if tree is None else tree.tables), ignore)
         params = point.params.model_dump()
         rows.append(
             {
@@ -116,7 +122,13 @@ def image_rows(rec: votes.VoteRecord, grid: Grid | Sequence[certify.Point]) -> l
                 "family_size": rec.c_hat.size,
                 "certifiable": point.can_certify(rec),
                 "num_pixels": st.num_pixels,
-                "num_abstained": st.num_abstained,
+                "num_abstained": int(np.count_nonzero(cert.labels == ABSTAIN)),
+                "num_labelled": lv.num_labelled,
+                "num_correct": lv.num_correct,
+                "info_gain": lv.info_gain,
+                "level_pixels": lv.pixels,
+                "level_certified": lv.certified,
+                "level_wrong": lv.wrong,
                 "confusion": st.confusion.reshape(-1),
                 "clean_confusion": clean.confusion.reshape(-1),
                 "vote_confusion": vote.confusion.reshape(-1),
@@ -148,6 +160,12 @@ PER_IMAGE_SCHEMA = pa.schema(
         ("certifiable", pa.bool_()),
         ("num_pixels", pa.int64()),
         ("num_abstained", pa.int64()),
+        ("num_labelled", pa.int64()),
+        ("num_correct", pa.int64()),
+        ("info_gain", pa.float64()),
+        ("level_pixels", pa.large_list(pa.int64())),
+        ("level_certified", pa.large_list(pa.int64())),
+        ("level_wrong", pa.large_list(pa.int64())),
         ("confusion", pa.large_list(pa.int64())),
         ("clean_confusion", pa.large_list(pa.int64())),
         ("vote_confusion", pa.large_list(pa.int64())),
@@ -285,6 +303,19 @@ def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
             np.stack(g["vote_confusion"].to_numpy()).reshape(-1, side, side).sum(0), np.zeros(len(g))
         )
         row = dict(zip(KEY, key))
+        labelled = int(g["num_labelled"].sum())
+        level_pixels = np.stack(g["level_pixels"].to_numpy()).sum(0)
+        level_cert = np.stack(g["level_certified"].to_numpy()).sum(0)
+        level_wrong = np.stack(g["level_wrong"].to_numpy()).sum(0)
+        denominator = np.maximum(1, level_pixels)
+        row.update(
+            cig=float(g["info_gain"].sum()) / (labelled * math.log(C)) if labelled and C > 1 else 0.0,
+            level_accuracy=int(g["num_correct"].sum()) / labelled if labelled else 0.0,
+            level_share_per_level=(level_pixels / max(1, labelled)).tolist(),
+            certified_rate_per_level=(level_cert / denominator).tolist(),
+            abstain_rate_per_level=((level_pixels - level_cert) / denominator).tolist(),
+            wrong_rate_per_level=(level_wrong / denominator).tolist(),
+        )
         row.update(
             radius=float(g["radius"].iloc[0]),
             certified_accuracy=cert.accuracy,
@@ -402,16 +433,19 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame 
     """The dataset table a person reads first (also printed by the job); ``left``: :func:`left_out`."""
     if metrics.empty:
         return "No vote rows to certify." + (f" {errors} rows failed: see errors.parquet." if errors else "")
-    t = _with_procedures(metrics, SUMMARY_COLUMNS)
+    t = _with_procedures(metrics, SUMMARY_COLUMNS, level_accuracy=True)
     for c in (
         "certified_accuracy",
         "certified_error",
         "miou",
         "abstain_rate",
+        "cig",
         "clean_accuracy",
         "clean_miou",
+        "level_accuracy",
     ):
-        t[c] = t[c].map(lambda x: f"{x:.3f}")
+        if c in t:
+            t[c] = t[c].map(lambda x: f"{x:.3f}")
     infeasible = metrics.get("infeasible_images", pd.Series(0, index=metrics.index))
     t["certified_accuracy"] = [
         f"{a} (infeasible)" if bad == imgs else f"{a} ({bad} of {imgs} images infeasible)" if bad else a
@@ -424,8 +458,17 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame 
     note = (
         "\n\nCertified accuracy counts abstentions as wrong; certified_error = certified pixels of the wrong "
         "class / labelled pixels; abstain_rate = mean over images of abstained / all pixels (SegCertify). "
-        "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units."
+        "radius = sigma * Phi^-1(tau), L2 in [0,1] pixel units. cig = certified information gain (Anani et "
+        "al. 2024): over the correctly certified pixels, the sum of log C - log |classes under the certified "
+        "node|, divided by labelled pixels x log C (for SegCertify it equals certified_accuracy)."
     )
+    if "procedure" in metrics and (metrics["procedure"] != "segcertify").any():
+        note += (
+            " For a hierarchical row, certified_accuracy, miou and the confusion count fine-class certificates "
+            "only (a coarser node counts as an abstention there); level_accuracy counts a pixel certified "
+            "at its chosen level with a node that holds the true class; abstain_rate counts pixels certified "
+            "at no level. Per level: metrics.parquet's *_per_level columns."
+        )
     note += infeasible_note(metrics)
     note += left_out_markdown(left, metrics)
     bounds = bounds_markdown(metrics)
@@ -436,17 +479,31 @@ def summary_markdown(metrics: pd.DataFrame, errors: int = 0, left: pd.DataFrame 
     return "\n".join(lines) + note
 
 
-def _with_procedures(metrics: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+def _with_procedures(
+    metrics: pd.DataFrame, columns: list[str], *, level_accuracy: bool = False
+) -> pd.DataFrame:
     """``metrics[columns]`` for a table; when a procedure other than SegCertify is there, with ``procedure``
     and (for the others) ``params`` after sigma, and ``-`` for the tau/alpha/correction a procedure lacks."""
     if "procedure" not in metrics or (metrics["procedure"] == "segcertify").all():
         return metrics[columns].copy()
     at = columns.index("sigma") + 1
-    t = metrics[columns[:at] + ["procedure", "params"] + columns[at:]].copy()
-    t["params"] = [p if name != "segcertify" else "" for name, p in zip(t["procedure"], t["params"])]
+    columns = columns[:at] + ["procedure", "params"] + columns[at:]
+    if level_accuracy and "level_accuracy" in metrics:
+        at = columns.index("certified_accuracy") + 1
+        columns = columns[:at] + ["level_accuracy"] + columns[at:]
+    t = metrics[columns].copy()
+    t["params"] = [_shown_params(name, p) for name, p in zip(t["procedure"], t["params"])]
     for c in POINT_COLUMNS:
         t[c] = t[c].astype(object).where(t[c].notna(), "-")
     return t
+
+
+def _shown_params(procedure: str, params: str) -> str:
+    """The point's parameters without those that have their own column (SegCertify's: none left)."""
+    if procedure == "segcertify":
+        return ""
+    rest = {k: v for k, v in json.loads(params).items() if k not in POINT_COLUMNS}
+    return json.dumps(rest, sort_keys=True)
 
 
 def infeasible_note(metrics: pd.DataFrame) -> str:
@@ -584,7 +641,7 @@ def write_metrics(
         pq.write_table(table, buf, compression="zstd")
         with fs.open(f"{mdir}/{name}", "wb") as f:
             f.write(buf.getvalue())
-    csv = metrics.drop(columns=[c for c in metrics.columns if c.endswith("_per_class")])
+    csv = metrics.drop(columns=[c for c in metrics.columns if c.endswith(("_per_class", "_per_level"))])
     with fs.open(f"{mdir}/metrics.csv", "w") as f:
         f.write(csv.to_csv(index=False, float_format="%.6g"))
     with fs.open(f"{mdir}/summary.md", "w") as f:

@@ -24,7 +24,7 @@ import ctypes
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,9 @@ class Votes:
     clean_pred: np.ndarray
     seconds: float
     counts: np.ndarray | None = None
+    margin: np.ndarray | None = None
+    c_hat_levels: np.ndarray | None = None
+    k_levels: np.ndarray | None = None
 
 
 def noise_seed(seed: int, image_id: str, sigma: float) -> int:
@@ -262,6 +265,7 @@ def count_votes(
     autocast_dtype: torch.dtype | str | None = None,
     channels_last: bool = False,
     return_counts: bool = False,
+    hierarchy_nodes: Sequence[np.ndarray] | None = None,
 ) -> Votes:
     """Draw n0 selection and n estimation samples of f(x + delta), delta ~ N(0, sigma^2 I), and count votes.
 
@@ -272,6 +276,9 @@ def count_votes(
     (the clean image, then both sets in one stream); memory O(C H W + batch_size H W).
     ``device`` (default CPU) holds the models' inputs and the counts; ``autocast_dtype`` (bf16/fp16) runs the
     models under ``torch.autocast``; ``channels_last`` feeds channels_last batches.
+    ``hierarchy_nodes``: for hierarchical certification, the node of each class at levels 1..L
+    (``Hierarchy.node[1:]``); the S0 margin and every level's c_hat and k are then counted on the device
+    (:func:`level_votes`) and returned as ``margin``, ``c_hat_levels``, ``k_levels``.
     Raises ValueError if the segmenter produces non-finite (NaN/Inf) logits.
     """
     sigma = float(sigma)
@@ -300,6 +307,12 @@ def count_votes(
                 f"sigma={sigma}; check the model weights, the autocast dtype (fp16 overflow) and its input"
             )
         _, h, w = x.shape
+        levels = None
+        if hierarchy_nodes is not None:
+            levels = [
+                a.reshape(-1, h, w).cpu().numpy()
+                for a in level_votes(both[:num_classes], both[num_classes:], hierarchy_nodes)
+            ]
         counts0_np, counts_np = both.reshape(2, num_classes, h, w).cpu().numpy()
         clean_np = clean[0].cpu().numpy()
     c_hat = select(counts0_np)
@@ -311,4 +324,34 @@ def count_votes(
         clean_pred=clean_np.astype(c_hat.dtype),
         seconds=time.perf_counter() - start,
         counts=counts_np if return_counts else None,
+        margin=None if levels is None else levels[0][0].astype(np.uint16),
+        c_hat_levels=None if levels is None else levels[1].astype(c_hat.dtype),
+        k_levels=None if levels is None else levels[2].astype(np.uint16),
     )
+
+
+def level_votes(
+    counts0: Tensor, counts: Tensor, nodes: Sequence[np.ndarray]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From the (C, P) selection and estimation counts, on their device:
+
+        margin_i       = first - second largest of counts0[:, i]          (n0 when C = 1)
+        c_l[i]         = argmax_v sum_{c in v} counts0[c, i]             (ties: lowest node id)
+        k_l[i]         = sum_{c in c_l[i]} counts[c, i]                  for every level l = 1..L
+
+    ``nodes[l - 1][c]`` is the level-l node of class c. Returns (margin (1, P), c (L, P), k (L, P)), int64."""
+    if counts0.shape[0] >= 2:
+        top = counts0.topk(2, dim=0).values
+        margin = (top[0] - top[1])[None].long()
+    else:
+        margin = counts0[:1].long()
+    c_levels, k_levels = [], []
+    for node in nodes:
+        index = torch.tensor(np.asarray(node, dtype=np.int64), device=counts0.device)
+        size = int(index.max()) + 1
+        node0 = counts0.new_zeros(size, counts0.shape[1]).index_add_(0, index, counts0)
+        node1 = counts.new_zeros(size, counts.shape[1]).index_add_(0, index, counts)
+        c = node0.argmax(dim=0)  # the first maximum: the lowest node id
+        c_levels.append(c)
+        k_levels.append(node1.gather(0, c[None])[0].long())
+    return margin, torch.stack(c_levels), torch.stack(k_levels)

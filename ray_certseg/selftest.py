@@ -455,3 +455,142 @@ def _integer(name: str, value: int, minimum: int) -> int:
 
 def _describe(value: object) -> str:
     return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+# --- hierarchical certification ---------------------------------------------------------------------------
+
+TOY_HIERARCHY = {
+    "name": "selftest",
+    "classes": ["a", "b", "c", "d"],
+    "levels": [{"ab": ["a", "b"], "cd": ["c", "d"]}],
+}
+"""4 classes, two nodes: the self-test's hierarchy (levels 0 and 1)."""
+
+
+def hierarchy_probabilities(
+    rng: np.random.Generator, height: int, width: int, *, tau: float, n: int, alpha: float
+) -> np.ndarray:
+    """Class probabilities (4, H, W) of one hierarchical self-test image: ``boundary_probabilities``' sure and
+    boundary pixels, with the boundary at either level. Half the boundary pixels put the top *node* at the
+    boundary (its mass ``top``, split about evenly between its two classes: a small fine margin, so the
+    coarse level is chosen, where the null is node probability <= tau); the others keep the top *class* at
+    the boundary and give its sibling 90% of the rest (a margin near 0.5: either level is chosen; at the
+    coarse level that node is surely above tau, at the fine one the class is a null)."""
+    base = boundary_probabilities(rng, 4, height, width, tau=tau, n=n, alpha=alpha).reshape(4, -1)
+    top, dominant = base.max(0), base.argmax(0)
+    sibling = dominant ^ 1  # a <-> b, c <-> d
+    others = np.stack([(dominant & 2) ^ 2, ((dominant & 2) ^ 2) + 1])  # the two classes of the other node
+    boundary = top < 0.98
+    coarse = boundary & (rng.random(top.shape) < 0.5)
+    share = np.where(coarse, rng.uniform(0.45, 0.55, top.shape), 1.0)
+    p = np.zeros_like(base)
+    cols = np.arange(top.size)
+    node_mass = np.where(coarse, top, np.where(boundary, top + 0.9 * (1 - top), top))
+    p[dominant, cols] = np.where(coarse, top * share, top)
+    p[sibling, cols] = node_mass - p[dominant, cols]
+    split = rng.uniform(0.0, 1.0, top.shape)
+    p[others[0], cols] = (1 - node_mass) * split
+    p[others[1], cols] = (1 - node_mass) * (1 - split)
+    return p.reshape(4, height, width)
+
+
+def run_hierarchical_selftest(
+    *,
+    images: int = 300,
+    alpha: float = 0.2,
+    corrections: Sequence[str] = CORRECTIONS,
+    seed: int = 0,
+    level_from_s: bool = False,
+    thresholds: tuple[float, ...] = (0.5, 0.0),
+    sigma: float = 0.25,
+    tau: float = 0.75,
+    n0: int = 10,
+    n: int = 100,
+    batch_size: int = 10,
+    height: int = 16,
+    width: int = 16,
+    significance: float = SIGNIFICANCE,
+) -> SelfTestReport:
+    """The false-certificate test of hierarchical certification (``ray_certseg.certify.hierarchical``).
+
+    As :func:`run_selftest`, with the 4-class :data:`TOY_HIERARCHY`, class probabilities from
+    :func:`hierarchy_probabilities`, votes counted per level by ``count_votes`` and certificates from
+    ``certify_levels``. A certified pixel is false iff the true probability of its node (the sum of its
+    classes' probabilities) is <= tau. ``level_from_s`` chooses each pixel's level from the estimation votes
+    S (their fine margin) instead of S0: the deliberately wrong variant."""
+    from types import SimpleNamespace
+
+    from ray_certseg import hierarchy
+    from ray_certseg.certify.hierarchical import certify_levels
+
+    h = hierarchy.from_dict(TOY_HIERARCHY)
+    node_of = np.stack(h.node)  # (2, 4)
+    corrections = tuple(corrections)
+    failures = dict.fromkeys(corrections, 0)
+    false_pixels = dict.fromkeys(corrections, 0)
+    certified_pixels = dict.fromkeys(corrections, 0)
+    for m in range(_integer("images", images, 1)):
+        rng = np.random.default_rng([seed, m])
+        x = torch.from_numpy(rng.random((3, height, width), dtype=np.float32))
+        weight = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
+        target = hierarchy_probabilities(rng, height, width, tau=tau, n=n, alpha=alpha)
+        segmenter = LinearThresholdSegmenter.from_probabilities(x, target, sigma, weight)
+        truth = segmenter.class_probabilities(x, sigma)
+        v = count_votes(
+            x,
+            segmenter,
+            sigma=sigma,
+            n0=n0,
+            n=n,
+            num_classes=4,
+            batch_size=batch_size,
+            seed=seed,
+            image_id=f"selftest-h-{m}",
+            hierarchy_nodes=h.node[1:],
+            return_counts=level_from_s,
+        )
+        margin = v.margin
+        if level_from_s:  # the wrong variant: S's fine margin, on S0's scale
+            top2 = np.sort(v.counts, axis=0)[-2:]
+            margin = (top2[1] - top2[0]) * (n0 / n)
+        rec = SimpleNamespace(
+            c_hat=v.c_hat, k=v.k, margin=margin, c_hat_levels=v.c_hat_levels, k_levels=v.k_levels, n0=n0, n=n,
+            sigma=sigma,
+        )  # fmt: skip
+        node_probability = np.stack([truth[node_of[lv] == u].sum(0) for lv in range(2) for u in range(4)])
+        for correction in corrections:
+            cert = certify_levels(rec, h, thresholds, tau=tau, alpha=alpha, correction=correction)
+            certified = cert.labels != ABSTAIN
+            node = np.where(certified, cert.labels, 0).astype(np.intp)
+            index = (cert.level.astype(np.intp) * 4 + node)[None]  # (level, node) -> row of node_probability
+            q = np.take_along_axis(node_probability, index, axis=0)[0]
+            false = certified & (q <= tau)
+            failures[correction] += bool(false.any())
+            false_pixels[correction] += int(false.sum())
+            certified_pixels[correction] += int(certified.sum())
+    results = []
+    for correction in corrections:
+        x_fail = failures[correction]
+        ci = binomtest(x_fail, images).proportion_ci(0.95, method="exact")
+        pvalue = float(binom.sf(x_fail - 1, images, alpha))
+        results.append(
+            CorrectionResult(
+                correction=correction,
+                images=images,
+                failures=x_fail,
+                rate=x_fail / images,
+                ci=(float(ci.low), float(ci.high)),
+                pvalue=pvalue,
+                passed=pvalue >= significance,
+                expected_rate=None,
+                exact_pvalue=None,
+                false_pixels=false_pixels[correction],
+                certified_pixels=certified_pixels[correction],
+                pixels=images * height * width,
+            )
+        )
+    parameters = {
+        "images": images, "seed": seed, "sigma": sigma, "tau": tau, "n0": n0, "n": n, "batch_size": batch_size,
+        "num_classes": 4, "height": height, "width": width,
+    }  # fmt: skip
+    return SelfTestReport(tuple(results), float(alpha), float(significance), False, parameters)

@@ -8,9 +8,14 @@ file and plain pyarrow/pandas read it without Ray):
 - ``label[i]``: the ground truth (``ignore_index`` for unlabelled pixels); ``clean_pred[i]``: the segmenter's
   prediction on the clean image (no noise, no denoiser: at sigma = 0 every denoiser is the identity), so it
   is the same for every method that shares a segmenter; an uncertified reference, not a smoothed prediction;
-- ``counts``: optionally the full estimation counts, (C, H, W) flattened (null unless ``store_counts``).
+- ``counts``: optionally the full estimation counts, (C, H, W) flattened (null unless ``store_counts``);
+- version 2, for hierarchical certification (null unless the job names ``dataset.hierarchy``):
+  ``hierarchy`` (its name and a hash of its tree), ``margin[i]`` (first minus second largest fine-class vote
+  count in S0: exact, an integer in [0, n0]), ``c_hat_levels`` (L, H, W) (the mode of S0 at levels 1..L,
+  fine votes summed per node, ties to the lowest node id) and ``k_levels`` (L, H, W) (the S votes under that
+  node); level 0 is ``c_hat``, ``k``.
 
-That is all SegCertify needs: p_i = P[Binomial(n, tau) >= k_i], then Holm/Bonferroni over the pixels, for any
+Version 1 files (no hierarchy columns) stay readable. That is all SegCertify needs: p_i = P[Binomial(n, tau) >= k_i], then Holm/Bonferroni over the pixels, for any
 tau, alpha and correction, later and without the models. The schema version is stored both in the Parquet
 schema
 metadata (``b"ray_certseg.schema_version"``) and as a column (metadata can be lost by tools that rewrite
@@ -31,12 +36,14 @@ import pyarrow.parquet as pq
 from ray_certseg import storage
 from ray_certseg.constants import MAX_UINT16
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Versions this code reads (and may resume into): 2 adds the hierarchy columns, null in version 1 files."""
 VERSION_KEY = b"ray_certseg.schema_version"
 PARQUET_ARGS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
 UINT8_CLASSES = 254  # class maps (and the ignore label) fit in uint8 up to this many classes
 CLASS_MAP_COLUMNS = ("label", "c_hat", "clean_pred")
-ARRAY_COLUMNS = ("label", "c_hat", "k", "clean_pred", "counts")
+ARRAY_COLUMNS = ("label", "c_hat", "k", "clean_pred", "counts", "margin", "c_hat_levels", "k_levels")
 
 
 class SchemaVersionError(ValueError):
@@ -72,6 +79,10 @@ def schema_for(num_classes: int) -> pa.Schema:
         ("sample_seconds", pa.float64()),
         ("counts", pa.large_list(pa.uint16())),
         ("schema_version", pa.int32()),
+        ("hierarchy", pa.string()),
+        ("margin", pa.large_list(pa.uint16())),
+        ("c_hat_levels", cls),
+        ("k_levels", pa.large_list(pa.uint16())),
     ]
     return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
@@ -107,6 +118,10 @@ class VoteRecord:
     sample_seconds: float
     counts: np.ndarray | None = None
     schema_version: int = SCHEMA_VERSION
+    hierarchy: str | None = None
+    margin: np.ndarray | None = None
+    c_hat_levels: np.ndarray | None = None
+    k_levels: np.ndarray | None = None
 
 
 def _as_record(row: VoteRecord | Mapping[str, Any], index: int) -> VoteRecord:
@@ -151,7 +166,9 @@ def _check_range(
 def _validated(r: VoteRecord, i: int) -> dict[str, np.ndarray | None]:
     """Check one record; return its arrays as numpy."""
     if r.schema_version != SCHEMA_VERSION:
-        raise ValueError(f"vote row {i}: schema_version {r.schema_version}, this is version {SCHEMA_VERSION}")
+        raise ValueError(
+            f"vote row {i}: schema_version {r.schema_version}, this writes version {SCHEMA_VERSION}"
+        )
     if not 1 <= r.n <= MAX_UINT16:
         raise ValueError(f"vote row {i}: n must be in [1, {MAX_UINT16}] (k is stored as uint16), got {r.n}")
     if not 1 <= r.num_classes <= MAX_UINT16:
@@ -181,6 +198,23 @@ def _validated(r: VoteRecord, i: int) -> dict[str, np.ndarray | None]:
                 f"{(r.num_classes, *shape)}, got {arrays['counts'].shape}"
             )
         _check_range(i, "counts", arrays["counts"], 0, r.n)
+    levels = [arrays[name] for name in ("margin", "c_hat_levels", "k_levels")]
+    if any(a is not None for a in levels) or r.hierarchy is not None:
+        margin, c_levels, k_levels = levels
+        if r.hierarchy is None or any(a is None for a in levels):
+            raise ValueError(
+                f"vote row {i} ({r.image_id}): hierarchy, margin, c_hat_levels and k_levels go together"
+            )
+        if margin.shape != shape or c_levels.ndim != 3 or c_levels.shape[1:] != shape:
+            raise ValueError(
+                f"vote row {i} ({r.image_id}): margin must be (height, width) and c_hat_levels (L, height, "
+                f"width), got {margin.shape} and {c_levels.shape}"
+            )
+        if k_levels.shape != c_levels.shape:
+            raise ValueError(f"vote row {i} ({r.image_id}): k_levels must have the shape of c_hat_levels")
+        _check_range(i, "margin", margin, 0, r.n0)
+        _check_range(i, "c_hat_levels", c_levels, 0, top)
+        _check_range(i, "k_levels", k_levels, 0, r.n)
     if r.num_classes <= UINT8_CLASSES and not 0 <= r.ignore_index <= 255:
         raise ValueError(
             f"vote row {i}: ignore_index must be in [0, 255] for uint8 labels, got {r.ignore_index}"
@@ -274,7 +308,11 @@ def _read_table(
     if not files:
         raise FileNotFoundError(f"no vote files (*.parquet) at {path}")
     with storage.translate_errors(path, storage_options):
-        tables = [pq.read_table(f, filesystem=fs, columns=columns, partitioning=None) for f in files]
+        tables = []
+        for f in files:  # a version 1 file lacks the version 2 columns: read what it has, nulls for the rest
+            names = pq.read_schema(f, filesystem=fs).names
+            present = None if columns is None else [c for c in columns if c in names]
+            tables.append(pq.read_table(f, filesystem=fs, columns=present, partitioning=None))
     return pa.concat_tables(tables, promote_options="permissive")
 
 
@@ -295,10 +333,16 @@ def read_votes(
     arrays = [c for c in ARRAY_COLUMNS if c in wanted]
     selected = list(SCALAR_COLUMNS) + arrays
     if isinstance(source, pa.Table):
-        table = source.select(selected)
+        table = source.select([c for c in selected if c in source.column_names])
     else:
         table = _read_table(source, filesystem, storage_options, selected)
-    scalars = {name: table.column(name).to_pylist() for name in SCALAR_COLUMNS}
+    absent = [None] * table.num_rows  # columns a version 1 file does not have
+    scalars = {
+        name: table.column(name).to_pylist() if name in table.column_names else absent
+        for name in SCALAR_COLUMNS
+    }
+    scalars["schema_version"] = [v or 1 for v in scalars["schema_version"]]
+    arrays = [c for c in arrays if c in table.column_names]
     records = [
         VoteRecord(
             **{name: scalars[name][i] for name in SCALAR_COLUMNS}, **{name: None for name in ARRAY_COLUMNS}
@@ -313,6 +357,8 @@ def read_votes(
         for i, r in enumerate(records):
             if valid[i]:
                 shape = (r.num_classes, r.height, r.width) if name == "counts" else (r.height, r.width)
+                if name in ("c_hat_levels", "k_levels"):
+                    shape = (-1, r.height, r.width)
                 setattr(r, name, values[offsets[i] : offsets[i + 1]].reshape(shape))
     return records
 
@@ -333,9 +379,10 @@ def _file_versions(fs: Any, file: str) -> set[int]:
 def check_schema_version(
     path: str, *, filesystem: Any = None, storage_options: Mapping[str, Any] | None = None
 ) -> int | None:
-    """The schema version of the vote files at ``path`` (None when there are none). Raises
-    :class:`SchemaVersionError` when a file has another version, or none (not a vote file)."""
+    """The newest schema version of the vote files at ``path`` (None when there are none). Raises
+    :class:`SchemaVersionError` when a file has a version this code cannot read, or none (not a vote file)."""
     fs, files = parquet_files(path, filesystem=filesystem, storage_options=storage_options)
+    found: set[int] = set()
     for file in files:
         with storage.translate_errors(path, storage_options):
             versions = _file_versions(fs, file)
@@ -344,10 +391,11 @@ def check_schema_version(
                 f"{file} is not a ray_certseg vote file (no schema version): "
                 "use a new --output or --overwrite"
             )
-        other = sorted(versions - {SCHEMA_VERSION})
+        other = sorted(versions - set(READABLE_VERSIONS))
         if other:
             raise SchemaVersionError(
-                f"{path} was written with schema version {other[0]}; this is version "
-                f"{SCHEMA_VERSION}: use a new --output or --overwrite"
+                f"{path} was written with schema version {other[0]}; this reads versions "
+                f"{list(READABLE_VERSIONS)}: use a new --output or --overwrite"
             )
-    return SCHEMA_VERSION if files else None
+        found.update(versions)
+    return max(found) if files else None

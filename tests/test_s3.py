@@ -112,7 +112,7 @@ def test_votes_written_and_read_on_s3(endpoint, bucket):
     back = read_votes("s3://data-bucket/out/votes", storage_options=opts(endpoint))
     for a, b in zip(rows, back):
         assert_same(a, b)
-    assert check_schema_version("s3://data-bucket/out/votes", storage_options=opts(endpoint)) == 1
+    assert check_schema_version("s3://data-bucket/out/votes", storage_options=opts(endpoint)) == 2  # issue 14
     fs, path = storage.pyarrow_filesystem("s3://data-bucket/out/votes", opts(endpoint))
     import pyarrow.parquet as pq
 

@@ -164,16 +164,34 @@ def test_version_from_metadata_or_column_and_mismatch_error(tmp_path):
     assert check_schema_version(str(tmp_path / "ok")) == SCHEMA_VERSION
     pq.write_table(table.replace_schema_metadata(None), tmp_path / "ok" / "b.parquet")  # column only
     assert check_schema_version(str(tmp_path / "ok")) == SCHEMA_VERSION
-    newer = table.replace_schema_metadata({VERSION_KEY: b"2"})
+    newer = table.replace_schema_metadata({VERSION_KEY: b"3"})  # issue 14: version 2 is this one
     pq.write_table(newer, tmp_path / "ok" / "c.parquet")
     with pytest.raises(
         SchemaVersionError,
-        match="was written with schema version 2; this is version 1: use a new --output or --overwrite",
+        match=r"was written with schema version 3; this reads versions \[1, 2\]: use a new --output or --overwrite",
     ):
         check_schema_version(str(tmp_path / "ok"))
     pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
     with pytest.raises(SchemaVersionError, match="not a ray_certseg vote file"):
         check_schema_version(str(tmp_path / "other.parquet"))
+
+
+def test_version_1_files_stay_readable_beside_version_2(tmp_path):
+    """A version 1 file (no hierarchy columns) and a version 2 file in one folder: both read, the v1 row with
+    its hierarchy columns None, and the folder's version is the newest."""
+    rec = record(0, 2, 2)
+    v2 = make_table([rec])
+    v1_names = [n for n in v2.column_names if n not in ("hierarchy", "margin", "c_hat_levels", "k_levels")]
+    v1 = v2.select(v1_names)
+    v1 = v1.set_column(v1_names.index("schema_version"), "schema_version", pa.array([1], pa.int32()))
+    pq.write_table(v1.replace_schema_metadata({VERSION_KEY: b"1"}), tmp_path / "a.parquet")
+    write_votes(v2, str(tmp_path / "b.parquet"))
+    assert check_schema_version(str(tmp_path)) == 2
+    old, new = read_votes(str(tmp_path))
+    assert (old.schema_version, new.schema_version) == (1, 2)
+    assert old.hierarchy is None and old.margin is None and old.c_hat_levels is None
+    np.testing.assert_array_equal(old.k, new.k)
+    np.testing.assert_array_equal(read_votes(v1, columns=["c_hat", "k", "margin"])[0].c_hat, rec.c_hat)
 
 
 def realistic_map(seed: int, h: int, w: int, num_classes: int = 19, n: int = 100) -> VoteRecord:

@@ -44,10 +44,15 @@ class Params(BaseModel):
 @dataclass(frozen=True, eq=False)
 class CertifiedMap:
     """A procedure's answer for one vote row: ``labels`` (the certified class per pixel, ``ABSTAIN`` elsewhere)
-    and ``radius``, the L2 radius of every certified pixel in [0, 1] pixel units."""
+    and ``radius``, the L2 radius of every certified pixel in [0, 1] pixel units. A hierarchical procedure
+    also gives ``level`` (the level of each pixel's node; labels are then node ids of that level) and the
+    ``hierarchy`` (:class:`ray_certseg.hierarchy.Hierarchy`) the nodes belong to; without them every label
+    is a fine class (level 0)."""
 
     labels: np.ndarray
     radius: float
+    level: np.ndarray | None = None
+    hierarchy: Any = None
 
     @property
     def num_certified(self) -> int:
@@ -87,6 +92,7 @@ class Point:
 
 PROCEDURES: dict[str, Procedure | str] = {
     "segcertify": "ray_certseg.certify.segcertify:SEGCERTIFY",
+    "hierarchical": "ray_certseg.certify.hierarchical:HIERARCHICAL",
 }
 """Registered procedures: name -> Procedure, or ``"module:ATTRIBUTE"`` imported on first use."""
 
