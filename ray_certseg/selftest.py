@@ -391,29 +391,9 @@ def run_selftest(
         if "bonferroni" in corrections:
             expected.append(bonferroni_error_rate(truth, n0=n0, n=n, tau=tau, alpha=alpha))
 
-    results = []
-    for correction in corrections:
-        x_fail = failures[correction]
-        ci = binomtest(x_fail, images).proportion_ci(0.95, method="exact")
-        pvalue = float(binom.sf(x_fail - 1, images, alpha))
-        exact = correction == "bonferroni" and all(e is not None for e in expected)
-        exact_pvalue = poisson_binomial_pvalue(x_fail, expected) if exact else None
-        results.append(
-            CorrectionResult(
-                correction=correction,
-                images=images,
-                failures=x_fail,
-                rate=x_fail / images,
-                ci=(float(ci.low), float(ci.high)),
-                pvalue=pvalue,
-                passed=pvalue >= significance and (exact_pvalue is None or exact_pvalue >= significance),
-                expected_rate=float(np.mean(expected)) if exact else None,
-                exact_pvalue=exact_pvalue,
-                false_pixels=false_pixels[correction],
-                certified_pixels=certified_pixels[correction],
-                pixels=images * height * width,
-            )
-        )
+    rates = expected if "bonferroni" in corrections and all(e is not None for e in expected) else None
+    results = _results(corrections, images, alpha, significance, height * width, failures, false_pixels,
+                       certified_pixels, rates)  # fmt: skip
     parameters = {
         "images": images,
         "seed": seed,
@@ -427,6 +407,45 @@ def run_selftest(
         "width": width,
     }
     return SelfTestReport(tuple(results), float(alpha), float(significance), bool(shared_noise), parameters)
+
+
+def _results(
+    corrections: Sequence[str],
+    images: int,
+    alpha: float,
+    significance: float,
+    pixels_per_image: int,
+    failures: dict[str, int],
+    false_pixels: dict[str, int],
+    certified_pixels: dict[str, int],
+    bonferroni_rates: list[float] | None,
+) -> list[CorrectionResult]:
+    """One :class:`CorrectionResult` per correction from the counts; ``bonferroni_rates``: the exact
+    per-image rates r_m when known (SegCertify's test), else None."""
+    results = []
+    for correction in corrections:
+        x_fail = failures[correction]
+        ci = binomtest(x_fail, images).proportion_ci(0.95, method="exact")
+        pvalue = float(binom.sf(x_fail - 1, images, alpha))
+        exact = correction == "bonferroni" and bonferroni_rates is not None
+        exact_pvalue = poisson_binomial_pvalue(x_fail, bonferroni_rates) if exact else None
+        results.append(
+            CorrectionResult(
+                correction=correction,
+                images=images,
+                failures=x_fail,
+                rate=x_fail / images,
+                ci=(float(ci.low), float(ci.high)),
+                pvalue=pvalue,
+                passed=pvalue >= significance and (exact_pvalue is None or exact_pvalue >= significance),
+                expected_rate=float(np.mean(bonferroni_rates)) if exact else None,
+                exact_pvalue=exact_pvalue,
+                false_pixels=false_pixels[correction],
+                certified_pixels=certified_pixels[correction],
+                pixels=images * pixels_per_image,
+            )
+        )
+    return results
 
 
 def _tail(n: int, tau: float) -> np.ndarray:
@@ -568,27 +587,8 @@ def run_hierarchical_selftest(
             failures[correction] += bool(false.any())
             false_pixels[correction] += int(false.sum())
             certified_pixels[correction] += int(certified.sum())
-    results = []
-    for correction in corrections:
-        x_fail = failures[correction]
-        ci = binomtest(x_fail, images).proportion_ci(0.95, method="exact")
-        pvalue = float(binom.sf(x_fail - 1, images, alpha))
-        results.append(
-            CorrectionResult(
-                correction=correction,
-                images=images,
-                failures=x_fail,
-                rate=x_fail / images,
-                ci=(float(ci.low), float(ci.high)),
-                pvalue=pvalue,
-                passed=pvalue >= significance,
-                expected_rate=None,
-                exact_pvalue=None,
-                false_pixels=false_pixels[correction],
-                certified_pixels=certified_pixels[correction],
-                pixels=images * height * width,
-            )
-        )
+    results = _results(corrections, images, alpha, significance, height * width, failures, false_pixels,
+                       certified_pixels, None)  # fmt: skip
     parameters = {
         "images": images, "seed": seed, "sigma": sigma, "tau": tau, "n0": n0, "n": n, "batch_size": batch_size,
         "num_classes": 4, "height": height, "width": width,

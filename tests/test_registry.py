@@ -97,23 +97,7 @@ def test_a_kind_registered_from_a_test_file_validates_and_builds(monkeypatch):
 
 
 def test_the_job_refuses_a_misspelled_model_key_before_ray_starts(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "certify.py"),
-            "--config",
-            str(DEMO),
-            "--output",
-            str(tmp_path / "out"),
-            "--set",
-            "models.segmenters.clean.weigths=x",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _job(tmp_path, "models.segmenters.clean.weigths=x")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "ray-certseg: error: unknown key 'models.segmenters.clean.weigths' (did you mean 'weights'?)"
@@ -122,23 +106,7 @@ def test_the_job_refuses_a_misspelled_model_key_before_ray_starts(tmp_path):
 
 
 def test_the_job_refuses_a_missing_weights_file_before_ray_starts(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "certify.py"),
-            "--config",
-            str(DEMO),
-            "--output",
-            str(tmp_path / "out"),
-            "--set",
-            f"models.segmenters.clean.weights={tmp_path / 'nowhere.safetensors'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _job(tmp_path, f"models.segmenters.clean.weights={tmp_path / 'nowhere.safetensors'}")
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(
