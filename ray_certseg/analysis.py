@@ -287,14 +287,20 @@ def _taus(radii: np.ndarray, sigma: float) -> tuple[float, ...]:
 
 
 def curve_rows(
-    recs: Iterable[votes.VoteRecord], radii: np.ndarray, alpha: float, correction: str
+    recs: Iterable[votes.VoteRecord],
+    radii: np.ndarray,
+    alpha: float,
+    correction: str,
+    procedures: Sequence[Any] = ("segcertify",),
 ) -> list[dict[str, Any]]:
-    """Per-image records (the reducer's, via image_rows) of every vote row at tau(r, sigma), r in radii."""
+    """Per-image records (the reducer's, via image_rows) of every vote row at tau(r, sigma), r in radii, for
+    each procedure entry (its tau taken from that grid: an entry that fixes tau has no curve)."""
     rows = []
     for rec in recs:
         taus = _taus(radii, rec.sigma)
         if taus:
-            rows += reduce.image_rows(_require_maps(rec), reduce.Grid(taus, (alpha,), (correction,)))
+            grid = reduce.Grid(taus, (alpha,), (correction,), tuple(procedures))
+            rows += reduce.image_rows(_require_maps(rec), grid)
     return rows
 
 
@@ -439,6 +445,43 @@ def envelope(
         best["certified_accuracy"] = best["certified_accuracy"].astype(float).fillna(0.0)
         best = best[ENVELOPE_COLUMNS]
     return best.sort_values(["dataset", "method", "radius"]).reset_index(drop=True)
+
+
+PROCEDURE_CURVE_COLUMNS = ["dataset", "method", "procedure", "radius", "cig", "abstain_rate", "sigma", "tau"]
+
+
+def procedure_curve(
+    votes_frame: pd.DataFrame,
+    radii: Sequence[float],
+    procedures: Sequence[Any],
+    *,
+    alpha: float = 0.001,
+    correction: str = "holm",
+) -> pd.DataFrame:
+    """CIG and abstain rate against the radius for each procedure entry (e.g. SegCertify and hierarchical on
+    the same votes): per radius r and sigma the procedure at tau(r, sigma) = Phi(r / sigma), then per
+    (dataset, method, procedure, radius) the sigma with the largest CIG (its abstain rate, sigma and tau
+    kept), as :func:`certified_accuracy_curve`'s envelope does for certified accuracy. Entries that fix tau
+    are left out (their radius is fixed). Columns :data:`PROCEDURE_CURVE_COLUMNS`."""
+    r = check_radii(radii)
+    open_tau = [e for e in procedures if not (isinstance(e, Mapping) and "tau" in (e.get("params") or {}))]
+    rows = curve_rows(records(votes_frame), r, float(alpha), correction, open_tau)
+    if not rows:
+        return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
+    pooled = reduce.pool(_per_image(rows))
+    lookup = pd.DataFrame(
+        [
+            (s, x, tau_for_radius(x, s))
+            for s in pooled["sigma"].unique()
+            for x in r
+            if 0.5 < tau_for_radius(x, s) < 1
+        ],
+        columns=["sigma", "radius", "tau"],
+    )
+    curve = pooled.drop(columns=["radius"]).merge(lookup, on=["sigma", "tau"], how="inner")
+    keys = ["dataset", "method", "procedure", "radius"]
+    best = curve.loc[curve.groupby(keys, sort=True)["cig"].idxmax(), PROCEDURE_CURVE_COLUMNS]
+    return best.sort_values(keys).reset_index(drop=True)
 
 
 SWEEP_COLUMNS = ["thresholds", "images", "cig", "abstain_rate", "level_accuracy", "certified_error"]

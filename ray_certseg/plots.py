@@ -4,6 +4,9 @@
   :mod:`ray_certseg.analysis`), at the alpha and correction of :func:`grid_point`;
   ``certified_accuracy_per_sigma.png`` the per-sigma curves it is the maximum of;
   ``certified_accuracy.csv`` the numbers behind both; ``plots.json`` the grid point and radii shown;
+- ``procedures_vs_radius.png`` (when ``certify.procedures`` has more than SegCertify, e.g. hierarchical): CIG
+  and abstain rate vs L2 radius, one line per (method, procedure), the sigma with the largest CIG per radius
+  (:func:`ray_certseg.analysis.procedure_curve`), numbers in ``procedures_vs_radius.csv``;
 - ``iou_per_class.png``: certified IoU per class, one bar per method, one panel per sigma, at
   :func:`grid_point` (the run's first tau, alpha, correction);
 - ``examples/<image_id>.png``: for the first few images, one row per (method, sigma): image | ground truth |
@@ -174,6 +177,31 @@ def plot_certified_accuracy_per_sigma(curve: pd.DataFrame, *, alpha: float, corr
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     axes[0].set_ylabel(f"certified accuracy (alpha={alpha:g}, {correction})")
+    return fig
+
+
+def plot_procedures_vs_radius(curve: pd.DataFrame, *, alpha: float, correction: str) -> Figure:
+    """``analysis.procedure_curve``: CIG (left) and abstain rate (right) vs radius, one line per (method,
+    procedure): solid SegCertify, dashed the others; one row of panels per dataset."""
+    datasets = sorted(curve["dataset"].unique()) or [""]
+    fig = Figure(figsize=(10.4, 3.6 * len(datasets)), dpi=DPI, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(datasets), 2))
+    colours = _method_colours(curve["method"].unique())
+    for row, dataset in zip(axes, datasets):
+        for (method, procedure), g in curve[curve["dataset"] == dataset].groupby(["method", "procedure"]):
+            style = {
+                "color": colours[method],
+                "marker": ".",
+                "ls": "-" if procedure == "segcertify" else "--",
+            }
+            for ax, column in zip(row, ("cig", "abstain_rate")):
+                ax.plot(g["radius"], g[column], label=f"{method} / {procedure}", **style)
+        for ax, label in zip(row, ("certified information gain", "abstain rate")):
+            ax.set(xlabel="L2 radius r ([0, 1] pixel units)", ylabel=label, ylim=(0, 1))
+            ax.set_title(f"{dataset}: max CIG over sigma, alpha={alpha:g}, {correction}", fontsize="small")
+            ax.set_xlim(left=0)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize="small")
     return fig
 
 
@@ -431,6 +459,8 @@ def write_plots(
         ),
     ):
         written.append(_save(fig, storage.join(plots, name), storage_options))
+    if any(e != "segcertify" for e in cfg.certify.procedures):
+        written += _write_procedure_curve(output, cfg, radii, alpha, correction, storage_options)
     names = class_names(cfg, cfg.dataset.num_classes)
     written.append(
         _save(
@@ -445,6 +475,24 @@ def write_plots(
     )
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
     return written + [_write_json(storage.join(plots, "plots.json"), shown, storage_options)]
+
+
+def _write_procedure_curve(
+    output: str,
+    cfg: JobConfig,
+    radii: Sequence[float],
+    alpha: float,
+    correction: str,
+    storage_options: Mapping[str, Any] | None,
+) -> list[str]:
+    """``procedures_vs_radius.png`` and ``.csv`` from the votes (read whole into memory: a demo-sized run)."""
+    frame = analysis.load_votes(output, storage_options=storage_options)
+    curve = analysis.procedure_curve(frame, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
+    plots = storage.join(output, "plots")
+    csv = storage.join(plots, "procedures_vs_radius.csv")
+    storage.write_bytes(csv, curve.to_csv(index=False, float_format="%.6g").encode(), storage_options)
+    fig = plot_procedures_vs_radius(curve, alpha=alpha, correction=correction)
+    return [csv, _save(fig, storage.join(plots, "procedures_vs_radius.png"), storage_options)]
 
 
 def _write_examples(

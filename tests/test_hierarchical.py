@@ -196,6 +196,24 @@ def test_segcertify_cig_equals_its_certified_accuracy_and_zero_thresholds_equal_
     assert sum(coarse["level_share_per_level"]) == pytest.approx(1.0)
 
 
+def test_the_procedure_curve_of_segcertify_is_its_certified_accuracy_curve():
+    """For SegCertify the CIG is the certified accuracy, so its CIG-vs-radius envelope is the reducer's
+    certified-accuracy envelope; the hierarchical curve comes from the same votes at the same tau(r, sigma)."""
+    h = hierarchy.load("demo")
+    frame = pd.DataFrame([vars(_record(s, h)) | {"sigma": sigma} for s in range(3) for sigma in (0.25, 0.5)])
+    radii = [0.05, 0.15, 0.3]
+    entries = [
+        "segcertify",
+        {"procedure": "hierarchical", "params": {"hierarchy": "demo", "thresholds": [1, 1, 0]}},
+    ]
+    curve = analysis.procedure_curve(frame, radii, entries, alpha=0.1)
+    accuracy = analysis.certified_accuracy_curve(frame, radii, alpha=0.1)
+    seg = curve[curve["procedure"] == "segcertify"].reset_index(drop=True)
+    np.testing.assert_allclose(seg["cig"], accuracy["certified_accuracy"])
+    hier = curve[curve["procedure"] == "hierarchical"].reset_index(drop=True)
+    assert len(hier) == len(radii) and (hier["abstain_rate"] <= seg["abstain_rate"] + 1e-12).all()
+
+
 def test_the_sweep_reports_per_candidate_and_on_a_held_out_split(caplog):
     h = hierarchy.load("demo")
     frame = pd.DataFrame([vars(_record(s, h)) for s in range(4)])
