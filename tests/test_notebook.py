@@ -29,6 +29,15 @@ def output(tmp_path_factory, ray_session) -> Path:
     cfg = jobworld.config(
         jobworld.write_dataset(root / "data", 3), jobworld.write_models(root / "models"), root / "out", n=40
     )
+    tree = (
+        root / "toy3.yaml"
+    )  # the notebook's last section compares SegCertify with hierarchical certification
+    tree.write_text("name: toy3\nclasses: [c0, c1, c2]\nlevels:\n  - {n0: [c0], n12: [c1, c2]}\n")
+    cfg["dataset"]["hierarchy"] = str(tree)
+    cfg["certify"]["procedures"] = [
+        "segcertify",
+        {"procedure": "hierarchical", "params": {"hierarchy": str(tree), "thresholds": [0.5, 0]}},
+    ]
     assert (
         cli.main(
             [
@@ -60,7 +69,9 @@ def test_notebook_runs_top_to_bottom(output, monkeypatch):
     assert f"python: {sys.executable}" in text and f"output: {output}" in text
     assert "recertify at the run's grid == the reducer's metrics.parquet: identical" in text
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) == 4  # certified accuracy, per-sigma curves, per-class IoU, overlay strip
+    # certified accuracy, per-sigma curves, per-class IoU, overlay strip, CIG / abstain vs radius (hierarchical)
+    assert len(figures) == 5
+    assert "hierarchical at thresholds [0.5, 0] vs SegCertify" in text
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("certified_accuracy" in t for t in tables)
     assert any("0.65" in t and "0.01" in t for t in tables)  # the re-certified rows sit next to the run's
