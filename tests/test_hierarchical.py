@@ -293,6 +293,16 @@ def test_the_job_stores_every_level_and_the_reducer_certifies_both_procedures(tm
         0.5,
         0.0,
     ]
+    plots = tmp_path / "out" / "plots"
+    assert (plots / "procedures_vs_radius.png").is_file()
+    assert set(pd.read_csv(plots / "procedures_vs_radius.csv")["procedure"]) == {"segcertify", "hierarchical"}
+    # from the stored votes, by the CLI: other threshold functions (the run's hierarchy), and the sweep
+    out = str(tmp_path / "out")
+    assert cli.main(["reduce", out, "--procedure", "hierarchical", "--thresholds", "0.5,0", "1,0"]) == 0
+    folder = tmp_path / "out" / "reductions" / "tau0.6_alpha0.1_holm-bonferroni_hierarchical"
+    again = pd.read_parquet(folder / "metrics.parquet")
+    assert {tuple(json.loads(p)["thresholds"]) for p in again["params"]} == {(0.5, 0.0), (1.0, 0.0)}
+    assert cli.main(["sweep", out, "--thresholds", "0,0", "0.5,0", "--tau", "0.6", "--alpha", "0.1"]) == 0
 
 
 # --- the statistical self-test ----------------------------------------------------------------------------
