@@ -9,6 +9,8 @@
   (:func:`ray_certseg.analysis.procedure_curve`), numbers in ``procedures_vs_radius.csv``;
 - ``iou_per_class.png``: certified IoU per class, one bar per method, one panel per sigma, at
   :func:`grid_point` (the run's first tau, alpha, correction);
+- ``examples/<image_id>_levels.png`` (a run with a hierarchical procedure): ground truth, SegCertify's
+  certified map and the hierarchical one coloured by the level each pixel was certified at;
 - ``examples/<image_id>.png``: for the first few images, one row per (method, sigma): image | ground truth |
   clean prediction | certified map (abstain white, ignore label black) | one noisy sample | its denoised
   version. The noisy sample is estimation draw 0 of the job (same seed rule,
@@ -473,6 +475,8 @@ def write_plots(
     written += _write_examples(
         output, cfg, ids, names, (tau, alpha, correction), max_sample_pixels, storage_options
     )
+    if cfg.dataset.hierarchy is not None:
+        written += _write_levels(output, cfg, ids, names, (tau, alpha, correction), storage_options)
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
     return written + [_write_json(storage.join(plots, "plots.json"), shown, storage_options)]
 
@@ -543,6 +547,86 @@ def _write_examples(
         )
         path = storage.join(output, "plots", "examples", f"{image_id}.png")
         written.append(_save(fig, path, storage_options))
+    return written
+
+
+LEVEL_RGB = (
+    (0.10, 0.55, 0.25),
+    (0.95, 0.60, 0.10),
+    (0.55, 0.30, 0.70),
+    (0.20, 0.45, 0.85),
+    (0.60, 0.40, 0.20),
+)
+"""Colours of certified pixels by hierarchy level (0 = a fine class, then coarser), cycled past the fifth."""
+
+
+def plot_levels(
+    rows: pd.DataFrame, point: Any, *, names: Sequence[str], palette: Sequence[str] | None = None
+) -> Figure:
+    """One image's hierarchical certificate: a row per vote row (method, sigma): ground truth | SegCertify's
+    certified map at the point's tau, alpha, correction | the hierarchical map coloured by the level each
+    certified pixel got (``LEVEL_RGB``; abstain white, ignore black). ``point``: a ``HierarchicalParams``;
+    ``rows``: ``load_votes`` rows of one image with the hierarchy columns."""
+    from ray_certseg.certify import certify
+    from ray_certseg.certify.hierarchical import certify_hierarchical
+
+    rows = rows.sort_values(["method", "sigma"])
+    fig = Figure(figsize=(3 * 2.0 + 1.2, 2.0 * len(rows) + 0.8), dpi=DPI, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), 3))
+    for ax_row, row in zip(axes, rows.itertuples(index=False)):
+        C, ignore = int(row.num_classes), int(row.ignore_index)
+        seg = certify(row.c_hat, row.k, n=row.n, sigma=row.sigma, tau=point.tau, alpha=point.alpha,
+                      correction=point.correction)  # fmt: skip
+        cert = certify_hierarchical(row, point)
+        level_colours = np.array([LEVEL_RGB[lv % len(LEVEL_RGB)] for lv in range(int(cert.level.max()) + 1)])
+        by_level = level_colours[cert.level.astype(np.intp)]
+        by_level[cert.labels == ABSTAIN] = ABSTAIN_RGB
+        by_level[np.asarray(row.label) == ignore] = IGNORE_RGB
+        abstain = [float(np.mean(m == ABSTAIN)) for m in (seg.labels, cert.labels)]
+        panels = (
+            (colourize(row.label, C, ignore, palette), "ground truth"),
+            (colourize(seg.labels, C, ignore, palette), f"segcertify: {abstain[0]:.0%} abstain"),
+            (by_level, f"hierarchical by level: {abstain[1]:.0%} abstain"),
+        )
+        for ax, (panel, title) in zip(ax_row, panels):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_title(title, fontsize="small")
+            ax.set_axis_off()
+        ax_row[0].text(-0.05, 0.5, f"{row.method}\nsigma={row.sigma:g}", transform=ax_row[0].transAxes,
+                       ha="right", va="center", fontsize="small")  # fmt: skip
+    levels = [Patch(facecolor=c, edgecolor="0.5", label=f"level {lv}") for lv, c in enumerate(LEVEL_RGB[:3])]
+    fig.legend(handles=levels + [Patch(facecolor=ABSTAIN_RGB, edgecolor="0.5", label="abstain")],
+               loc="outside lower center", ncols=4, fontsize="small", frameon=False)  # fmt: skip
+    fig.suptitle(f"{rows.iloc[0]['image_id']}: thresholds {list(point.thresholds)}, tau={point.tau:g}, "
+                 f"alpha={point.alpha:g}, {point.correction}", fontsize="small")  # fmt: skip
+    return fig
+
+
+def _write_levels(
+    output: str, cfg: JobConfig, ids: Sequence[str], names: Sequence[str], point: tuple[float, float, str],
+    storage_options: Mapping[str, Any] | None,
+) -> list[str]:  # fmt: skip
+    """``plots/examples/<image_id>_levels.png`` for the run's first hierarchical entry, at the pictures' point."""
+    from ray_certseg import certify
+
+    tau, alpha, correction = point
+    shared = {"taus": (tau,), "alphas": (alpha,), "corrections": (correction,)}
+    entries = [
+        e for e in cfg.certify.procedures if isinstance(e, Mapping) and e.get("procedure") == "hierarchical"
+    ]
+    found = [p for p in certify.points(entries[:1], shared) if (p.params.tau, p.params.alpha) == (tau, alpha)]
+    if not found:
+        return []
+    columns = analysis.CERTIFY_COLUMNS + ["margin", "c_hat_levels", "k_levels"]
+    frame = analysis.load_votes(output, columns=columns, image_ids=ids, storage_options=storage_options)
+    written = []
+    for image_id in ids:
+        fig = plot_levels(
+            frame[frame["image_id"] == image_id], found[0].params, names=names, palette=palette_of(cfg)
+        )
+        written.append(
+            _save(fig, storage.join(output, "plots", "examples", f"{image_id}_levels.png"), storage_options)
+        )
     return written
 
 

@@ -295,6 +295,9 @@ def test_the_job_stores_every_level_and_the_reducer_certifies_both_procedures(tm
     ]
     plots = tmp_path / "out" / "plots"
     assert (plots / "procedures_vs_radius.png").is_file()
+    assert sorted(
+        plots.glob("examples/*_levels.png")
+    )  # the certified map coloured by level, per example image
     assert set(pd.read_csv(plots / "procedures_vs_radius.csv")["procedure"]) == {"segcertify", "hierarchical"}
     # from the stored votes, by the CLI: other threshold functions (the run's hierarchy), and the sweep
     out = str(tmp_path / "out")
