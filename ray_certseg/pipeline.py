@@ -110,8 +110,10 @@ class VoteSampler:
         self.hierarchy = None
         if self.cfg.dataset.hierarchy is not None:  # per-level votes for hierarchical certification
             from ray_certseg import hierarchy
+            from ray_certseg.sampling import level_index
 
             self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
+            self.hierarchy_index = level_index(self.hierarchy.node[1:], self.device)
         self.errors_dir = storage.join(self.cfg.output, "_errors")
         self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
 
@@ -160,7 +162,7 @@ class VoteSampler:
             autocast_dtype=None if s.dtype == "float32" else self.dtype,
             channels_last=s.channels_last,
             return_counts=s.store_counts,
-            hierarchy_nodes=None if self.hierarchy is None else self.hierarchy.node[1:],
+            hierarchy_index=None if self.hierarchy is None else self.hierarchy_index,
         )
         h, w = v.c_hat.shape
         return votes.VoteRecord(

@@ -593,28 +593,32 @@ def reduce_output(
 
         engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
     table = (per_image_ray if engine == "ray" else per_image_local)(votes_dir, grid, storage_options)
-    result = reduce_table(table, pooling)
     fs, root = storage.get_filesystem(output, storage_options)
     if errors is None and fs.exists(f"{root}/errors.parquet"):
         with fs.open(f"{root}/errors.parquet", "rb") as f:
             errors = pq.read_table(f)
-    n_errors = errors.num_rows if errors is not None else 0
-    summary = summary_markdown(result.metrics, n_errors, result.left_out)
-    if n_errors:  # which images failed and why, next to the numbers they are missing from
-        summary += "\n\n" + errors_markdown(errors)
-    result.summary_markdown = summary
-    write_metrics(output, storage_options, result.per_image, result.metrics, summary, into=into)
+    result = reduce_table(table, pooling, errors)
+    write_metrics(
+        output, storage_options, result.per_image, result.metrics, result.summary_markdown, into=into
+    )
     return result
 
 
-def reduce_table(table: pa.Table | pd.DataFrame, pooling: str = "common") -> ReduceResult:
+def reduce_table(
+    table: pa.Table | pd.DataFrame, pooling: str = "common", errors: pa.Table | None = None
+) -> ReduceResult:
     """Per-image records (:func:`certify_table`'s) -> deduplicated rows, dataset metrics, the like-for-like
-    left-outs and the summary: the one pooling path of the reducer and of ``analysis.recertify``."""
+    left-outs and the summary (with the failed rows of ``errors``, if any): the one pooling path of the
+    reducer and of ``analysis.recertify``."""
     frame = table.to_pandas() if isinstance(table, pa.Table) else table
     per_image = deduplicate(frame)
     metrics = pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=KEY)
     left = left_out(per_image) if len(per_image) and pooling == "common" else None
-    return ReduceResult(per_image, metrics, summary_markdown(metrics, 0, left), left)
+    n_errors = errors.num_rows if errors is not None else 0
+    summary = summary_markdown(metrics, n_errors, left)
+    if n_errors:  # which images failed and why, next to the numbers they are missing from
+        summary += "\n\n" + errors_markdown(errors)
+    return ReduceResult(per_image, metrics, summary, left)
 
 
 def write_metrics(

@@ -265,7 +265,7 @@ def count_votes(
     autocast_dtype: torch.dtype | str | None = None,
     channels_last: bool = False,
     return_counts: bool = False,
-    hierarchy_nodes: Sequence[np.ndarray] | None = None,
+    hierarchy_index: Sequence[tuple[Tensor, int]] | None = None,
 ) -> Votes:
     """Draw n0 selection and n estimation samples of f(x + delta), delta ~ N(0, sigma^2 I), and count votes.
 
@@ -276,8 +276,8 @@ def count_votes(
     (the clean image, then both sets in one stream); memory O(C H W + batch_size H W).
     ``device`` (default CPU) holds the models' inputs and the counts; ``autocast_dtype`` (bf16/fp16) runs the
     models under ``torch.autocast``; ``channels_last`` feeds channels_last batches.
-    ``hierarchy_nodes``: for hierarchical certification, the node of each class at levels 1..L
-    (``Hierarchy.node[1:]``); the S0 margin and every level's c_hat and k are then counted on the device
+    ``hierarchy_index``: for hierarchical certification, :func:`level_index` of ``Hierarchy.node[1:]`` (made
+    once per actor); the S0 margin and every level's c_hat and k are then counted on the device
     (:func:`level_votes`) and returned as ``margin``, ``c_hat_levels``, ``k_levels``.
     Raises ValueError if the segmenter produces non-finite (NaN/Inf) logits.
     """
@@ -308,10 +308,10 @@ def count_votes(
             )
         _, h, w = x.shape
         levels = None
-        if hierarchy_nodes is not None:
+        if hierarchy_index is not None:
             levels = [
                 a.reshape(-1, h, w).cpu().numpy()
-                for a in level_votes(both[:num_classes], both[num_classes:], hierarchy_nodes)
+                for a in level_votes(both[:num_classes], both[num_classes:], hierarchy_index)
             ]
         counts0_np, counts_np = both.reshape(2, num_classes, h, w).cpu().numpy()
         clean_np = clean[0].cpu().numpy()
@@ -330,8 +330,19 @@ def count_votes(
     )
 
 
+def level_index(
+    nodes: Sequence[np.ndarray], device: torch.device | str | None = None
+) -> tuple[tuple[Tensor, int], ...]:
+    """Per level l = 1..L, the class -> node map ``nodes[l - 1]`` as an int64 tensor on ``device`` and the
+    level's node count: made once (per actor), so counting an image copies nothing to the device."""
+    return tuple(
+        (torch.tensor(np.asarray(node, dtype=np.int64), device=device), int(np.max(node)) + 1)
+        for node in nodes
+    )
+
+
 def level_votes(
-    counts0: Tensor, counts: Tensor, nodes: Sequence[np.ndarray]
+    counts0: Tensor, counts: Tensor, index: Sequence[tuple[Tensor, int]]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """From the (C, P) selection and estimation counts, on their device:
 
@@ -339,18 +350,17 @@ def level_votes(
         c_l[i]         = argmax_v sum_{c in v} counts0[c, i]             (ties: lowest node id)
         k_l[i]         = sum_{c in c_l[i]} counts[c, i]                  for every level l = 1..L
 
-    ``nodes[l - 1][c]`` is the level-l node of class c. Returns (margin (1, P), c (L, P), k (L, P)), int64."""
+    ``index``: :func:`level_index` of the levels' class -> node maps. Returns (margin (1, P), c (L, P),
+    k (L, P)), int64."""
     if counts0.shape[0] >= 2:
         top = counts0.topk(2, dim=0).values
         margin = (top[0] - top[1])[None].long()
     else:
         margin = counts0[:1].long()
     c_levels, k_levels = [], []
-    for node in nodes:
-        index = torch.tensor(np.asarray(node, dtype=np.int64), device=counts0.device)
-        size = int(index.max()) + 1
-        node0 = counts0.new_zeros(size, counts0.shape[1]).index_add_(0, index, counts0)
-        node1 = counts.new_zeros(size, counts.shape[1]).index_add_(0, index, counts)
+    for node, size in index:
+        node0 = counts0.new_zeros(size, counts0.shape[1]).index_add_(0, node, counts0)
+        node1 = counts.new_zeros(size, counts.shape[1]).index_add_(0, node, counts)
         c = node0.argmax(dim=0)  # the first maximum: the lowest node id
         c_levels.append(c)
         k_levels.append(node1.gather(0, c[None])[0].long())

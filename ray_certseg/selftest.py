@@ -36,7 +36,7 @@ from scipy.stats import binom, binomtest, norm
 from torch import Tensor, nn
 
 from ray_certseg.certify import ABSTAIN, CORRECTIONS, certify
-from ray_certseg.sampling import count_votes
+from ray_certseg.sampling import count_votes, level_index
 
 SIGNIFICANCE = 1e-3
 """Level of the tests of the false-certificate count: against alpha, and against Bonferroni's exact rate."""
@@ -544,6 +544,7 @@ def run_hierarchical_selftest(
 
     h = hierarchy.from_dict(TOY_HIERARCHY)
     node_of = np.stack(h.node)  # (2, 4)
+    level_maps = level_index(h.node[1:])
     corrections = tuple(corrections)
     failures = dict.fromkeys(corrections, 0)
     false_pixels = dict.fromkeys(corrections, 0)
@@ -565,7 +566,7 @@ def run_hierarchical_selftest(
             batch_size=batch_size,
             seed=seed,
             image_id=f"selftest-h-{m}",
-            hierarchy_nodes=h.node[1:],
+            hierarchy_index=level_maps,
             return_counts=level_from_s,
         )
         margin = v.margin

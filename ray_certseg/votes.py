@@ -341,7 +341,6 @@ def read_votes(
         name: table.column(name).to_pylist() if name in table.column_names else absent
         for name in SCALAR_COLUMNS
     }
-    scalars["schema_version"] = [v or 1 for v in scalars["schema_version"]]
     arrays = [c for c in arrays if c in table.column_names]
     records = [
         VoteRecord(

@@ -21,7 +21,7 @@ from ray_certseg.certify.hierarchical import HierarchicalParams, certify_hierarc
 from ray_certseg.config import ConfigError, JobConfig, load_config
 from ray_certseg.metrics import level_stats
 from ray_certseg.preflight import check_hierarchies
-from ray_certseg.sampling import level_votes
+from ray_certseg.sampling import level_index, level_votes
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = {"name": "toy", "classes": ["a", "b", "c", "d"], "levels": [{"ab": ["a", "b"], "cd": ["c", "d"]}]}
@@ -76,7 +76,7 @@ def test_level_votes_sum_fine_votes_per_node_and_break_ties_to_the_lowest_node()
     counts0 = rng.integers(0, 6, (4, 200)).astype(np.int32)
     counts0[:, 0] = [1, 1, 2, 0]  # a tie at level 1: ab = cd = 2 -> node 0; fine margin 2 - 1 = 1
     counts = rng.integers(0, 20, (4, 200)).astype(np.int32)
-    margin, c, k = level_votes(torch.from_numpy(counts0), torch.from_numpy(counts), h.node[1:])
+    margin, c, k = level_votes(torch.from_numpy(counts0), torch.from_numpy(counts), level_index(h.node[1:]))
     top = np.sort(counts0, axis=0)
     np.testing.assert_array_equal(margin[0].numpy(), top[-1] - top[-2])
     node0, node1 = h.matrix(1) @ counts0, h.matrix(1) @ counts
@@ -100,7 +100,7 @@ def _record(
     p = rng.dirichlet(np.ones(C) * 0.3, size * size).T
     counts0 = np.stack([rng.multinomial(n0, p[:, i]) for i in range(size * size)], 1)
     counts = np.stack([rng.multinomial(n, p[:, i]) for i in range(size * size)], 1)
-    margin, c, k = level_votes(torch.from_numpy(counts0), torch.from_numpy(counts), h.node[1:])
+    margin, c, k = level_votes(torch.from_numpy(counts0), torch.from_numpy(counts), level_index(h.node[1:]))
     c_hat = certify.select(counts0)
     shape = (size, size)
     return votes.VoteRecord(
