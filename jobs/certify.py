@@ -13,4 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working_d
 from ray_certseg.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    debug = ["--debug"] if "--debug" in args else []  # ray-certseg's global flag, accepted here too
+    sys.exit(main([*debug, "run", *(a for a in args if a != "--debug")]))

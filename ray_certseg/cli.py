@@ -292,8 +292,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from ray_certseg.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-certseg", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also RAY_CERTSEG_DEBUG=1)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="sample votes on Ray, certify and aggregate")
@@ -413,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--batch-size", type=int, default=10)
     s.set_defaults(func=cmd_selftest)
+
+    c = sub.add_parser(
+        "schema",
+        help="print the job config's JSON Schema (for an editor's YAML language server, see the README)",
+    )
+    c.add_argument("--output", "-o", help="write it to this file instead of stdout")
+    c.set_defaults(func=cmd_schema)
     return p
 
 
@@ -425,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, StorageError, JobError) as exc:
-        if os.environ.get("RAY_CERTSEG_DEBUG"):
+        if args.debug or os.environ.get("RAY_CERTSEG_DEBUG"):
             raise
         _stop_ray()
         print(f"ray-certseg: error: {exc}", file=sys.stderr)

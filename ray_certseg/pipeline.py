@@ -521,7 +521,7 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     }
     if same_items(old.get("dataset")) != same_items(new.get("dataset")):
         problems.append("dataset")
-    sampling = lambda d, key: d.get("sampling", {}).get(key, getattr(SamplingConfig, key))
+    sampling = lambda d, key: d.get("sampling", {}).get(key, SamplingConfig.model_fields[key].default)
     for key in VOTE_KEYS:
         if sampling(old, key) != sampling(new, key):
             problems.append(f"sampling.{key}")

@@ -23,8 +23,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ray_certseg.config import ConfigError, JobConfig, is_path_key
+from ray_certseg.config import ConfigError, JobConfig
 from ray_certseg.models import registry
+from ray_certseg.models.specs import is_path_key
 
 log = logging.getLogger("ray_certseg")
 T = TypeVar("T")

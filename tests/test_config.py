@@ -267,3 +267,46 @@ def test_dataset_scale_renamed_with_both_meanings_explained(config_file, tmp_pat
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
     assert analysis.load_config(str(tmp_path / "run")).dataset.certify_at_scale == 0.5
+
+
+# ----------------------------------------------------------------------------------------------- JSON Schema
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_json_schema_accepts_every_shipped_config_and_refuses_what_the_validator_refuses():
+    """An editor checks a config with `ray-certseg schema`'s output: it must agree with the validator on the
+    shipped job configs and on the common mistakes (a misspelled key, a wrong type, an unknown kind)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from ray_certseg.config import json_schema
+
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    check = jsonschema.Draft202012Validator(schema)
+    for name in ("demo.yaml", "paper_cityscapes.yaml", "paper_pascal_context.yaml"):
+        data = yaml.safe_load((REPO / "configs" / name).read_text())
+        assert not list(check.iter_errors(data)), name
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for override in (
+        "sampling.batchsize=4",
+        "sampling.n0=-3",
+        "sampling.n=1.5",
+        "certify.taus=[0.5]",
+        "dataset.kind=coco",
+        "models.segmenters.clean.weigths=x",
+        "models.segmenters.clean.kind=onnx",
+        "models.denoisers.ddpm.multistep='2'",
+    ):
+        bad = apply_overrides(demo, [override])
+        assert list(check.iter_errors(bad)), override
+        with pytest.raises(ConfigError):
+            JobConfig.from_dict(bad, base_dir=REPO / "configs")
+
+
+def test_schema_command_prints_the_schema(tmp_path, capsys):
+    from ray_certseg.cli import main
+
+    assert main(["schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["title"] == "ray-certseg job config" and "dataset" in printed["required"]
+    assert main(["schema", "--output", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text()) == printed

@@ -222,7 +222,7 @@ def test_check_resumable_refuses_keys_that_change_votes(key, value):
     from ray_certseg.config import SamplingConfig
 
     del old["sampling"][key]  # a config.json from before the key existed means its default
-    new["sampling"][key] = getattr(SamplingConfig, key)
+    new["sampling"][key] = SamplingConfig.model_fields[key].default
     pipeline.check_resumable(old, new)
 
 

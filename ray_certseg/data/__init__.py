@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ray_certseg.config import DatasetConfig, Subset
+from ray_certseg.data.config import DatasetConfig, Subset
 from ray_certseg.data.ids import sanitize_id, unique_ids
 from ray_certseg.data.load import LAYOUTS, ItemError
 from ray_certseg.data.load import load_item as _load_item

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_certseg import storage
-from ray_certseg.config import DatasetConfig
+from ray_certseg.data.config import DatasetConfig
 
 # Official Cityscapes label ids -> train ids (cityscapesscripts labels.py); None = the ignore index.
 # fmt: off

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from ray_certseg import storage
-from ray_certseg.config import DatasetConfig
 from ray_certseg.data import cityscapes, manifest, pascal_context
+from ray_certseg.data.config import DatasetConfig
 
 log = logging.getLogger("ray_certseg")
 LAYOUTS = {"cityscapes": cityscapes, "pascal_context": pascal_context, "manifest": manifest}

@@ -15,7 +15,7 @@ import posixpath
 from typing import Any
 
 from ray_certseg import storage
-from ray_certseg.config import DatasetConfig
+from ray_certseg.data.config import DatasetConfig
 
 log = logging.getLogger("ray_certseg")
 REQUIRED = ("image_path", "label_path")

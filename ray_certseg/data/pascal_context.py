@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_certseg import storage
-from ray_certseg.config import DatasetConfig
+from ray_certseg.data.config import DatasetConfig
 
 NUM_CONTEXT_CLASSES = 59
 LABEL_MAP: dict[int, int | None] = {  # None = the ignore index

@@ -18,6 +18,8 @@ DIFFUSERS_FOLDER_HELP = (
     "unet= (a UNet2DModel folder) and scheduler= (a folder with scheduler_config.json) separately"
 )
 
+#: spec keys that hold a file or folder (resolved against the config's folder when relative)
+PATH_KEYS, PATH_SUFFIXES = ("path", "weights", "checkpoint", "unet", "scheduler"), ("_path", "_file", "_dir")
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 RGB = Annotated[list[float], Field(min_length=3, max_length=3)]
@@ -120,3 +122,8 @@ class ADMDenoiserSpec(DiffusionOptions):
     flags_file: str | None = None
     noise_schedule: Literal["linear", "cosine"] | None = None
     diffusion_steps: PositiveInt | None = None
+
+
+def is_path_key(key: str) -> bool:
+    """A model-spec key that holds a file or folder (resolved against the config's folder when relative)."""
+    return key in PATH_KEYS or str(key).endswith(PATH_SUFFIXES)
