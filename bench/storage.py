@@ -18,6 +18,7 @@ Run: ``python bench/storage.py`` (``--quick``: random tiny models, a smoke run).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -118,8 +119,10 @@ def tiled_table(votes: Path, height: int, width: int, rows: int):
 def reducer_rate(votes: Path, grid) -> tuple[float, float]:
     """(seconds, pixel-grid-points per second) of one ``per_image_local`` pass over ``votes`` (best of 3)."""
     from ray_certseg import reduce
+    from ray_certseg.rundir import RunDir
 
-    seconds = min(B.timed(lambda: reduce.per_image_local(str(votes), grid)) for _ in range(3))
+    run = RunDir(str(votes.parent))  # the run folder whose votes/ this is
+    seconds = min(B.timed(lambda: reduce.per_image_local(run, grid)) for _ in range(3))
     s = sizes(votes)
     return seconds, s["pixels"] * len(list(grid)) / seconds
 
@@ -137,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        if args.votes:
-            votes, source = args.votes, f"votes of {args.votes}"
+        if args.votes:  # seen as <tmp>/given/votes, the layout of a run folder
+            shutil.copytree(args.votes, root / "given" / "votes")
+            votes, source = root / "given" / "votes", f"votes of {args.votes}"
         elif args.quick:
             votes, source = quick_votes(root), "quick: random tiny models, 2 images, n0=2, n=6"
         else:
@@ -147,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         sample_s = time.perf_counter() - start
         s = sizes(votes)
         demo_s, demo_rate = reducer_rate(votes, grid)
-        big_dir = root / "big"
-        big_dir.mkdir()
+        big_dir = root / "big" / "votes"
+        big_dir.mkdir(parents=True)
         h, w = (128, 256) if args.quick else (1024, 2048)
         V.write_votes(tiled_table(votes, h, w, 2 if args.quick else 4), str(big_dir / "tiled.parquet"))
         big_s, big_rate = reducer_rate(big_dir, grid)

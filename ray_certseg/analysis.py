@@ -39,9 +39,10 @@ import pyarrow.parquet as pq
 import torch
 from scipy.stats import norm
 
-from ray_certseg import reduce, storage, votes
+from ray_certseg import reduce, rundir, storage, votes
 from ray_certseg.certify import CORRECTIONS, Certificate, certify
 from ray_certseg.config import DatasetConfig, JobConfig
+from ray_certseg.rundir import RunDir
 from ray_certseg.sampling import ESTIMATION, noise_seed, sample_seed, to_tensor_image
 
 log = logging.getLogger("ray_certseg")
@@ -65,14 +66,23 @@ RAY_MIN_EVALUATIONS = 2e8
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def votes_dir(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def votes_dir(path: RunDir | str, storage_options: Mapping[str, Any] | None = None) -> str:
     """``<output>/votes`` for an output folder, else ``path`` itself (a votes folder or one Parquet file)."""
-    inner = storage.join(path, "votes")
-    return inner if not path.endswith(".parquet") and storage.exists(inner, storage_options) else path
+    run = RunDir.of(path, storage_options)
+    return run.votes if not run.url.endswith(".parquet") and run.exists(rundir.VOTES) else run.url
+
+
+def _vote_files(run: RunDir) -> tuple[Any, list[str], str]:
+    """(pyarrow filesystem, vote files, where they are) of an output folder, a votes folder or one file."""
+    source = votes_dir(run)
+    fs, files = votes.parquet_files(source, storage_options=run.storage_options)
+    if not files:
+        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
+    return fs, files, source
 
 
 def load_votes(
-    path: str,
+    path: RunDir | str,
     *,
     columns: Iterable[str] | None = None,
     image_ids: Iterable[str] | None = None,
@@ -91,13 +101,11 @@ def load_votes(
         raise ValueError(
             f"load_votes: unknown column(s) {unknown}; the per-pixel columns are {votes.ARRAY_COLUMNS}"
         )
-    source = votes_dir(path, storage_options)
-    fs, files = votes.parquet_files(source, storage_options=storage_options)
-    if not files:
-        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
+    run = RunDir.of(path, storage_options)
+    fs, files, _ = _vote_files(run)
     selected = list(votes.SCALAR_COLUMNS) + [c for c in votes.ARRAY_COLUMNS if c in wanted]
     filters = None if image_ids is None else [("image_id", "in", sorted(set(image_ids)))]
-    with storage.translate_errors(source, storage_options):
+    with run.io():
         tables = [
             pq.read_table(f, filesystem=fs, columns=selected, filters=filters, partitioning=None)
             for f in files
@@ -116,36 +124,35 @@ def load_votes(
 
 
 def load_metrics(
-    path: str, *, per_image: bool = False, storage_options: Mapping[str, Any] | None = None
+    path: RunDir | str, *, per_image: bool = False, storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
     """``metrics/metrics.parquet`` (one row per dataset, method, sigma and grid point) or, with
     ``per_image``, ``metrics/per_image.parquet`` of an output folder (local or ``s3://``); ``path`` may also
     be the metrics folder or the Parquet file. List columns (``iou_per_class``, ``confusion``...) hold numpy
     arrays."""
+    run = RunDir.of(path, storage_options)
     name = "per_image.parquet" if per_image else "metrics.parquet"
-    if path.endswith(".parquet"):
-        target = path
-    elif storage.exists(storage.join(path, "metrics", name), storage_options):
-        target = storage.join(path, "metrics", name)
+    if run.url.endswith(".parquet"):
+        parts: tuple[str, ...] = ()
     else:
-        target = storage.join(path, name)
-    if not storage.exists(target, storage_options):
-        raise FileNotFoundError(f"no {name} at {path}: run `ray-certseg reduce {path}` (or the job) first")
-    fs, stripped = storage.get_filesystem(target, storage_options)
-    with storage.translate_errors(target, storage_options), fs.open(stripped, "rb") as f:
-        return pq.read_table(f).to_pandas()
+        parts = (rundir.METRICS, name) if run.exists(rundir.METRICS, name) else (name,)
+    if not run.exists(*parts):
+        raise FileNotFoundError(
+            f"no {name} at {run.url}: run `ray-certseg reduce {run.url}` (or the job) first"
+        )
+    return run.read_table(*parts).to_pandas()
 
 
-def load_config(path: str, *, storage_options: Mapping[str, Any] | None = None) -> JobConfig:
+def load_config(path: RunDir | str, *, storage_options: Mapping[str, Any] | None = None) -> JobConfig:
     """The job configuration recorded in ``<output>/config.json``. Its secrets are redacted there, so the
-    given ``storage_options`` (if any) replace the recorded job-level ones (the dataset's reads use them)."""
-    target = storage.join(path, "config.json")
-    if not storage.exists(target, storage_options):
-        raise FileNotFoundError(f"no config.json in {path}: pass the output folder of a `ray-certseg run`")
-    data = json.loads(storage.read_bytes(target, storage_options))
+    folder's ``storage_options`` (if any) replace the recorded job-level ones (the dataset's reads use them)."""
+    run = RunDir.of(path, storage_options)
+    if not run.exists(rundir.CONFIG):
+        raise FileNotFoundError(f"no config.json in {run.url}: pass the output folder of a `ray-certseg run`")
+    data = run.read_json(rundir.CONFIG)
     data["dataset"] = DatasetConfig.upgrade_recorded(data.get("dataset") or {})
-    if storage_options is not None:
-        data["storage_options"] = dict(storage_options)
+    if storage_options is not None or (isinstance(path, RunDir) and path.storage_options):
+        data["storage_options"] = dict(run.storage_options)
     return JobConfig.from_dict(data)
 
 
@@ -318,24 +325,18 @@ class CurveBatch:
 
 
 def _curve_per_image_path(
-    path: str,
-    radii: np.ndarray,
-    alpha: float,
-    correction: str,
-    storage_options: Mapping[str, Any] | None,
-    engine: str,
+    run: RunDir, radii: np.ndarray, alpha: float, correction: str, engine: str
 ) -> pd.DataFrame:
     """Per-image curve records from vote files, file by file in this process or as a Ray Data stage."""
-    source = votes_dir(path, storage_options)
     if engine == "auto":
         ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-        sizes = load_votes(source, columns=[], storage_options=storage_options) if ray_up else None
+        sizes = load_votes(run, columns=[]) if ray_up else None
         work = 0 if sizes is None else float((sizes["height"] * sizes["width"]).sum()) * radii.size
         engine = "ray" if work > RAY_MIN_EVALUATIONS else "local"
     if engine == "ray":
         import ray
 
-        pa_fs, pa_path = storage.pyarrow_filesystem(source, storage_options)
+        pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir(run), run.storage_options)
         ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ds.map_batches(
@@ -355,12 +356,10 @@ def _curve_per_image_path(
         return reduce.deduplicate(table.to_pandas())
     if engine != "local":
         raise ValueError(f"engine must be 'auto', 'local' or 'ray', got {engine!r}")
-    fs, files = votes.parquet_files(source, storage_options=storage_options)
-    if not files:
-        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
+    fs, files, _ = _vote_files(run)
     rows = []
     for f in files:
-        with storage.translate_errors(source, storage_options):
+        with run.io():
             table = pq.read_table(
                 f, filesystem=fs, partitioning=None, columns=list(votes.SCALAR_COLUMNS) + CERTIFY_COLUMNS
             )
@@ -369,7 +368,7 @@ def _curve_per_image_path(
 
 
 def certified_accuracy_curve(
-    votes_source: pd.DataFrame | str,
+    votes_source: pd.DataFrame | RunDir | str,
     radii: Sequence[float],
     *,
     alpha: float = 0.001,
@@ -394,11 +393,10 @@ def certified_accuracy_curve(
     if isinstance(votes_source, pd.DataFrame):
         per_image = _per_image(curve_rows(records(votes_source), r, float(alpha), correction))
         groups = votes_source[["dataset", "method", "sigma"]].drop_duplicates()
-    elif isinstance(votes_source, str):
-        per_image = _curve_per_image_path(votes_source, r, float(alpha), correction, storage_options, engine)
-        groups = load_votes(votes_source, columns=[], storage_options=storage_options)[
-            ["dataset", "method", "sigma"]
-        ].drop_duplicates()
+    elif isinstance(votes_source, (str, RunDir)):
+        run = RunDir.of(votes_source, storage_options)
+        per_image = _curve_per_image_path(run, r, float(alpha), correction, engine)
+        groups = load_votes(run, columns=[])[["dataset", "method", "sigma"]].drop_duplicates()
     else:
         raise TypeError(
             f"votes_source must be a load_votes DataFrame or a path, got {type(votes_source).__name__}"

@@ -124,7 +124,7 @@ def _resolve_config_path(path: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ray_certseg import pipeline, reduce, storage
+    from ray_certseg import pipeline, reduce, rundir
     from ray_certseg.config import load_config
 
     overrides = list(args.set or [])
@@ -141,31 +141,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         log.info("%s", CORE_WORKER_NOTE)
         pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
+    run = rundir.RunDir.of_config(cfg)
     errors = pipeline.gather_errors(cfg)
-    result = reduce.reduce_output(cfg.output, storage_options=cfg.storage_options, errors=errors)
+    result = reduce.reduce_output(run, errors=errors)
     print(result.summary_markdown)
     print(
-        f"\nvotes:   {cfg.output}/votes/\nmetrics: {cfg.output}/metrics/ (metrics.csv, metrics.parquet, "
-        f"per_image.parquet, summary.md)\nerrors:  {cfg.output}/errors.parquet ({errors.num_rows} failed rows)"
+        f"\nvotes:   {run.votes}/\nmetrics: {run.metrics()}/ (metrics.csv, metrics.parquet, "
+        f"per_image.parquet, summary.md)\nerrors:  {run.path(rundir.ERRORS)} ({errors.num_rows} failed rows)"
     )
     try:
         from ray_certseg import plots
 
-        plots.write_plots(cfg.output, storage_options=cfg.storage_options, config=cfg)
-        print(f"plots:   {cfg.output}/plots/ (`ray-certseg report {cfg.output}` writes report.md)")
+        plots.write_plots(run, config=cfg)
+        print(f"plots:   {run.plots}/ (`ray-certseg report {run.url}` writes report.md)")
     except Exception as exc:  # noqa: BLE001 - pictures are a convenience: the results above are complete
         log.warning(
             "plots not written (%s: %s); the votes and metrics are complete",
             type(exc).__name__,
-            storage.redact(str(exc), cfg.storage_options),
+            run.redact(str(exc)),
         )
     return 1 if errors.num_rows else 0
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    from ray_certseg import reduce, storage
+    from ray_certseg import reduce
+    from ray_certseg.rundir import METRICS, RunDir
 
-    into = "metrics"
+    run, into = RunDir.of(args.output), METRICS
     procedures = [_procedure_entry(text) for text in args.procedure or []]
     if args.thresholds:  # --procedure hierarchical --thresholds 0.5,0.3,0 [--hierarchy NAME]
         tree = args.hierarchy or _run_hierarchy(args.output)
@@ -177,11 +179,11 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         ] + [e for e in procedures if e != "hierarchical"]
     changed = args.tau or args.alpha or args.correction or procedures or args.name or args.all_rows
     if not args.replace_metrics and changed:
-        grid = reduce.grid_from_output(args.output, None, args.tau, args.alpha, args.correction, procedures)
+        grid = reduce.grid_from_output(run, args.tau, args.alpha, args.correction, procedures)
         suffix = "_all-rows" if args.all_rows else ""
         into = f"reductions/{args.name or reduce.reduction_name(grid) + suffix}"
     result = reduce.reduce_output(
-        args.output,
+        run,
         taus=args.tau,
         alphas=args.alpha,
         corrections=args.correction,
@@ -191,8 +193,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     )
     print(result.summary_markdown)
     print(
-        f"\nmetrics: {storage.join(args.output, into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
-        "summary.md)" + ("" if into == "metrics" else f"; the run's own rows stay in {args.output}/metrics/")
+        f"\nmetrics: {run.metrics(into=into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
+        "summary.md)" + ("" if into == METRICS else f"; the run's own rows stay in {run.metrics()}/")
     )
     return 0
 

@@ -29,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import preflight, storage, votes
+from ray_certseg import preflight, rundir, storage, votes
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
+from ray_certseg.rundir import RunDir
 
 log = logging.getLogger("ray_certseg")
 
@@ -114,8 +115,7 @@ class VoteSampler:
 
             self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
             self.hierarchy_index = level_index(self.hierarchy.node[1:], self.device)
-        self.errors_dir = storage.join(self.cfg.output, "_errors")
-        self.fs = storage.get_filesystem(self.cfg.output, self.cfg.storage_options)[0]
+        self.run = RunDir.of_config(self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from ray_certseg.data import load_item
@@ -204,16 +204,13 @@ class VoteSampler:
                     "method": method,
                     "sigma": sigma,
                     "stage": stage,
-                    "error": storage.redact(message, self.cfg.storage_options),
+                    "error": self.run.redact(message),
                 }
             ],
             schema=ERRORS_SCHEMA,
         )
         tag = zlib.crc32(f"{image_id}:{method}:{sigma}:{stage}".encode())
-        path = storage.join(self.errors_dir, f"{image_id}-{tag:08x}.parquet")
-        self.fs.makedirs(storage.strip_protocol(self.errors_dir), exist_ok=True)
-        with self.fs.open(storage.strip_protocol(path), "wb") as f:
-            pq.write_table(table, f)
+        self.run.write_table(table, rundir.ERROR_PARTS, f"{image_id}-{tag:08x}.parquet")
 
 
 def _scalar(x: Any) -> Any:
@@ -256,17 +253,12 @@ def plan(cfg: JobConfig, refs: list[dict[str, Any]], done: set[tuple[str, str, f
     return Plan(rows=rows, total=len(refs) * len(grid), done=n_done)
 
 
-def set_aside_partial_files(votes_dir: str, storage_options: dict | None = None) -> list[str]:
+def set_aside_partial_files(run: RunDir) -> list[str]:
     """A run killed while writing can leave a truncated vote file (no Parquet footer). Such files are moved to
     ``<output>/_partial/``: their rows are then missing, so the resumed run samples them again, once."""
-    fs, root = storage.get_filesystem(votes_dir, storage_options)
-    aside = root.rstrip("/").rsplit("/", 1)[0] + "/_partial"
-    moved = []
-    if not fs.exists(root):
-        return moved
-    for path in sorted(fs.find(root)):
-        if not path.endswith(".parquet"):
-            continue
+    aside, moved = run.filesystem(rundir.PARTIAL)[1], []
+    fs = run.filesystem()[0]
+    for path in run.files(rundir.VOTES):
         try:
             with fs.open(path, "rb") as f:
                 _ = pq.ParquetFile(f).metadata  # reads and checks the footer
@@ -284,9 +276,9 @@ def set_aside_partial_files(votes_dir: str, storage_options: dict | None = None)
     return moved
 
 
-def completed_rows(votes_dir: str, storage_options: dict | None = None) -> set[tuple[str, str, float]]:
+def completed_rows(run: RunDir) -> set[tuple[str, str, float]]:
     """Keys (image_id, method, sigma) of the vote rows already written."""
-    fs, files = votes.parquet_files(votes_dir, storage_options=storage_options)
+    fs, files = run.vote_files()
     keys: set[tuple[str, str, float]] = set()
     for path in files:
         t = pq.read_table(path, filesystem=fs, columns=["image_id", "method", "sigma"], partitioning=None)
@@ -304,10 +296,8 @@ class Progress:
     """A periodic log line for runs without progress bars (``ray job submit``): rows done / total,
     images per minute and time left, read from the vote files written so far."""
 
-    def __init__(
-        self, votes_dir: str, storage_options: dict | None, plan_: Plan, rows_per_image: int, interval: float
-    ):
-        self.votes_dir, self.storage_options, self.plan = votes_dir, storage_options, plan_
+    def __init__(self, run: RunDir, plan_: Plan, rows_per_image: int, interval: float):
+        self.run, self.plan = run, plan_
         self.rows_per_image, self.interval = rows_per_image, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -325,7 +315,7 @@ class Progress:
         self._stop.set()
 
     def _count(self) -> int:
-        fs, files = votes.parquet_files(self.votes_dir, storage_options=self.storage_options)
+        fs, files = self.run.vote_files()
         for path in files:
             if path not in self._rows:
                 try:
@@ -374,7 +364,7 @@ def prepare_run(cfg: JobConfig, *, overwrite: bool = False) -> Plan:
     probe = probe_size(refs, cfg)
     if probe is not None:
         preflight.check_feasible(cfg, *probe)
-    done = completed_rows(storage.join(cfg.output, "votes"), cfg.storage_options)
+    done = completed_rows(RunDir.of_config(cfg))
     job_plan = plan(cfg, refs, done)
     job_plan.probe_size = probe
     log.info(
@@ -416,7 +406,7 @@ def run_sampling(
     that was executed."""
     import ray
 
-    votes_dir = storage.join(cfg.output, "votes")
+    run = RunDir.of_config(cfg)
     if job_plan is None:
         job_plan = prepare_run(cfg, overwrite=overwrite)
     if not job_plan.rows:
@@ -444,8 +434,8 @@ def run_sampling(
         num_cpus=r.num_cpus_per_actor,
         num_gpus=r.num_gpus_per_actor,
     )
-    pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, cfg.storage_options)
-    with Progress(votes_dir, cfg.storage_options, job_plan, rows_per_image, progress_interval):
+    pa_fs, pa_path = run.pyarrow_filesystem(rundir.VOTES)
+    with Progress(run, job_plan, rows_per_image, progress_interval):
         try:
             ds.write_parquet(
                 pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS
@@ -458,35 +448,30 @@ def run_sampling(
 def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
     """Create the output folder, or check that an existing one was made by a compatible config and
     schema version (so resumed rows are comparable). ``overwrite`` removes what was there."""
-    if not storage.is_local(cfg.output):
-        storage.check_bucket(cfg.output, cfg.storage_options)  # never create a bucket by accident
-    fs, root = storage.get_filesystem(cfg.output, cfg.storage_options)
-    cfg_path = f"{root}/config.json"
+    run = RunDir.of_config(cfg)
+    if not run.is_local:
+        run.check_bucket()  # never create a bucket by accident
+    fs, root = run.filesystem()
     if fs.isfile(root):
         raise ConfigError(f"output: {cfg.output} is a file, not a folder: choose another --output")
     if overwrite and fs.exists(root):
         log.info("--overwrite: removing %s", cfg.output)
         fs.rm(root, recursive=True)
-    votes_dir = storage.join(cfg.output, "votes")
-    if fs.exists(f"{root}/votes"):
-        set_aside_partial_files(votes_dir, cfg.storage_options)
-        votes.check_schema_version(votes_dir, storage_options=cfg.storage_options)
-        if fs.exists(cfg_path):
-            with fs.open(cfg_path, "r") as f:
-                old = json.load(f)
-            check_resumable(old, cfg.to_dict(redact=True))
+    if run.exists(rundir.VOTES):
+        set_aside_partial_files(run)
+        run.vote_schema_version()
+        if run.exists(rundir.CONFIG):
+            check_resumable(run.read_json(rundir.CONFIG), cfg.to_dict(redact=True))
     try:
-        fs.makedirs(root, exist_ok=True)
-        with fs.open(cfg_path, "w") as f:
-            json.dump(cfg.to_dict(redact=True), f, indent=2, sort_keys=True)
+        run.makedirs()
+        run.write_json(cfg.to_dict(redact=True), rundir.CONFIG)
     except OSError as exc:  # read-only place, a file in the path, no such device...
         raise ConfigError(
             f"output: cannot write to {cfg.output} ({type(exc).__name__}: {exc.strerror or exc}): "
             "choose a writable folder with --output"
         ) from None
-    err_root = f"{root}/_errors"
-    if fs.exists(err_root):  # errored rows are retried by this run; stale records would mislead
-        fs.rm(err_root, recursive=True)
+    if run.exists(rundir.ERROR_PARTS):  # errored rows are retried by this run; stale records would mislead
+        fs.rm(run.filesystem(rundir.ERROR_PARTS)[1], recursive=True)
 
 
 WRITE_CPUS = (
@@ -554,15 +539,9 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
 
 def gather_errors(cfg: JobConfig) -> pa.Table:
     """Collect the per-image error records of this run into ``<output>/errors.parquet``."""
-    fs, root = storage.get_filesystem(cfg.output, cfg.storage_options)
-    err_root = f"{root}/_errors"
-    tables = []
-    if fs.exists(err_root):
-        for path in sorted(fs.find(err_root)):
-            with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f))
+    run = RunDir.of_config(cfg)
+    tables = [run.read_table(run.relative(path)) for path in run.files(rundir.ERROR_PARTS)]
     table = pa.concat_tables(tables) if tables else ERRORS_SCHEMA.empty_table()
     table = table.sort_by([("image_id", "ascending"), ("method", "ascending"), ("sigma", "ascending")])
-    with fs.open(f"{root}/errors.parquet", "wb") as f:
-        pq.write_table(table, f)
+    run.write_table(table, rundir.ERRORS)
     return table

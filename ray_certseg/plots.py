@@ -31,9 +31,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ray_certseg import analysis, storage
+from ray_certseg import analysis, rundir
 from ray_certseg.certify import ABSTAIN, radius
 from ray_certseg.config import JobConfig
+from ray_certseg.rundir import RunDir
 
 log = logging.getLogger("ray_certseg")
 
@@ -125,13 +126,13 @@ def grid_point(metrics: pd.DataFrame, cfg: JobConfig) -> tuple[float, float, str
 
 
 def plotted_grid_point(
-    output: str, *, storage_options: Mapping[str, Any] | None = None
+    output: RunDir | str, *, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[float, float, str] | None:
     """The (tau, alpha, correction) that ``<output>/plots/`` shows (``plots.json``), None without plots."""
-    path = storage.join(output, "plots", "plots.json")
-    if not storage.exists(path, storage_options):
+    run = RunDir.of(output, storage_options)
+    if not run.exists(rundir.PLOTS, "plots.json"):
         return None
-    shown = json.loads(storage.read_bytes(path, storage_options))
+    shown = run.read_json(rundir.PLOTS, "plots.json")
     return float(shown["tau"]), float(shown["alpha"]), str(shown["correction"])
 
 
@@ -396,15 +397,20 @@ def load_images(cfg: JobConfig, ids: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 # -------------------------------------------------------------------------------------------------- writing
-def _save(fig: Figure, path: str, storage_options: Mapping[str, Any] | None) -> str:
+def _save(fig: Figure, run: RunDir, *name: str) -> str:
+    """``fig`` as ``plots/<name>`` (PNG); its path."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    storage.write_bytes(path, buf.getvalue(), storage_options)
-    return path
+    return _write(run, buf.getvalue(), *name)
+
+
+def _write(run: RunDir, data: bytes, *name: str) -> str:
+    run.write_bytes(data, rundir.PLOTS, *name)
+    return run.path(rundir.PLOTS, *name)
 
 
 def write_plots(
-    output: str,
+    output: RunDir | str,
     *,
     storage_options: Mapping[str, Any] | None = None,
     config: JobConfig | None = None,
@@ -418,15 +424,15 @@ def write_plots(
     :func:`ray_certseg.analysis.radius_grid`. ``config``: the run's configuration (the job passes its own,
     with the secrets that ``config.json`` redacts), by default read from ``<output>/config.json``. An output
     without votes gets no plots."""
-    cfg = config or analysis.load_config(output, storage_options=storage_options)
+    run = RunDir.of(output, storage_options)
+    cfg = config or analysis.load_config(run)
     try:
-        scalars = analysis.load_votes(output, columns=[], storage_options=storage_options)
+        scalars = analysis.load_votes(run, columns=[])
     except FileNotFoundError:
-        log.warning("no votes in %s: no plots", output)
+        log.warning("no votes in %s: no plots", run.url)
         return []
-    metrics = analysis.load_metrics(output, storage_options=storage_options)
+    metrics = analysis.load_metrics(run)
     tau, alpha, correction = grid_point(metrics, cfg)
-    plots = storage.join(output, "plots")
     written = []
     if radii is None:
         radii = analysis.radius_grid(
@@ -436,23 +442,14 @@ def write_plots(
             int((scalars["height"] * scalars["width"]).min()),
         )
     per_sigma = analysis.certified_accuracy_curve(
-        output,
-        radii,
-        alpha=alpha,
-        correction=correction,
-        per_sigma=True,
-        storage_options=storage_options,
-        engine=engine,
+        run, radii, alpha=alpha, correction=correction, per_sigma=True, engine=engine
     )
     curve = analysis.envelope(
         per_sigma, analysis.check_radii(radii), scalars[["dataset", "method"]].drop_duplicates()
     )
-    storage.write_bytes(
-        storage.join(plots, "certified_accuracy.csv"),
-        per_sigma.to_csv(index=False, float_format="%.6g").encode(),
-        storage_options,
+    written.append(
+        _write(run, per_sigma.to_csv(index=False, float_format="%.6g").encode(), "certified_accuracy.csv")
     )
-    written.append(storage.join(plots, "certified_accuracy.csv"))
     for name, fig in (
         ("certified_accuracy.png", plot_certified_accuracy(curve, alpha=alpha, correction=correction)),
         (
@@ -460,60 +457,48 @@ def write_plots(
             plot_certified_accuracy_per_sigma(per_sigma, alpha=alpha, correction=correction),
         ),
     ):
-        written.append(_save(fig, storage.join(plots, name), storage_options))
+        written.append(_save(fig, run, name))
     if any(e != "segcertify" for e in cfg.certify.procedures):
-        written += _write_procedure_curve(output, cfg, radii, alpha, correction, storage_options)
+        written += _write_procedure_curve(run, cfg, radii, alpha, correction)
     names = class_names(cfg, cfg.dataset.num_classes)
     written.append(
         _save(
             plot_iou_per_class(metrics, names, tau=tau, alpha=alpha, correction=correction),
-            storage.join(plots, "iou_per_class.png"),
-            storage_options,
+            run,
+            "iou_per_class.png",
         )
     )
     ids = example_ids(scalars, examples)
-    written += _write_examples(
-        output, cfg, ids, names, (tau, alpha, correction), max_sample_pixels, storage_options
-    )
+    written += _write_examples(run, cfg, ids, names, (tau, alpha, correction), max_sample_pixels)
     if cfg.dataset.hierarchy is not None:
-        written += _write_levels(output, cfg, ids, names, (tau, alpha, correction), storage_options)
+        written += _write_levels(run, cfg, ids, names, (tau, alpha, correction))
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
-    return written + [_write_json(storage.join(plots, "plots.json"), shown, storage_options)]
+    return written + [_write(run, json.dumps(shown, indent=1).encode(), "plots.json")]
 
 
 def _write_procedure_curve(
-    output: str,
-    cfg: JobConfig,
-    radii: Sequence[float],
-    alpha: float,
-    correction: str,
-    storage_options: Mapping[str, Any] | None,
+    run: RunDir, cfg: JobConfig, radii: Sequence[float], alpha: float, correction: str
 ) -> list[str]:
     """``procedures_vs_radius.png`` and ``.csv`` from the votes (read whole into memory: a demo-sized run)."""
-    frame = analysis.load_votes(output, storage_options=storage_options)
+    frame = analysis.load_votes(run)
     curve = analysis.procedure_curve(frame, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
-    plots = storage.join(output, "plots")
-    csv = storage.join(plots, "procedures_vs_radius.csv")
-    storage.write_bytes(csv, curve.to_csv(index=False, float_format="%.6g").encode(), storage_options)
+    csv = _write(run, curve.to_csv(index=False, float_format="%.6g").encode(), "procedures_vs_radius.csv")
     fig = plot_procedures_vs_radius(curve, alpha=alpha, correction=correction)
-    return [csv, _save(fig, storage.join(plots, "procedures_vs_radius.png"), storage_options)]
+    return [csv, _save(fig, run, "procedures_vs_radius.png")]
 
 
 def _write_examples(
-    output: str,
+    run: RunDir,
     cfg: JobConfig,
     ids: Sequence[str],
     names: Sequence[str],
     point: tuple[float, float, str],
     max_sample_pixels: int,
-    storage_options: Mapping[str, Any] | None,
 ) -> list[str]:
     """One strip per image id: ``plots/examples/<image_id>.png``; noisy / denoised panels only for images of
     at most ``max_sample_pixels`` pixels."""
     tau, alpha, correction = point
-    frame = analysis.load_votes(
-        output, columns=analysis.CERTIFY_COLUMNS, image_ids=ids, storage_options=storage_options
-    )
+    frame = analysis.load_votes(run, columns=analysis.CERTIFY_COLUMNS, image_ids=ids)
     images = load_images(cfg, ids)
     sampler = ExampleSampler(cfg)
     written = []
@@ -545,8 +530,7 @@ def _write_examples(
             no_sample=f"image > {max_sample_pixels} px",
             palette=palette_of(cfg),
         )
-        path = storage.join(output, "plots", "examples", f"{image_id}.png")
-        written.append(_save(fig, path, storage_options))
+        written.append(_save(fig, run, "examples", f"{image_id}.png"))
     return written
 
 
@@ -603,8 +587,7 @@ def plot_levels(
 
 
 def _write_levels(
-    output: str, cfg: JobConfig, ids: Sequence[str], names: Sequence[str], point: tuple[float, float, str],
-    storage_options: Mapping[str, Any] | None,
+    run: RunDir, cfg: JobConfig, ids: Sequence[str], names: Sequence[str], point: tuple[float, float, str]
 ) -> list[str]:  # fmt: skip
     """``plots/examples/<image_id>_levels.png`` for the run's first hierarchical entry, at the pictures' point."""
     from ray_certseg import certify
@@ -618,18 +601,11 @@ def _write_levels(
     if not found:
         return []
     columns = analysis.CERTIFY_COLUMNS + ["margin", "c_hat_levels", "k_levels"]
-    frame = analysis.load_votes(output, columns=columns, image_ids=ids, storage_options=storage_options)
+    frame = analysis.load_votes(run, columns=columns, image_ids=ids)
     written = []
     for image_id in ids:
         fig = plot_levels(
             frame[frame["image_id"] == image_id], found[0].params, names=names, palette=palette_of(cfg)
         )
-        written.append(
-            _save(fig, storage.join(output, "plots", "examples", f"{image_id}_levels.png"), storage_options)
-        )
+        written.append(_save(fig, run, "examples", f"{image_id}_levels.png"))
     return written
-
-
-def _write_json(path: str, data: dict[str, Any], storage_options: Mapping[str, Any] | None) -> str:
-    storage.write_bytes(path, json.dumps(data, indent=1).encode(), storage_options)
-    return path

@@ -24,9 +24,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import certify, storage, votes
+from ray_certseg import certify, rundir, votes
 from ray_certseg.certify import ABSTAIN, max_tau, min_n
 from ray_certseg.metrics import dataset_metrics, image_stats, level_stats
+from ray_certseg.rundir import RunDir
 
 log = logging.getLogger("ray_certseg")
 
@@ -192,21 +193,21 @@ class CertifyBatch:
         return certify_table(batch, self.points)
 
 
-def per_image_local(votes_dir: str, grid: Grid, storage_options: dict | None = None) -> pa.Table:
+def per_image_local(run: RunDir, grid: Grid) -> pa.Table:
     """The reducer's map, in this process, one vote file at a time."""
-    fs, files = votes.parquet_files(votes_dir, storage_options=storage_options)
+    fs, files = run.vote_files()
     points = tuple(grid)
     parts = [certify_table(pq.read_table(path, filesystem=fs, partitioning=None), points) for path in files]
     return pa.concat_tables(parts) if parts else PER_IMAGE_SCHEMA.empty_table()
 
 
-def per_image_ray(votes_dir: str, grid: Grid, storage_options: dict | None = None) -> pa.Table:
+def per_image_ray(run: RunDir, grid: Grid) -> pa.Table:
     """The reducer's map as a Ray Data stage: read_parquet(votes) -> map_batches(CertifyBatch) -> small rows."""
     import ray
 
-    if not votes.parquet_files(votes_dir, storage_options=storage_options)[1]:
+    if not run.vote_files()[1]:
         return PER_IMAGE_SCHEMA.empty_table()  # every row failed, or nothing was sampled yet
-    pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir, storage_options)
+    pa_fs, pa_path = run.pyarrow_filesystem(rundir.VOTES)
     ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
     ds = ds.map_batches(
         CertifyBatch,
@@ -544,21 +545,16 @@ def reduction_name(grid: Grid) -> str:
     return name if procedures == ["segcertify"] else f"{name}_{join(procedures)}"
 
 
-def grid_from_output(
-    output: str, storage_options: dict | None, taus, alphas, corrections, procedures=None
-) -> Grid:
+def grid_from_output(run: RunDir | str, taus, alphas, corrections, procedures=None) -> Grid:
     """The run's grid (``config.json``'s certify section), each part replaced by the one given."""
-    fs, root = storage.get_filesystem(output, storage_options)
-    cfg = {}
-    if fs.exists(f"{root}/config.json"):
-        with fs.open(f"{root}/config.json", "r") as f:
-            cfg = json.load(f).get("certify", {})
+    run = RunDir.of(run)
+    cfg = run.read_json(rundir.CONFIG).get("certify", {}) if run.exists(rundir.CONFIG) else {}
     taus = taus or cfg.get("taus")
     alphas = alphas or cfg.get("alphas")
     corrections = corrections or cfg.get("corrections") or ["holm"]
     procedures = procedures or cfg.get("procedures") or ["segcertify"]
     if not taus or not alphas:
-        raise ValueError(f"{output}: no config.json with certify.taus/alphas; pass --tau and --alpha")
+        raise ValueError(f"{run.url}: no config.json with certify.taus/alphas; pass --tau and --alpha")
     grid = Grid(
         tuple(float(t) for t in taus), tuple(float(a) for a in alphas), tuple(corrections), tuple(procedures)
     )
@@ -567,7 +563,7 @@ def grid_from_output(
 
 
 def reduce_output(
-    output: str,
+    output: RunDir | str,
     *,
     storage_options: dict | None = None,
     taus: Sequence[float] | None = None,
@@ -576,7 +572,7 @@ def reduce_output(
     procedures: Sequence[Any] | None = None,
     errors: pa.Table | None = None,
     engine: str = "auto",
-    into: str = "metrics",
+    into: str = rundir.METRICS,
     pooling: str = "common",
 ) -> ReduceResult:
     """Certify ``<output>/votes`` at every point of the grid (defaults: the run's config; ``procedures``:
@@ -586,21 +582,17 @@ def reduce_output(
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
     ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see
     :func:`pool`."""
-    grid = grid_from_output(output, storage_options, taus, alphas, corrections, procedures)
-    votes_dir = storage.join(output, "votes")
+    run = RunDir.of(output, storage_options)
+    grid = grid_from_output(run, taus, alphas, corrections, procedures)
     if engine == "auto":
         import sys
 
         engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
-    table = (per_image_ray if engine == "ray" else per_image_local)(votes_dir, grid, storage_options)
-    fs, root = storage.get_filesystem(output, storage_options)
-    if errors is None and fs.exists(f"{root}/errors.parquet"):
-        with fs.open(f"{root}/errors.parquet", "rb") as f:
-            errors = pq.read_table(f)
+    table = (per_image_ray if engine == "ray" else per_image_local)(run, grid)
+    if errors is None and run.exists(rundir.ERRORS):
+        errors = run.read_table(rundir.ERRORS)
     result = reduce_table(table, pooling, errors)
-    write_metrics(
-        output, storage_options, result.per_image, result.metrics, result.summary_markdown, into=into
-    )
+    write_metrics(run, result.per_image, result.metrics, result.summary_markdown, into=into)
     return result
 
 
@@ -622,17 +614,9 @@ def reduce_table(
 
 
 def write_metrics(
-    output: str,
-    storage_options: dict | None,
-    per_image: pd.DataFrame,
-    metrics: pd.DataFrame,
-    summary: str,
-    *,
-    into: str = "metrics",
+    run: RunDir, per_image: pd.DataFrame, metrics: pd.DataFrame, summary: str, *, into: str = rundir.METRICS
 ) -> None:
-    fs, root = storage.get_filesystem(output, storage_options)
-    mdir = f"{root}/{into}"
-    fs.makedirs(mdir, exist_ok=True)
+    """``<into>/``: per_image.parquet, metrics.parquet (zstd), metrics.csv (scalars), summary.md."""
     for name, df, schema in (
         ("per_image.parquet", per_image, PER_IMAGE_SCHEMA),
         ("metrics.parquet", metrics, None),
@@ -643,10 +627,7 @@ def write_metrics(
         )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        with fs.open(f"{mdir}/{name}", "wb") as f:
-            f.write(buf.getvalue())
+        run.write_bytes(buf.getvalue(), into, name)
     csv = metrics.drop(columns=[c for c in metrics.columns if c.endswith(("_per_class", "_per_level"))])
-    with fs.open(f"{mdir}/metrics.csv", "w") as f:
-        f.write(csv.to_csv(index=False, float_format="%.6g"))
-    with fs.open(f"{mdir}/summary.md", "w") as f:
-        f.write(summary + "\n")
+    run.write_bytes(csv.to_csv(index=False, float_format="%.6g").encode(), into, "metrics.csv")
+    run.write_bytes((summary + "\n").encode(), into, "summary.md")

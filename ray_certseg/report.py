@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ray_certseg import analysis, plots, reduce, storage
+from ray_certseg import analysis, plots, reduce, rundir, storage
+from ray_certseg.rundir import RunDir
 
 CURVE_NOTE = (
     "Certified accuracy at radius r: for each sigma, CERTIFY at tau = Phi(r / sigma) (the tau whose radius "
@@ -20,19 +20,14 @@ CURVE_NOTE = (
 )
 
 
-def _errors(output: str, storage_options: Mapping[str, Any] | None) -> pa.Table | None:
+def _errors(run: RunDir) -> pa.Table | None:
     """``<output>/errors.parquet`` (the failed rows), None when absent."""
-    path = storage.join(output, "errors.parquet")
-    if not storage.exists(path, storage_options):
-        return None
-    fs, stripped = storage.get_filesystem(path, storage_options)
-    with fs.open(stripped, "rb") as f:
-        return pq.read_table(f)
+    return run.read_table(rundir.ERRORS) if run.exists(rundir.ERRORS) else None
 
 
-def _plot_names(output: str, storage_options: Mapping[str, Any] | None, *pattern: str) -> list[str]:
+def _plot_names(run: RunDir, *pattern: str) -> list[str]:
     """File names in ``<output>/plots/`` matching the pattern parts, sorted."""
-    found = storage.glob(storage.join(output, "plots", *pattern), storage_options)
+    found = storage.glob(run.path(rundir.PLOTS, *pattern), run.storage_options)
     return sorted(p.rsplit("/", 1)[-1] for p in found)
 
 
@@ -40,13 +35,14 @@ def _image(title: str, path: str) -> str:
     return f"![{title}]({path})"
 
 
-def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+def render(output: RunDir | str, *, storage_options: Mapping[str, Any] | None = None) -> str:
     """The report's Markdown: run parameters, the summary table, the plots present in ``<output>/plots/``
     and the failed rows."""
-    cfg = analysis.load_config(output, storage_options=storage_options)
-    metrics = analysis.load_metrics(output, storage_options=storage_options)
-    errors = _errors(output, storage_options)
-    per_image = analysis.load_metrics(output, per_image=True, storage_options=storage_options)
+    run = RunDir.of(output, storage_options)
+    cfg = analysis.load_config(run)
+    metrics = analysis.load_metrics(run)
+    errors = _errors(run)
+    per_image = analysis.load_metrics(run, per_image=True)
     left = reduce.left_out(per_image) if len(per_image) else None
     s = cfg.sampling
     methods = ", ".join(
@@ -57,7 +53,7 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     lines = [
         f"# Certification report: {cfg.name}",
         "",
-        f"- output: `{output}`",
+        f"- output: `{run.url}`",
         f"- dataset: `{cfg.dataset.name}` ({images} images certified, {cfg.dataset.num_classes} classes)",
         f"- methods: {methods}",
         f"- sampling: sigma in {list(s.sigmas)}, n0 = {s.n0}, n = {s.n}, seed = {s.seed}",
@@ -75,7 +71,7 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
         reduce.summary_markdown(metrics, errors.num_rows if errors else 0, left),
         "",
     ]
-    present = set(_plot_names(output, storage_options, "*.png"))
+    present = set(_plot_names(run, "*.png"))
     if "certified_accuracy.png" in present:
         lines += [
             "## Certified accuracy vs radius",
@@ -99,7 +95,7 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
             "is a false negative)."
         )
         lines += ["## Per-class IoU", "", note, "", _image("per-class IoU", "plots/iou_per_class.png"), ""]
-    examples = _plot_names(output, storage_options, "examples", "*.png")
+    examples = _plot_names(run, "examples", "*.png")
     if examples:
         note = (
             f"image | ground truth | clean prediction | certified map at tau = {tau:g}, alpha = "
@@ -115,16 +111,14 @@ def render(output: str, *, storage_options: Mapping[str, Any] | None = None) -> 
 
 
 def write_report(
-    output: str, *, storage_options: Mapping[str, Any] | None = None, replot: bool = False
+    output: RunDir | str, *, storage_options: Mapping[str, Any] | None = None, replot: bool = False
 ) -> str:
     """Write ``<output>/report.md``; returns its path. The plots are (re)drawn first with ``replot``, when
     there are none, or when they show another grid point than ``metrics/`` now holds (after a
     ``ray-certseg reduce`` with another tau/alpha)."""
-    metrics = analysis.load_metrics(output, storage_options=storage_options)
-    shown = plots.plotted_grid_point(output, storage_options=storage_options)
-    cfg = analysis.load_config(output, storage_options=storage_options)
+    run = RunDir.of(output, storage_options)
+    metrics, shown, cfg = analysis.load_metrics(run), plots.plotted_grid_point(run), analysis.load_config(run)
     if replot or shown != plots.grid_point(metrics, cfg):
-        plots.write_plots(output, storage_options=storage_options)
-    path = storage.join(output, "report.md")
-    storage.write_bytes(path, render(output, storage_options=storage_options).encode(), storage_options)
-    return path
+        plots.write_plots(run)
+    run.write_bytes(render(run).encode(), rundir.REPORT)
+    return run.path(rundir.REPORT)

@@ -20,6 +20,7 @@ from ray_certseg import analysis, cli, plots, reduce, votes
 from ray_certseg.certify import ABSTAIN, certify
 from ray_certseg.models.segmenters import Segmenter
 from ray_certseg.models.tiny import tiny_segnet
+from ray_certseg.rundir import RunDir
 from ray_certseg.sampling import count_votes
 
 ALPHA = 0.1
@@ -230,7 +231,7 @@ def test_votes_and_metrics_load_from_s3_like_local(syn_votes, monkeypatch):
         fs.mkdir("out-bucket")
         fs.put(str(syn_votes / "part-0.parquet"), "out-bucket/run/votes/part-0.parquet")
         reduce.write_metrics(
-            "s3://out-bucket/run", opts, result.per_image, result.metrics, result.summary_markdown
+            RunDir("s3://out-bucket/run", opts), result.per_image, result.metrics, result.summary_markdown
         )
         remote = analysis.load_votes("s3://out-bucket/run", storage_options=opts)
         pd.testing.assert_frame_equal(

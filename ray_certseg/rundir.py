@@ -1,0 +1,160 @@
+"""One run folder: its filesystem (local or an object store) and every path in it, named once.
+
+::
+
+    <output>/
+      config.json          the validated job config, secrets redacted (written before sampling)
+      votes/               vote-count Parquet files (ray_certseg.votes); the only thing sampling writes
+      _errors/             one small Parquet file per failed (image, method, sigma) row, while sampling runs
+      errors.parquet       those records gathered by the driver
+      _partial/            vote files a crash left half-written, set aside on resume (their rows are resampled)
+      metrics/             per_image.parquet, metrics.parquet, summary.md (``reduce``; other names for recertify)
+      plots/               figures (ray_certseg.plots); plots/examples/ per image
+      report.md            the report (ray_certseg.report)
+
+Every read and write goes through :meth:`RunDir.io`, which turns object-store failures into errors naming the
+bucket and never a credential (:func:`ray_certseg.storage.translate_errors`); ``repr`` shows no options.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import posixpath
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_certseg import storage
+
+CONFIG, VOTES, ERROR_PARTS, ERRORS, PARTIAL = "config.json", "votes", "_errors", "errors.parquet", "_partial"
+METRICS, PLOTS, REPORT = "metrics", "plots", "report.md"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The folder ``url`` (a local path or ``s3://bucket/prefix``) read and written with ``storage_options``."""
+
+    url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, run: RunDir | str, storage_options: Mapping[str, Any] | None = None) -> RunDir:
+        """``run`` itself, or the run folder at the path ``run``."""
+        return run if isinstance(run, RunDir) else cls(str(run), dict(storage_options or {}))
+
+    @classmethod
+    def of_config(cls, cfg: Any) -> RunDir:
+        """The run folder of a :class:`ray_certseg.config.JobConfig` (its ``output``, its options)."""
+        return cls(cfg.output, dict(cfg.storage_options))
+
+    # ----------------------------------------------------------------------------------------------- paths
+    def path(self, *parts: str) -> str:
+        """The URL (or local path) of ``parts`` under the folder, as :mod:`ray_certseg.storage` takes it."""
+        return storage.join(self.url, *parts) if parts else self.url
+
+    @property
+    def votes(self) -> str:
+        return self.path(VOTES)
+
+    @property
+    def errors_dir(self) -> str:
+        return self.path(ERROR_PARTS)
+
+    @property
+    def partial(self) -> str:
+        return self.path(PARTIAL)
+
+    @property
+    def plots(self) -> str:
+        return self.path(PLOTS)
+
+    def metrics(self, name: str = "", into: str = METRICS) -> str:
+        """``metrics/<name>`` (or the folder), or under ``into`` for a recertification's other folder."""
+        return self.path(into, name) if name else self.path(into)
+
+    @property
+    def is_local(self) -> bool:
+        return storage.is_local(self.url)
+
+    # ---------------------------------------------------------------------------------------- filesystems
+    def filesystem(self, *parts: str) -> tuple[Any, str]:
+        """(fsspec filesystem, its path of ``parts``)."""
+        return storage.get_filesystem(self.path(*parts), self.storage_options)
+
+    def pyarrow_filesystem(self, *parts: str) -> tuple[Any, str]:
+        """(pyarrow filesystem, its path of ``parts``), for Ray Data and pyarrow.dataset."""
+        return storage.pyarrow_filesystem(self.path(*parts), self.storage_options)
+
+    @contextmanager
+    def io(self, *parts: str) -> Iterator[Any]:
+        """The fsspec filesystem, inside the error translation for ``parts``."""
+        fs, _ = self.filesystem(*parts)
+        with storage.translate_errors(self.path(*parts), self.storage_options):
+            yield fs
+
+    def redact(self, text: str) -> str:
+        """``text`` without any credential of this folder's options or the environment."""
+        return storage.redact(text, self.storage_options)
+
+    def check_bucket(self) -> None:
+        storage.check_bucket(self.url, self.storage_options)  # never create a bucket by accident
+
+    # ---------------------------------------------------------------------------------------- operations
+    def exists(self, *parts: str) -> bool:
+        return storage.exists(self.path(*parts), self.storage_options)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return storage.read_bytes(self.path(*parts), self.storage_options)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        storage.write_bytes(self.path(*parts), data, self.storage_options)
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def write_json(self, data: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(data, indent=2, sort_keys=True).encode(), *parts)
+
+    def read_table(self, *parts: str) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(_io.BytesIO(self.read_bytes(*parts)))
+
+    def write_table(self, table: Any, *parts: str) -> None:
+        import pyarrow.parquet as pq
+
+        buffer = _io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(buffer.getvalue(), *parts)
+
+    def files(self, *parts: str, suffix: str = ".parquet") -> list[str]:
+        """The filesystem paths of the files under ``parts`` (recursively) ending in ``suffix``, sorted."""
+        with self.io(*parts) as fs:
+            root = self.filesystem(*parts)[1]
+            if not fs.exists(root):
+                return []
+            return sorted(p for p in fs.find(root) if p.endswith(suffix))
+
+    def makedirs(self, *parts: str) -> None:
+        if self.is_local:
+            with self.io(*parts) as fs:
+                fs.makedirs(self.filesystem(*parts)[1], exist_ok=True)
+
+    def relative(self, fs_path: str) -> str:
+        """A filesystem path under the folder as the path parts below it (``votes/x.parquet``)."""
+        return posixpath.relpath(fs_path, self.filesystem()[1])
+
+    # --------------------------------------------------------------------------------------------- votes
+    def vote_files(self) -> tuple[Any, list[str]]:
+        """(pyarrow filesystem, the vote files under votes/, sorted); none when the folder is missing."""
+        from ray_certseg import votes
+
+        return votes.parquet_files(self.votes, storage_options=self.storage_options)
+
+    def vote_schema_version(self) -> int | None:
+        """The vote schema version of votes/ (refused when unreadable, :func:`ray_certseg.votes.check_schema_version`)."""
+        from ray_certseg import votes
+
+        return votes.check_schema_version(self.votes, storage_options=self.storage_options)
