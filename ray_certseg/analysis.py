@@ -151,7 +151,7 @@ def load_config(path: RunDir | str, *, storage_options: Mapping[str, Any] | None
         raise FileNotFoundError(f"no config.json in {run.url}: pass the output folder of a `ray-certseg run`")
     data = run.read_json(rundir.CONFIG)
     data["dataset"] = DatasetConfig.upgrade_recorded(data.get("dataset") or {})
-    if storage_options is not None or (isinstance(path, RunDir) and path.storage_options):
+    if storage_options is not None or isinstance(path, RunDir):  # the folder's own options are the real ones
         data["storage_options"] = dict(run.storage_options)
     return JobConfig.from_dict(data)
 

@@ -463,7 +463,6 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
         if run.exists(rundir.CONFIG):
             check_resumable(run.read_json(rundir.CONFIG), cfg.to_dict(redact=True))
     try:
-        run.makedirs()
         run.write_json(cfg.to_dict(redact=True), rundir.CONFIG)
     except OSError as exc:  # read-only place, a file in the path, no such device...
         raise ConfigError(

@@ -471,7 +471,7 @@ def write_plots(
     ids = example_ids(scalars, examples)
     written += _write_examples(run, cfg, ids, names, (tau, alpha, correction), max_sample_pixels)
     if cfg.dataset.hierarchy is not None:
-        written += _write_levels(run, cfg, ids, names, (tau, alpha, correction))
+        written += _write_levels(run, cfg, ids, (tau, alpha, correction))
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
     return written + [_write(run, json.dumps(shown, indent=1).encode(), "plots.json")]
 
@@ -544,9 +544,7 @@ LEVEL_RGB = (
 """Colours of certified pixels by hierarchy level (0 = a fine class, then coarser), cycled past the fifth."""
 
 
-def plot_levels(
-    rows: pd.DataFrame, point: Any, *, names: Sequence[str], palette: Sequence[str] | None = None
-) -> Figure:
+def plot_levels(rows: pd.DataFrame, point: Any, *, palette: Sequence[str] | None = None) -> Figure:
     """One image's hierarchical certificate: a row per vote row (method, sigma): ground truth | SegCertify's
     certified map at the point's tau, alpha, correction | the hierarchical map coloured by the level each
     certified pixel got (``LEVEL_RGB``; abstain white, ignore black). ``point``: a ``HierarchicalParams``;
@@ -587,8 +585,8 @@ def plot_levels(
 
 
 def _write_levels(
-    run: RunDir, cfg: JobConfig, ids: Sequence[str], names: Sequence[str], point: tuple[float, float, str]
-) -> list[str]:  # fmt: skip
+    run: RunDir, cfg: JobConfig, ids: Sequence[str], point: tuple[float, float, str]
+) -> list[str]:
     """``plots/examples/<image_id>_levels.png`` for the run's first hierarchical entry, at the pictures' point."""
     from ray_certseg import certify
 
@@ -604,8 +602,6 @@ def _write_levels(
     frame = analysis.load_votes(run, columns=columns, image_ids=ids)
     written = []
     for image_id in ids:
-        fig = plot_levels(
-            frame[frame["image_id"] == image_id], found[0].params, names=names, palette=palette_of(cfg)
-        )
+        fig = plot_levels(frame[frame["image_id"] == image_id], found[0].params, palette=palette_of(cfg))
         written.append(_save(fig, run, "examples", f"{image_id}_levels.png"))
     return written

@@ -59,14 +59,6 @@ class RunDir:
         return self.path(VOTES)
 
     @property
-    def errors_dir(self) -> str:
-        return self.path(ERROR_PARTS)
-
-    @property
-    def partial(self) -> str:
-        return self.path(PARTIAL)
-
-    @property
     def plots(self) -> str:
         return self.path(PLOTS)
 
@@ -131,16 +123,9 @@ class RunDir:
 
     def files(self, *parts: str, suffix: str = ".parquet") -> list[str]:
         """The filesystem paths of the files under ``parts`` (recursively) ending in ``suffix``, sorted."""
-        with self.io(*parts) as fs:
-            root = self.filesystem(*parts)[1]
-            if not fs.exists(root):
-                return []
-            return sorted(p for p in fs.find(root) if p.endswith(suffix))
-
-    def makedirs(self, *parts: str) -> None:
-        if self.is_local:
-            with self.io(*parts) as fs:
-                fs.makedirs(self.filesystem(*parts)[1], exist_ok=True)
+        fs, root = self.filesystem(*parts)
+        with storage.translate_errors(self.path(*parts), self.storage_options):
+            return sorted(p for p in fs.find(root) if p.endswith(suffix)) if fs.exists(root) else []
 
     def relative(self, fs_path: str) -> str:
         """A filesystem path under the folder as the path parts below it (``votes/x.parquet``)."""

@@ -213,13 +213,11 @@ class Section(BaseModel):
     path: ClassVar[str] = ""
 
     @classmethod
-    def from_dict(
-        cls, data: Any, path: str | None = None, *, base_dir: str | Path | None = None, **context: Any
-    ):
+    def from_dict(cls, data: Any, path: str | None = None, *, base_dir: str | Path | None = None) -> Any:
         """Validate a mapping; errors are :class:`ConfigError` lines under ``path``; relative paths resolve
         against the working directory, then ``base_dir`` (the config file's folder)."""
         base = Path(base_dir).resolve() if base_dir is not None else None
         try:
-            return cls.model_validate({} if data is None else data, context={"base_dir": base, **context})
+            return cls.model_validate({} if data is None else data, context={"base_dir": base})
         except ValidationError as err:
             raise ConfigError(first_error(err, cls, cls.path if path is None else path)) from None
