@@ -6,7 +6,7 @@
     ray-certseg sweep OUTPUT --thresholds 0.5,0.3,0 0.3,0.1,0 ... [--held-out IDS_FILE]
     ray-certseg report OUTPUT [--replot]
     ray-certseg selftest [--images 1000] [--alpha 0.2] [--correction holm ...] [--seed 0] [--shared-noise]
-                         [--procedure hierarchical [--level-from-s]]
+                         [--procedure hierarchical [--level-from-s] [--model M]]
 
 ``python jobs/certify.py ...`` is ``ray-certseg run ...``. Run directly, the job starts a local Ray
 instance; under ``ray job submit`` (``RAY_ADDRESS`` set) it attaches to that cluster.
@@ -273,16 +273,17 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--shared-noise is SegCertify's self-test; with --procedure hierarchical use --level-from-s"
             )
-        report = run_hierarchical_selftest(**common, level_from_s=args.level_from_s)
+        model = args.model or ("coarse-sure" if args.level_from_s else "boundary")
+        report = run_hierarchical_selftest(**common, level_from_s=args.level_from_s, model=model)
     else:
-        if args.level_from_s:
-            raise ValueError("--level-from-s needs --procedure hierarchical")
+        if args.level_from_s or args.model:
+            raise ValueError("--level-from-s and --model need --procedure hierarchical")
         report = run_selftest(**common, shared_noise=args.shared_noise)
     print(report.to_markdown())
     if args.level_from_s:
         print(
-            "\nlevel chosen from S (the wrong variant): see docs/hierarchical.md for why, with nested nodes and "
-            "tau > 1/2, it raises the false-certificate rate but cannot exceed alpha by much"
+            "\nlevel chosen from S (the wrong variant): under Holm it must FAIL on the coarse-sure model; under "
+            "Bonferroni it stays within alpha (docs/hierarchical.md says why)"
         )
     return 0 if report.passed else 1
 
@@ -423,7 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--level-from-s",
         action="store_true",
-        help="with --procedure hierarchical: choose each pixel's level from S instead of S0 (wrong on purpose)",
+        help="with --procedure hierarchical: choose each pixel's level from S instead of S0 (wrong on purpose; "
+        "the model defaults to coarse-sure, where it fails under Holm)",
+    )
+    s.add_argument(
+        "--model",
+        choices=("boundary", "coarse-sure"),
+        help="with --procedure hierarchical: the analytic image model (default boundary; docs/selftest.md)",
     )
     s.add_argument("--sigma", type=float, default=0.25)
     s.add_argument("--tau", type=float, default=0.75)

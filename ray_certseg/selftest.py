@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,7 +278,7 @@ class SelfTestReport:
     alpha: float
     significance: float
     shared_noise: bool
-    parameters: dict[str, float]
+    parameters: dict[str, Any]
 
     @property
     def passed(self) -> bool:
@@ -291,7 +292,13 @@ class SelfTestReport:
             f"Self-test of the certificates: {p['images']} images of {p['height']}x{p['width']} pixels, "
             f"C={p['num_classes']}, sigma={p['sigma']}, tau={p['tau']}, n0={p['n0']}, n={p['n']}, "
             f"batch={p['batch_size']}, seed={p['seed']}, noise "
-            + ("SHARED per batch (released SegCertify bug)" if self.shared_noise else "independent per draw"),
+            + ("SHARED per batch (released SegCertify bug)" if self.shared_noise else "independent per draw")
+            + (
+                f"; hierarchical, model {p['model']}, thresholds {p['thresholds']}, level from {p['level_from']}"
+                + (" (the wrong variant)" if p["level_from"] == "S" else "")
+                if "model" in p
+                else ""
+            ),
             (
                 f"Fails if P[Binom(images, alpha={self.alpha:g}) >= failures] < {self.significance:g} "
                 "(p vs alpha), or, for Bonferroni, if the failures deviate from its exact rate with "
@@ -513,6 +520,24 @@ def hierarchy_probabilities(
     return p.reshape(4, height, width)
 
 
+def coarse_sure_probabilities(rng: np.random.Generator, height: int, width: int, *, tau: float) -> np.ndarray:
+    """Class probabilities (4, H, W) where every pixel's top node is sure (0.99) and its top class (drawn per
+    pixel) sits just below tau (tau - 0.01, its sibling the rest of the node): the coarse level certifies
+    everywhere, the fine level is a null everywhere. The model on which choosing the level from S fails."""
+    dominant = rng.integers(0, 4, height * width)
+    cols = np.arange(height * width)
+    p = np.zeros((4, height * width))
+    p[dominant, cols] = tau - 0.01
+    p[dominant ^ 1, cols] = 0.99 - (tau - 0.01)
+    p[(dominant & 2) ^ 2, cols] = 0.005
+    p[((dominant & 2) ^ 2) + 1, cols] = 0.005
+    return p.reshape(4, height, width)
+
+
+HIERARCHICAL_MODELS = {"boundary": (0.5, 0.0), "coarse-sure": (0.65, 0.0)}
+"""The hierarchical self-test's image models and their default thresholds (t_0, t_1)."""
+
+
 def run_hierarchical_selftest(
     *,
     images: int = 300,
@@ -520,7 +545,8 @@ def run_hierarchical_selftest(
     corrections: Sequence[str] = CORRECTIONS,
     seed: int = 0,
     level_from_s: bool = False,
-    thresholds: tuple[float, ...] = (0.5, 0.0),
+    model: str = "boundary",
+    thresholds: tuple[float, ...] | None = None,
     sigma: float = 0.25,
     tau: float = 0.75,
     n0: int = 10,
@@ -536,12 +562,17 @@ def run_hierarchical_selftest(
     :func:`hierarchy_probabilities`, votes counted per level by ``count_votes`` and certificates from
     ``certify_levels``. A certified pixel is false iff the true probability of its node (the sum of its
     classes' probabilities) is <= tau. ``level_from_s`` chooses each pixel's level from the estimation votes
-    S (their fine margin) instead of S0: the deliberately wrong variant."""
+    S (their fine margin) instead of S0: the deliberately wrong variant. ``model``: ``"boundary"``
+    (:func:`hierarchy_probabilities`) or ``"coarse-sure"`` (:func:`coarse_sure_probabilities`, where the
+    wrong variant fails under Holm); ``thresholds`` default to the model's in :data:`HIERARCHICAL_MODELS`."""
     from types import SimpleNamespace
 
     from ray_certseg import hierarchy
     from ray_certseg.certify.hierarchical import certify_levels
 
+    if model not in HIERARCHICAL_MODELS:
+        raise ValueError(f"model must be one of {sorted(HIERARCHICAL_MODELS)}, got {model!r}")
+    thresholds = HIERARCHICAL_MODELS[model] if thresholds is None else tuple(thresholds)
     h = hierarchy.from_dict(TOY_HIERARCHY)
     node_of = np.stack(h.node)  # (2, 4)
     level_maps = level_index(h.node[1:])
@@ -553,7 +584,10 @@ def run_hierarchical_selftest(
         rng = np.random.default_rng([seed, m])
         x = torch.from_numpy(rng.random((3, height, width), dtype=np.float32))
         weight = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
-        target = hierarchy_probabilities(rng, height, width, tau=tau, n=n, alpha=alpha)
+        if model == "boundary":
+            target = hierarchy_probabilities(rng, height, width, tau=tau, n=n, alpha=alpha)
+        else:
+            target = coarse_sure_probabilities(rng, height, width, tau=tau)
         segmenter = LinearThresholdSegmenter.from_probabilities(x, target, sigma, weight)
         truth = segmenter.class_probabilities(x, sigma)
         v = count_votes(
@@ -592,6 +626,7 @@ def run_hierarchical_selftest(
                        certified_pixels, None)  # fmt: skip
     parameters = {
         "images": images, "seed": seed, "sigma": sigma, "tau": tau, "n0": n0, "n": n, "batch_size": batch_size,
-        "num_classes": 4, "height": height, "width": width,
+        "num_classes": 4, "height": height, "width": width, "model": model, "thresholds": list(thresholds),
+        "level_from": "S" if level_from_s else "S0",
     }  # fmt: skip
     return SelfTestReport(tuple(results), float(alpha), float(significance), False, parameters)

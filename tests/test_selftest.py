@@ -156,6 +156,12 @@ def test_cli_selftest_exit_codes(capsys):
     assert "SHARED" in out and out.count("FAIL") == 2
     assert cli.main(["selftest", "--images", "0"]) == 2
     assert "images must be an integer >= 1" in capsys.readouterr().err
+    wrong = ["selftest", "--procedure", "hierarchical", "--level-from-s", "--images", "40", "--seed", "3"]
+    assert cli.main([*wrong, "--correction", "holm"]) == 1  # the wrong variant fails on coarse-sure
+    out = capsys.readouterr().out
+    assert "coarse-sure" in out and "level from S (the wrong variant)" in out and "FAIL" in out
+    assert cli.main(["selftest", "--model", "boundary"]) == 2  # a hierarchical option without the procedure
+    assert "need --procedure hierarchical" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ Binomial(n, q_i) with q_i = P[f_i(x + eps) under node c_i], so p_i is a valid p-
 H0_i: q_i <= tau, and Holm / Bonferroni keep the family-wise error <= alpha. Hence with probability at least
 1 - alpha every certified pixel's node is the tau-smoothed classifier's node at its chosen level
 (q_i > tau > 1/2, so that node is unique), and it keeps that node under any ||delta||_2 < R = sigma * Phi^-1(tau).
-Choosing l_i from S instead would make the test data-dependent and void this (``ray-certseg selftest
---level-from-s`` shows the failure).
+Choosing l_i from S instead makes the family of hypotheses data-dependent and voids this under Holm:
+``ray-certseg selftest --procedure hierarchical --level-from-s`` fails (docs/hierarchical.md).
 
 Certified information gain per pixel: log C - log |classes under c_i| if the pixel is certified and c_i holds
 its true class, else 0 (the reducer sums it for every procedure; SegCertify's certified pixels gain log C).
