@@ -128,3 +128,14 @@ def test_marginal_is_the_difference_of_two_runs():
     assert m.overhead_ratio == pytest.approx(0.25)  # (40 - 32) / 32
     assert m.core_share == pytest.approx(0.8)  # 32 CPU s over 20 s x 2 actors
     assert m.busy_fraction == pytest.approx(0.9)  # 36 s in count_votes over 20 s x 2 actors
+
+
+def test_margin_quick_records_the_samplers_s0_draws_and_prints_both_margins(capsys):
+    """The script checks that the softmax it records comes from the sampler's own S0 draws (their mode is the
+    stored c_hat) and prints a row per margin with finite rates."""
+    assert load("margin").main(["--quick", "--methods", "segcertify"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| segcertify")]
+    assert [r[3].strip() for r in rows] == ["votes", "softmax"]
+    for r in rows:
+        abstain, cig = float(r[4]), float(r[5])
+        assert 0 <= abstain <= 1 and 0 < cig <= 1
