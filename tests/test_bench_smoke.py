@@ -134,7 +134,9 @@ def test_margin_quick_records_the_samplers_s0_draws_and_prints_both_margins(caps
     """The script checks that the softmax it records comes from the sampler's own S0 draws (their mode is the
     stored c_hat) and prints a row per margin with finite rates."""
     assert load("margin").main(["--quick", "--methods", "segcertify"]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| segcertify")]
+    rows = [
+        line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| segcertify")
+    ]
     assert [r[3].strip() for r in rows] == ["votes", "softmax"]
     for r in rows:
         abstain, cig = float(r[4]), float(r[5])
