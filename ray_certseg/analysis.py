@@ -30,6 +30,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -256,6 +257,7 @@ def noisy_sample(
 
 
 # -------------------------------------------------------------------------------------- accuracy vs radius
+@lru_cache(maxsize=4096)
 def tau_for_radius(radius: float, sigma: float) -> float:
     """tau(r, sigma) = Phi(r / sigma): the threshold whose certificate radius sigma Phi^-1(tau) is r."""
     return float(norm.cdf(radius / sigma))

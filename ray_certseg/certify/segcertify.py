@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from numbers import Integral, Real
 from typing import Any, Literal
 
@@ -57,7 +58,20 @@ class Certificate:
 
 def radius(sigma: float, tau: float) -> float:
     """Certified L2 radius R = sigma * Phi^-1(tau) of every certified pixel (0.5 < tau < 1 makes R > 0)."""
-    return float(_check_sigma(sigma) * norm.ppf(_check_tau(tau)))
+    return float(_check_sigma(sigma) * _ppf(_check_tau(tau)))
+
+
+@lru_cache(maxsize=1024)
+def _ppf(tau: float) -> float:
+    return float(norm.ppf(tau))
+
+
+@lru_cache(maxsize=256)
+def _sf_table(n: int, tau: float) -> np.ndarray:
+    """P[Binom(n, tau) >= k] for k = 0..n, read-only: one scipy call per (n, tau), not one per image."""
+    table = binom.sf(np.arange(-1, n, dtype=np.int64), n, tau)
+    table.setflags(write=False)
+    return table
 
 
 def select(counts0: np.ndarray) -> np.ndarray:
@@ -99,7 +113,7 @@ def pvalues(k: np.ndarray | int, n: int, tau: float) -> np.ndarray:
     if not (isinstance(tau, Real) and 0.0 < tau < 1.0):
         raise ValueError(f"tau must be a probability in (0, 1), got {tau!r}")
     _check_counts(k, n)
-    return binom.sf(k.astype(np.int64) - 1, n, float(tau))
+    return _sf_table(n, float(tau))[k.astype(np.intp)]
 
 
 def certify(
