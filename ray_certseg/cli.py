@@ -143,12 +143,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
     run = rundir.RunDir.of_config(cfg)
     errors = pipeline.gather_errors(cfg)
-    result = reduce.reduce_output(run, errors=errors)
-    print(result.summary_markdown)
-    print(
+    inputs = reduce.inputs_of(run, cfg.to_dict())
+    paths = (
         f"\nvotes:   {run.votes}/\nmetrics: {run.metrics()}/ (metrics.csv, metrics.parquet, "
         f"per_image.parquet, summary.md)\nerrors:  {run.path(rundir.ERRORS)} ({errors.num_rows} failed rows)"
     )
+    if not job_plan.pending and reduce.is_current(run, inputs):  # a finished job rerun: nothing to redo
+        log.info(
+            "metrics/ and plots/ are up to date with votes/ and the config: not certified again "
+            "(`ray-certseg reduce %s` does, `ray-certseg report %s --replot` redraws)",
+            run.url,
+            run.url,
+        )
+        print(run.read_bytes(rundir.METRICS, "summary.md").decode().rstrip() + "\n" + paths)
+        print(f"plots:   {run.plots}/")
+        return 1 if errors.num_rows else 0
+    result = reduce.reduce_output(run, errors=errors)
+    print(result.summary_markdown + "\n" + paths)
     try:
         from ray_certseg import plots
 
@@ -160,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             type(exc).__name__,
             run.redact(str(exc)),
         )
+    else:
+        reduce.record_inputs(run, inputs)
     return 1 if errors.num_rows else 0
 
 

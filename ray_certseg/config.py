@@ -167,14 +167,28 @@ class RuntimeEnv(Section):
 
 
 class RayConfig(Section):
-    """Cluster resources: a fixed actor pool (``actors: N``) or an autoscaling one (``{min: a, max: b}``)."""
+    """Cluster resources: a fixed actor pool (``actors: N``) or an autoscaling one (``{min: a, max: b}``), and
+    how work and vote rows are grouped. ``batch_size``: images per Ray batch; ``auto`` fits ``batch_pixels``
+    pixels of the first image (at least 1, at most 64, and small enough that every actor gets two batches).
+    ``rows_per_file``: the least vote rows per Parquet file; ``auto`` fills ``file_bytes`` of in-memory rows
+    (at most 4096). A crash loses at most the rows not yet in a file, so larger files mean fewer objects and
+    more work redone after a crash (README, "Vote files")."""
 
     path: ClassVar[str] = "ray"
     address: rule(str, "a string", min_length=1) | None = None
     actors: Annotated[PosInt | dict[str, int], Field(description="an integer >= 1 or {min: a, max: b}")] = 1
     num_gpus_per_actor: NonNegFloat = 0.0
     num_cpus_per_actor: NonNegFloat = 1.0
-    batch_size: PosInt = 1
+    batch_size: Annotated[
+        PosInt | Literal["auto"],
+        Field(description='an integer >= 1 (images per Ray batch) or "auto" (from batch_pixels)'),
+    ] = "auto"
+    batch_pixels: PosInt = 1 << 20
+    rows_per_file: Annotated[
+        PosInt | Literal["auto"],
+        Field(description='an integer >= 1 (vote rows per file, at least) or "auto" (from file_bytes)'),
+    ] = "auto"
+    file_bytes: PosInt = 64 << 20
     max_tasks_in_flight_per_actor: PosInt = 2
     runtime_env: RuntimeEnv | None = None
 
@@ -188,6 +202,14 @@ class RayConfig(Section):
                 raise Invalid("", first_error(err, ActorRange, "ray.actors"), whole=True) from None
         if type(value) is not int or value < 1:
             raise Invalid("", requirement="an integer >= 1 or {min: a, max: b}", value=value)
+        return value
+
+    @field_validator("batch_size", "rows_per_file", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any, info: ValidationInfo) -> Any:
+        if value != "auto" and (type(value) is not int or value < 1):
+            rule_ = cls.model_fields[info.field_name].description
+            raise Invalid("", requirement=rule_, value=value)
         return value
 
     @field_validator("runtime_env")

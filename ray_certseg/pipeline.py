@@ -424,12 +424,15 @@ def run_sampling(
             max_size=r.actors["max"],
             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
         )
-    ds = ray.data.from_items(job_plan.rows, override_num_blocks=max(1, len(job_plan.rows) // r.batch_size))
+    per_batch = images_per_batch(cfg, len(job_plan.rows), job_plan.probe_size)
+    per_file = rows_per_file(cfg, job_plan.probe_size)
+    log.info("%d images per Ray batch, at least %d vote rows per file", per_batch, per_file)
+    ds = ray.data.from_items(job_plan.rows, override_num_blocks=math.ceil(len(job_plan.rows) / per_batch))
     ds = ds.map_batches(
         VoteSampler,
         fn_constructor_kwargs={"config": cfg.to_dict(redact=False), "probe_size": job_plan.probe_size},
         compute=compute,
-        batch_size=r.batch_size,
+        batch_size=per_batch,
         batch_format="numpy",
         num_cpus=r.num_cpus_per_actor,
         num_gpus=r.num_gpus_per_actor,
@@ -438,11 +441,56 @@ def run_sampling(
     with Progress(run, job_plan, rows_per_image, progress_interval):
         try:
             ds.write_parquet(
-                pa_path, filesystem=pa_fs, ray_remote_args={"num_cpus": WRITE_CPUS}, **votes.PARQUET_ARGS
+                pa_path,
+                filesystem=pa_fs,
+                min_rows_per_file=per_file,
+                ray_remote_args={"num_cpus": WRITE_CPUS},
+                **votes.PARQUET_ARGS,
             )
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise preflight.job_error(exc) from exc
     return job_plan
+
+
+MAX_IMAGES_PER_BATCH = 64
+MAX_ROWS_PER_FILE = 4096
+
+
+def images_per_batch(cfg: JobConfig, images: int, probe: tuple[int, int] | None) -> int:
+    """Images per Ray batch: ``ray.batch_size``, or for ``auto`` as many as fit ``ray.batch_pixels`` pixels of
+    the probe image, at most MAX_IMAGES_PER_BATCH and at most ceil(images / (2 actors)), so that every actor
+    of the largest pool gets two batches (1 without a probe). The votes do not depend on it: every image has
+    its own noise seeds, and a failing image still costs only its own rows."""
+    r = cfg.ray
+    if r.batch_size != "auto":
+        return r.batch_size
+    if probe is None:
+        return 1
+    actors = r.actors if isinstance(r.actors, int) else r.actors["max"]
+    fit = r.batch_pixels // (probe[0] * probe[1])
+    return max(1, min(fit, MAX_IMAGES_PER_BATCH, math.ceil(images / (2 * actors))))
+
+
+def rows_per_file(cfg: JobConfig, probe: tuple[int, int] | None) -> int:
+    """The least vote rows per file (Ray Data's ``min_rows_per_file``: blocks are bundled until they hold as
+    many): ``ray.rows_per_file``, or for ``auto`` as many rows of the probe image's size as fit
+    ``ray.file_bytes`` in memory (:func:`ray_certseg.votes.row_nbytes`), between 1 and MAX_ROWS_PER_FILE (1
+    without a probe). Rows waiting for their file are lost by a crash and sampled again on resume, never
+    written twice."""
+    r = cfg.ray
+    if r.rows_per_file != "auto":
+        return r.rows_per_file
+    if probe is None:
+        return 1
+    levels = 0
+    if cfg.dataset.hierarchy is not None:
+        from ray_certseg import hierarchy
+
+        levels = hierarchy.load(cfg.dataset.hierarchy).num_levels - 1
+    size = votes.row_nbytes(
+        probe[0] * probe[1], cfg.dataset.num_classes, levels=levels, store_counts=cfg.sampling.store_counts
+    )
+    return max(1, min(r.file_bytes // size, MAX_ROWS_PER_FILE))
 
 
 def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:

@@ -613,6 +613,33 @@ def reduce_table(
     return ReduceResult(per_image, metrics, summary, left)
 
 
+def inputs_of(run: RunDir, config: dict[str, Any]) -> dict[str, Any]:
+    """What a run's metrics and plots are a function of: this package's version, the job config (without its
+    ``ray`` resources, which change no result), and the vote files and errors.parquet by path and size (one
+    listing). A vote file is written once and never changed, so equal listings mean equal votes."""
+    from ray_certseg import __version__
+
+    return {
+        "version": __version__,
+        "config": {k: v for k, v in config.items() if k not in ("ray", "output", "storage_options")},
+        "vote_files": run.sizes(rundir.VOTES),
+        "errors": run.size(rundir.ERRORS),
+    }
+
+
+def is_current(run: RunDir, inputs: dict[str, Any]) -> bool:
+    """Whether metrics/ and plots/ exist and were made from exactly ``inputs`` (:func:`record_inputs`)."""
+    wanted = ((rundir.METRICS, rundir.INPUTS), (rundir.METRICS, "summary.md"), (rundir.PLOTS,))
+    if not all(run.exists(*parts) for parts in wanted):
+        return False
+    return run.read_json(rundir.METRICS, rundir.INPUTS) == json.loads(json.dumps(inputs))
+
+
+def record_inputs(run: RunDir, inputs: dict[str, Any]) -> None:
+    """Note that metrics/ and plots/ now reflect ``inputs``; written last, after both."""
+    run.write_json(inputs, rundir.METRICS, rundir.INPUTS)
+
+
 def write_metrics(
     run: RunDir, per_image: pd.DataFrame, metrics: pd.DataFrame, summary: str, *, into: str = rundir.METRICS
 ) -> None:

@@ -8,7 +8,8 @@
       _errors/             one small Parquet file per failed (image, method, sigma) row, while sampling runs
       errors.parquet       those records gathered by the driver
       _partial/            vote files a crash left half-written, set aside on resume (their rows are resampled)
-      metrics/             per_image.parquet, metrics.parquet, summary.md (``reduce``; other names for recertify)
+      metrics/             per_image.parquet, metrics.parquet, summary.md (``reduce``; other names for recertify),
+                           inputs.json (the votes, errors and config they and plots/ were made from)
       plots/               figures (ray_certseg.plots); plots/examples/ per image
       report.md            the report (ray_certseg.report)
 
@@ -30,6 +31,9 @@ from ray_certseg import storage
 
 CONFIG, VOTES, ERROR_PARTS, ERRORS, PARTIAL = "config.json", "votes", "_errors", "errors.parquet", "_partial"
 METRICS, PLOTS, REPORT = "metrics", "plots", "report.md"
+INPUTS = (
+    "inputs.json"  # metrics/inputs.json: what metrics/ and plots/ were made from (a no-op rerun skips both)
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,21 @@ class RunDir:
         fs, root = self.filesystem(*parts)
         with storage.translate_errors(self.path(*parts), self.storage_options):
             return sorted(p for p in fs.find(root) if p.endswith(suffix)) if fs.exists(root) else []
+
+    def sizes(self, *parts: str, suffix: str = ".parquet") -> dict[str, int]:
+        """{path below the folder: bytes} of the files under ``parts`` ending in ``suffix``, from one listing."""
+        fs, root = self.filesystem(*parts)
+        with storage.translate_errors(self.path(*parts), self.storage_options):
+            found = fs.find(root, detail=True) if fs.exists(root) else {}
+        return {
+            self.relative(p): int(info["size"]) for p, info in sorted(found.items()) if p.endswith(suffix)
+        }
+
+    def size(self, *parts: str) -> int | None:
+        """Bytes of the file at ``parts``; None when there is none."""
+        fs, path = self.filesystem(*parts)
+        with storage.translate_errors(self.path(*parts), self.storage_options):
+            return int(fs.size(path)) if fs.isfile(path) else None
 
     def relative(self, fs_path: str) -> str:
         """A filesystem path under the folder as the path parts below it (``votes/x.parquet``)."""

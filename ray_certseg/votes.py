@@ -251,6 +251,17 @@ def make_table(rows: Iterable[VoteRecord | Mapping[str, Any]], *, num_classes: i
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def row_nbytes(pixels: int, num_classes: int, *, levels: int = 0, store_counts: bool = False) -> int:
+    """In-memory (Arrow) bytes of one vote row of ``pixels`` pixels: the three class maps, k, and with a
+    hierarchy of ``levels`` coarser levels its margin and per-level maps, the counts when stored, plus the
+    scalar columns and list offsets (about 256 bytes)."""
+    cls = class_map_type(num_classes).byte_width
+    per_pixel = (
+        3 * cls + 2 + (2 + levels * (cls + 2) if levels else 0) + (2 * num_classes if store_counts else 0)
+    )
+    return pixels * per_pixel + 256
+
+
 # ----------------------------------------------------------------------------------------------------- files
 def _filesystem(path: str, filesystem: Any, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """A pyarrow filesystem and the path on it (``filesystem`` may be pyarrow or fsspec)."""

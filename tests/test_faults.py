@@ -39,11 +39,12 @@ pytestmark = pytest.mark.ray
 
 # ----------------------------------------------------------------------------------------------------- helpers
 def fault_config(root: Path, out: Path, **ray: Any) -> Path:
-    """IMAGES toy images, one image per block and enough samples (n=150) that a run lasts several blocks."""
+    """IMAGES toy images, one image per block and enough samples (n=150) that a run lasts several blocks;
+    vote files of at least 4 rows (two blocks bundled), so a crash can find rows waiting for their file."""
     manifest = jobworld.write_dataset(root / "data", IMAGES)
     models = jobworld.write_models(root / "models")
     cfg = jobworld.config(manifest, models, out, sigmas=[SIGMA], n=150)
-    cfg["ray"].update(batch_size=1, **ray)
+    cfg["ray"].update(batch_size=1, rows_per_file=4, **ray)
     return jobworld.write_config(root / "job.yaml", cfg)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 from pathlib import Path
 
 import jobworld
@@ -63,18 +64,19 @@ def test_job_writes_every_row_once_records_errors_and_metrics(world, tmp_path, r
 
 
 def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
-    """Deterministic: the Ray job's votes equal count_votes called here, image by image, same seeds."""
+    """Deterministic: the Ray job's votes equal count_votes called here, image by image, same seeds, whatever
+    the grouping (3 images per Ray batch, vote files of at least 3 rows)."""
     from ray_certseg.data import load_item
     from ray_certseg.models.registry import load_denoiser, load_segmenter
     from ray_certseg.sampling import count_votes
 
-    code, out, path = run(
-        world, tmp_path, extra=["--set", "ray.batch_size=3", "--set", "sampling.batch_size=5"]
-    )
+    grouping = ["ray.batch_size=3", "ray.rows_per_file=3", "sampling.batch_size=5"]
+    code, out, path = run(world, tmp_path, extra=[a for g in grouping for a in ("--set", g)])
     assert code == 1  # the corrupt image
     from ray_certseg.config import load_config
 
-    cfg = load_config(path, ["ray.batch_size=3", "sampling.batch_size=5"])
+    cfg = load_config(path, grouping)
+    assert len(list((out / "votes").glob("*.parquet"))) < 16  # rows coalesced: fewer files than rows
     seg = load_segmenter(cfg.models.segmenters["seg"])
     den = load_denoiser(cfg.models.denoisers["ddpm"])
     records = votes.read_votes(str(out / "votes"))
@@ -105,6 +107,30 @@ def test_votes_match_an_in_process_sequential_run(world, tmp_path, ray_session):
         np.testing.assert_array_equal(v.k, rec.k)
         np.testing.assert_array_equal(v.clean_pred, rec.clean_pred)
         np.testing.assert_array_equal(item["label"], rec.label)
+
+
+def test_a_finished_rerun_redoes_nothing_until_its_inputs_change(world, tmp_path, ray_session, caplog):
+    """Every row written, metrics and plots made from these votes and this config: a rerun certifies and plots
+    nothing and prints the stored table. Another grid, or missing plots, and it does both again."""
+    code, out, path = run(world, tmp_path, extra=["--set", "dataset.limit=2"])
+    assert code == 0 and (out / "metrics" / "inputs.json").exists()
+    made = lambda: {p.name: p.stat().st_mtime_ns for p in [*(out / "metrics").iterdir(), out / "plots"]}
+    before = made()
+    args = ["run", "--config", str(path), "--set", "dataset.limit=2"]
+    with caplog.at_level("INFO", logger="ray_certseg"):
+        assert cli.main(args) == 0
+    assert "up to date with votes/ and the config" in caplog.text
+    assert made() == before
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ray_certseg"):
+        assert cli.main([*args, "--set", "certify.taus=[0.7]"]) == 0
+    assert "up to date" not in caplog.text
+    assert set(pq.read_table(out / "metrics" / "metrics.parquet")["tau"].to_pylist()) == {0.7}
+    shutil.rmtree(out / "plots")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ray_certseg"):
+        assert cli.main([*args, "--set", "certify.taus=[0.7]"]) == 0
+    assert "up to date" not in caplog.text and any((out / "plots").rglob("*.png"))
 
 
 def test_resume_samples_only_missing_rows_and_sets_partial_files_aside(world, tmp_path, ray_session):

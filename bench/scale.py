@@ -1,0 +1,188 @@
+"""Benchmark 6, scale with the work: many tiny images through the whole job, at 1e3, 1e4 (and 1e5) images.
+
+Workload (where the job's own per-row costs decide the bill): N random 16 x 16 images (PNG, with labels, in
+a manifest), one method with a near-free model (``tiny_segnet`` width 8, random weights, no denoiser), one
+sigma, n0 = 1 and n = 20 (n = 20 rather than 2 so that the reducer has pixels to certify at tau = 0.6,
+alpha = 0.1), two actors of 0.875 CPU, the job's defaults for batching (``ray.batch_size``/``rows_per_file``:
+``auto``). Each size runs in its own process (its driver peak memory is its own), which reports:
+
+* wall time split into Ray start-up, planning (``prepare_run``: listing, probe, resume scan), sampling and
+  writing (``run_sampling``, one stage: Ray Data writes while it samples) and reducing (``reduce_output``);
+* vote files, bytes per row, driver peak RSS (``ru_maxrss``) after planning and at the end;
+* the sampler's rows/s, the actors' CPU per row and the share of it spent outside ``count_votes`` (the
+  per-row overhead), and the reducer's rows/s;
+* a no-op rerun: ``jobs/certify.py`` again on the finished output, in a new process, start-up included.
+
+Run: ``python bench/scale.py`` (1e3 and 1e4), ``--sizes 1000,3000``, ``--with-1e5``, ``--per-image 1000,3000``
+(those sizes also with one image per Ray batch and per vote file: the layout before issue 17); ``--quick``: 40
+images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as B
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, CLASSES = 16, 4
+
+
+def write_dataset(root: Path, count: int) -> Path:
+    """``count`` random 16 x 16 RGB PNGs and their labels, and a manifest (paths relative to it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["image_path,label_path,image_id"]
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / f"i{i}.png")
+        Image.fromarray(rng.integers(0, CLASSES, (SIZE, SIZE), dtype=np.uint8)).save(root / f"l{i}.png")
+        lines.append(f"i{i}.png,l{i}.png,img{i:06d}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root / "manifest.csv"
+
+
+def config(manifest: Path, weights: Path, output: Path, images: int) -> dict[str, Any]:
+    return {
+        "name": "scale",
+        "output": str(output),
+        "dataset": {"kind": "manifest", "manifest": str(manifest), "name": "scale", "num_classes": CLASSES,
+                    "limit": images},
+        "models": {"segmenters": {"seg": {
+            "kind": "module", "factory": "ray_certseg.models.tiny:tiny_segnet",
+            "kwargs": {"num_classes": CLASSES, "width": 8}, "weights": str(weights), "num_classes": CLASSES,
+        }}},
+        "methods": {"plain": {"segmenter": "seg"}},
+        "sampling": {"sigmas": [0.25], "n0": 1, "n": 20, "batch_size": 21, "seed": 0, "device": "cpu"},
+        "certify": {"taus": [0.6], "alphas": [0.1], "corrections": ["holm"]},
+        "ray": {"actors": 2, "num_cpus_per_actor": 0.875},
+    }  # fmt: skip
+
+
+def one_size(config_path: str) -> dict[str, Any]:
+    """Runs in its own process: the job's stages on a fresh output, timed one by one."""
+    import pyarrow.parquet as pq
+
+    from ray_certseg import pipeline, reduce
+    from ray_certseg.config import load_config
+    from ray_certseg.rundir import RunDir
+
+    cfg = load_config(config_path)
+    t = time.perf_counter()
+    startup = B.init_ray(2)
+    t = time.perf_counter()
+    job_plan = pipeline.prepare_run(cfg, overwrite=True)
+    planning = time.perf_counter() - t
+    rss_planned = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    with B.CpuMonitor() as monitor:
+        pipeline.run_sampling(cfg, progress_interval=0, job_plan=job_plan)
+    sampling = time.perf_counter() - t
+    (_, _, actors0), (_, _, actors1) = monitor.samples[0], monitor.samples[-1]
+    run = RunDir.of_config(cfg)
+    fs, files = run.vote_files()
+    rows = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
+    nbytes = sum(fs.get_file_info(f).size for f in files)
+    seconds = pq.read_table(files, filesystem=fs, columns=["sample_seconds"])["sample_seconds"].to_numpy()
+    t = time.perf_counter()
+    reduce.reduce_output(run, engine="local")
+    reducing = time.perf_counter() - t
+    return {
+        "images": cfg.dataset.limit, "rows": rows, "startup_s": startup, "planning_s": planning,
+        "sampling_s": sampling, "reducing_s": reducing, "files": len(files), "bytes_per_row": nbytes / rows,
+        "rss_planned_mib": rss_planned, "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "actor_cpu_per_row_ms": 1000 * (actors1 - actors0) / rows,
+        "count_votes_per_row_ms": 1000 * float(seconds.mean()),
+    }  # fmt: skip
+
+
+def measure(size: int, tmp: Path, data: Path, weights: Path, per_image: bool = False) -> dict[str, Any]:
+    tag = f"{size}{'-per-image' if per_image else ''}"
+    out, path = tmp / f"out{tag}", tmp / f"job{tag}.yaml"
+    cfg = config(data, weights, out, size)
+    if per_image:  # the layout before issue 17: one image per Ray batch, one vote file per block
+        cfg["ray"].update(batch_size=1, rows_per_file=1)
+    path.write_text(json.dumps(cfg))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", str(path)], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"size {size} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    start = time.perf_counter()
+    rerun = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "certify.py"), "--config", str(path)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    result["noop_rerun_s"] = time.perf_counter() - start
+    if rerun.returncode != 0 or "0 to sample" not in rerun.stderr:
+        raise RuntimeError(f"the no-op rerun of size {size} did something else:\n{rerun.stderr[-3000:]}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1000,10000")
+    ap.add_argument("--with-1e5", action="store_true", help="also 100,000 images (about an hour here)")
+    ap.add_argument("--quick", action="store_true", help="40 images: a smoke run")
+    ap.add_argument(
+        "--per-image",
+        default="",
+        help="sizes (comma-separated) also run with one image per batch and per file, the layout before",
+    )
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_size(args.one)))
+        return 0
+    sizes = (
+        [40] if args.quick else [int(s) for s in args.sizes.split(",")] + ([100_000] if args.with_1e5 else [])
+    )
+    import torch
+    from safetensors.torch import save_file
+
+    from ray_certseg.models.tiny import tiny_segnet
+
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        torch.manual_seed(0)
+        save_file(tiny_segnet(CLASSES, width=8).state_dict(), str(tmp / "seg.safetensors"))
+        start = time.perf_counter()
+        data = write_dataset(tmp / "data", max(sizes))
+        print(
+            f"{B.machine()}\n{max(sizes)} images written in {time.perf_counter() - start:.0f} s\n", flush=True
+        )
+        headers = ["images", "rows", "ray start s", "plan s", "sample+write s", "reduce s", "vote files",
+                   "bytes/row", "driver MiB (planned / peak)", "sampler rows/s", "actor ms/row",
+                   "of which count_votes", "reducer rows/s", "no-op rerun s"]  # fmt: skip
+        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers), flush=True)
+        before = {int(s) for s in args.per_image.split(",") if s}
+        for size, per_image in [(s, p) for s in sizes for p in ((True, False) if s in before else (False,))]:
+            r = measure(size, tmp, data, tmp / "seg.safetensors", per_image)
+            cells = [f"{r['images']}{' (per image)' if per_image else ''}", r["rows"], f"{r['startup_s']:.1f}", f"{r['planning_s']:.1f}",
+                     f"{r['sampling_s']:.1f}", f"{r['reducing_s']:.1f}", r["files"], f"{r['bytes_per_row']:.0f}",
+                     f"{r['rss_planned_mib']:.0f} / {r['rss_peak_mib']:.0f}", f"{r['rows'] / r['sampling_s']:.1f}",
+                     f"{r['actor_cpu_per_row_ms']:.1f}", f"{r['count_votes_per_row_ms']:.1f}",
+                     f"{r['rows'] / r['reducing_s']:.0f}", f"{r['noop_rerun_s']:.1f}"]  # fmt: skip
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
