@@ -20,7 +20,7 @@ demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python jobs/certify.py --config configs/demo.yaml
 
 test: lint  # ruff first: a lint or format finding fails in seconds, before the suite
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=30 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

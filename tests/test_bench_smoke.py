@@ -144,11 +144,12 @@ def test_margin_quick_records_the_samplers_s0_draws_and_prints_both_margins(caps
 
 
 def test_scale_quick_runs_the_whole_job_and_a_noop_rerun(capsys):
-    """40 tiny images through sampling, reduction and a no-op rerun, each size in its own process (the script
-    fails when the rerun samples anything); one vote file, finite figures."""
+    """40 tiny images through sampling, reduction and two reruns, each in its own process (the script fails when
+    a rerun samples anything, or when the second one certifies again); one vote file, finite figures."""
     assert load("scale").main(["--quick"]) == 0
     (row,) = [
         line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 ")
     ]
     assert int(row[1]) == 40 and int(row[6]) == 1  # rows, vote files
-    assert all(positive(float(row[i])) for i in (4, 5, 7, 9, 12, 13))
+    assert all(positive(float(row[i])) for i in (4, 5, 7, 9, 12))
+    assert all(positive(float(t)) for t in row[13].split("/"))  # rerun: certify + plot / no-op
