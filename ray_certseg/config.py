@@ -170,8 +170,8 @@ class RayConfig(Section):
     """Cluster resources: a fixed actor pool (``actors: N``) or an autoscaling one (``{min: a, max: b}``), and
     how work and vote rows are grouped. ``batch_size``: images per Ray batch; ``auto`` fits ``batch_pixels``
     pixels of the first image (at least 1, at most 64, and small enough that every actor gets two batches).
-    ``rows_per_file``: the least vote rows per Parquet file; ``auto`` fills ``file_bytes`` of in-memory rows
-    (at most 4096). A crash loses at most the rows not yet in a file, so larger files mean fewer objects and
+    ``rows_per_file``: the least vote rows per Parquet file; ``auto`` fills ``file_bytes`` of in-memory rows,
+    at most 4096 and at most a quarter of each actor's share of the rows to sample. A crash loses at most the rows not yet in a file, so larger files mean fewer objects and
     more work redone after a crash (README, "Vote files")."""
 
     path: ClassVar[str] = "ray"

@@ -425,7 +425,7 @@ def run_sampling(
             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
         )
     per_batch = images_per_batch(cfg, len(job_plan.rows), job_plan.probe_size)
-    per_file = rows_per_file(cfg, job_plan.probe_size)
+    per_file = rows_per_file(cfg, job_plan.probe_size, job_plan.pending)
     log.info("%d images per Ray batch, at least %d vote rows per file", per_batch, per_file)
     ds = ray.data.from_items(job_plan.rows, override_num_blocks=math.ceil(len(job_plan.rows) / per_batch))
     ds = ds.map_batches(
@@ -454,6 +454,12 @@ def run_sampling(
 
 MAX_IMAGES_PER_BATCH = 64
 MAX_ROWS_PER_FILE = 4096
+FILES_PER_ACTOR = 4
+
+
+def _max_actors(cfg: JobConfig) -> int:
+    a = cfg.ray.actors
+    return a if isinstance(a, int) else a["max"]
 
 
 def images_per_batch(cfg: JobConfig, images: int, probe: tuple[int, int] | None) -> int:
@@ -466,17 +472,17 @@ def images_per_batch(cfg: JobConfig, images: int, probe: tuple[int, int] | None)
         return r.batch_size
     if probe is None:
         return 1
-    actors = r.actors if isinstance(r.actors, int) else r.actors["max"]
     fit = r.batch_pixels // (probe[0] * probe[1])
-    return max(1, min(fit, MAX_IMAGES_PER_BATCH, math.ceil(images / (2 * actors))))
+    return max(1, min(fit, MAX_IMAGES_PER_BATCH, math.ceil(images / (2 * _max_actors(cfg)))))
 
 
-def rows_per_file(cfg: JobConfig, probe: tuple[int, int] | None) -> int:
+def rows_per_file(cfg: JobConfig, probe: tuple[int, int] | None, rows: int) -> int:
     """The least vote rows per file (Ray Data's ``min_rows_per_file``: blocks are bundled until they hold as
     many): ``ray.rows_per_file``, or for ``auto`` as many rows of the probe image's size as fit
-    ``ray.file_bytes`` in memory (:func:`ray_certseg.votes.row_nbytes`), between 1 and MAX_ROWS_PER_FILE (1
-    without a probe). Rows waiting for their file are lost by a crash and sampled again on resume, never
-    written twice."""
+    ``ray.file_bytes`` in memory (:func:`ray_certseg.votes.row_nbytes`), but no more than a
+    1 / (FILES_PER_ACTOR x actors) share of the ``rows`` to sample, so that files (and progress) keep coming
+    during a run and a crash loses at most about that share; between 1 and MAX_ROWS_PER_FILE (1 without a
+    probe). Rows waiting for their file are lost by a crash and sampled again on resume, never written twice."""
     r = cfg.ray
     if r.rows_per_file != "auto":
         return r.rows_per_file
@@ -490,7 +496,8 @@ def rows_per_file(cfg: JobConfig, probe: tuple[int, int] | None) -> int:
     size = votes.row_nbytes(
         probe[0] * probe[1], cfg.dataset.num_classes, levels=levels, store_counts=cfg.sampling.store_counts
     )
-    return max(1, min(r.file_bytes // size, MAX_ROWS_PER_FILE))
+    share = math.ceil(rows / (FILES_PER_ACTOR * _max_actors(cfg)))
+    return max(1, min(r.file_bytes // size, share, MAX_ROWS_PER_FILE))
 
 
 def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:

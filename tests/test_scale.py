@@ -40,17 +40,21 @@ def test_images_per_batch_fills_the_pixel_budget_but_leaves_every_actor_two_batc
     assert pipeline.images_per_batch(job(ray__batch_pixels=1024), 3000, (16, 16)) == 4
 
 
-def test_rows_per_file_fills_the_byte_budget_within_bounds():
+def test_rows_per_file_fills_the_byte_budget_but_leaves_every_actor_four_files():
     cfg = job()
     assert cfg.ray.rows_per_file == "auto" and cfg.ray.file_bytes == 64 << 20
-    assert pipeline.rows_per_file(cfg, (16, 16)) == pipeline.MAX_ROWS_PER_FILE  # 1.5 KB rows: capped
+    assert pipeline.rows_per_file(cfg, (16, 16), 100_000) == pipeline.MAX_ROWS_PER_FILE  # 1.5 KB rows: capped
+    assert pipeline.rows_per_file(cfg, (16, 16), 3000) == 375  # 3000 rows / (4 files x 2 actors): 8 files
+    assert pipeline.rows_per_file(cfg, (64, 64), 144) == 18  # the demo: files (and progress) keep coming
     big = votes.row_nbytes(1024 * 2048, 4)
-    assert pipeline.rows_per_file(cfg, (1024, 2048)) == (64 << 20) // big == 6
-    assert pipeline.rows_per_file(job(ray__file_bytes=1), (1024, 2048)) == 1  # never 0
-    assert pipeline.rows_per_file(cfg, None) == 1
-    assert pipeline.rows_per_file(job(ray__rows_per_file=5), (16, 16)) == 5
+    assert pipeline.rows_per_file(cfg, (1024, 2048), 500) == (64 << 20) // big == 6  # the byte budget
+    assert pipeline.rows_per_file(job(ray__file_bytes=1), (1024, 2048), 500) == 1  # never 0
+    assert pipeline.rows_per_file(cfg, (16, 16), 1) == 1
+    assert pipeline.rows_per_file(cfg, None, 3000) == 1
+    assert pipeline.rows_per_file(job(ray__rows_per_file=5), (16, 16), 3000) == 5
+    assert pipeline.rows_per_file(job(ray__actors={"min": 1, "max": 8}), (16, 16), 3200) == 100
     counted = job(sampling__store_counts=True)
-    assert pipeline.rows_per_file(counted, (1024, 2048)) < pipeline.rows_per_file(cfg, (1024, 2048))
+    assert pipeline.rows_per_file(counted, (1024, 2048), 500) < pipeline.rows_per_file(cfg, (1024, 2048), 500)
 
 
 @pytest.mark.parametrize("levels, store_counts", [(0, False), (2, False), (0, True)])
