@@ -83,10 +83,15 @@ def get_filesystem(
     path: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``path`` and the path without protocol. ``storage_options`` are used for
-    object stores only (a local path ignores them)."""
+    object stores only (a local path ignores them).
+
+    fsspec hands out one cached instance per set of options, and that instance caches listings. Ray's
+    workers write and move objects through their own clients, so a cached listing would miss new vote files
+    or list moved ones: the listings cache is emptied each time a filesystem is handed out."""
     if is_local(path):
         return LocalFileSystem(), strip_protocol(path)
     fs, stripped = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    fs.invalidate_cache()
     return fs, stripped.rstrip("/")
 
 

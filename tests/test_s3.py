@@ -213,3 +213,29 @@ def test_denied_and_no_credentials_become_storage_errors(monkeypatch, error, mes
     ):
         raise NoCredentialsError() if error == "no-credentials" else error
     assert_no_credentials(info.value)
+
+
+def test_listings_see_what_another_process_wrote_or_removed(endpoint):
+    """Ray's workers write the vote files through their own S3 clients: every listing on the driver (glob,
+    exists, the run folder's files and the vote files) must see them, and must not list a file since moved."""
+    from ray_certseg.rundir import RunDir
+    from ray_certseg.votes import parquet_files
+
+    other = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    other.mkdir("listing-bucket")
+    run = RunDir("s3://listing-bucket/run", opts(endpoint))
+
+    def listed() -> tuple:
+        return (
+            run.exists("votes"),
+            [p.rsplit("/", 1)[-1] for p in storage.glob(run.path("votes", "*.parquet"), run.storage_options)],
+            [p.rsplit("/", 1)[-1] for p in run.files("votes")],
+            [p.rsplit("/", 1)[-1] for p in parquet_files(run.url, storage_options=run.storage_options)[1]],
+        )
+
+    assert listed() == (False, [], [], [])
+    other.pipe("listing-bucket/run/votes/a.parquet", b"x")
+    assert listed() == (True, ["a.parquet"], ["a.parquet"], ["a.parquet"])
+    other.pipe("listing-bucket/run/votes/b.parquet", b"x")
+    other.rm("listing-bucket/run/votes/a.parquet")
+    assert listed() == (True, ["b.parquet"], ["b.parquet"], ["b.parquet"])
