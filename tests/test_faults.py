@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,7 @@ def test_worker_node_lost_mid_run_job_finishes_on_the_survivor(tmp_path):
         )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     r = json.loads(report.read_text())
-    assert r["code"] == 0
+    assert r["code"] == 0, r["error"] or (done.stdout + done.stderr)[-4000:]
     assert r["rows_at_removal"] < TOTAL  # the worker node still held work when it went
     # The lost node's work was redone on the survivor: every row exactly once, some written after the removal.
     # Whether Ray restarted the lost actor on the head before the job ended is Ray's scheduling, not ours: CI
@@ -254,9 +255,14 @@ def node_loss_main(config: str, report: str) -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     out = Path(yaml.safe_load(Path(config).read_text())["output"])
     result: dict[str, Any] = {}
-    run = threading.Thread(
-        target=lambda: result.update(code=cli.main(["run", "--config", config])), daemon=True
-    )
+
+    def job() -> None:
+        try:
+            result["code"] = cli.main(["run", "--config", config])
+        except BaseException:  # noqa: BLE001 - reported, the test shows it
+            result["error"] = traceback.format_exc()
+
+    run = threading.Thread(target=job, daemon=True)
     run.start()
     on_worker = lambda: {
         k: a for k, a in sampler_actors(state, "ALIVE").items() if a["Address"]["NodeID"] == worker.node_id
@@ -271,6 +277,7 @@ def node_loss_main(config: str, report: str) -> None:
         json.dumps(
             {
                 "code": result.get("code"),
+                "error": result.get("error"),
                 "rows_at_removal": rows_at_removal,
                 "head_node": cluster.head_node.node_id,
                 "worker_actor": {"NumRestarts": actor["NumRestarts"], "NodeID": actor["Address"]["NodeID"]},
