@@ -111,6 +111,55 @@ def one_size(config_path: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+REDUCER_GRID = {
+    "taus": [0.55, 0.6, 0.7, 0.8, 0.9],
+    "alphas": [0.1, 0.01, 0.001],
+    "corrections": ["holm", "bonferroni"],
+}
+
+
+def reduce_one(output: str, mode: str) -> dict[str, Any]:
+    """Runs in its own process: the reducer over a finished output at the 30 points of REDUCER_GRID, streamed
+    (``reduce_output``: chunks into sums) or in memory (every per-image record gathered, then pooled: the
+    reducer before issue 17's item 4); its driver memory above the process after imports."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_certseg import reduce
+    from ray_certseg.rundir import RunDir
+
+    run = RunDir(output)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    if mode == "stream":
+        reduce.reduce_output(run, **REDUCER_GRID, engine="local", into="reductions/bench")
+    else:
+        grid = reduce.Grid(*(tuple(REDUCER_GRID[k]) for k in ("taus", "alphas", "corrections")))
+        fs, files = run.vote_files()
+        tables = [
+            reduce.certify_table(pq.read_table(f, filesystem=fs, partitioning=None), grid) for f in files
+        ]
+        reduce.reduce_table(pa.concat_tables(tables))
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "grown_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0}
+
+
+def measure_reducer(output: Path) -> dict[str, dict[str, Any]]:
+    """:func:`reduce_one` in both modes, each in a new process, side by side on the same votes."""
+    out = {}
+    for mode in ("stream", "memory"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--reduce-one", str(output), mode],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"reducer ({mode}) failed:\n{done.stderr[-3000:]}")
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 def measure(size: int, tmp: Path, data: Path, weights: Path, per_image: bool = False) -> dict[str, Any]:
     tag = f"{size}{'-per-image' if per_image else ''}"
     out, path = tmp / f"out{tag}", tmp / f"job{tag}.yaml"
@@ -151,9 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         help="sizes (comma-separated) also run with one image per batch and per file, the layout before",
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--reduce-one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one_size(args.one)))
+        return 0
+    if args.reduce_one:
+        print(json.dumps(reduce_one(*args.reduce_one)))
         return 0
     sizes = (
         [40] if args.quick else [int(s) for s in args.sizes.split(",")] + ([100_000] if args.with_1e5 else [])
@@ -177,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                    "of which count_votes", "reducer rows/s", "rerun s (certify + plot / no-op)"]  # fmt: skip
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers), flush=True)
         before = {int(s) for s in args.per_image.split(",") if s}
+        reducers: dict[int, dict[str, Any]] = {}
         for size, per_image in [(s, p) for s in sizes for p in ((True, False) if s in before else (False,))]:
             r = measure(size, tmp, data, tmp / "seg.safetensors", per_image)
             cells = [f"{r['images']}{' (per image)' if per_image else ''}", r["rows"], f"{r['startup_s']:.1f}", f"{r['planning_s']:.1f}",
@@ -184,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['rss_planned_mib']:.0f} / {r['rss_peak_mib']:.0f}", f"{r['rows'] / r['sampling_s']:.1f}",
                      f"{r['actor_cpu_per_row_ms']:.1f}", f"{r['count_votes_per_row_ms']:.1f}",
                      f"{r['rows'] / r['reducing_s']:.0f}", f"{r['rerun_s']:.1f} / {r['noop_rerun_s']:.1f}"]  # fmt: skip
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+            if not per_image:
+                reducers[size] = measure_reducer(tmp / f"out{size}")
+        points = len(REDUCER_GRID["taus"]) * len(REDUCER_GRID["alphas"]) * len(REDUCER_GRID["corrections"])
+        headers = ["grid points", "images", "streamed: driver MiB grown / s", "in memory: driver MiB grown / s",
+                   "memory ratio (in memory / streamed)"]  # fmt: skip
+        print("\nReducer alone, in its own process per mode, side by side on the same votes:\n")
+        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers), flush=True)
+        for size, r in reducers.items():
+            s, m = r["stream"], r["memory"]
+            cells = [points, size, f"{s['grown_mib']:.0f} / {s['seconds']:.1f}", f"{m['grown_mib']:.0f} / {m['seconds']:.1f}",
+                     f"{m['grown_mib'] / max(1.0, s['grown_mib']):.1f}"]  # fmt: skip
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
     return 0
 

@@ -7,8 +7,8 @@ per-pixel column (label, c_hat, k, clean_pred; compressed column-chunk sizes fro
 of everything else (per-row scalars, footers); the hierarchy columns of vote schema 2 (margin, c_hat_levels,
 k_levels) are reported apart, what a job naming ``dataset.hierarchy`` adds. Target: <= 1.5 B/pixel (raw: 1 + 1 + 2 + 1 = 5 B/pixel).
 
-Reducer: ``reduce.per_image_local`` (read, CERTIFY for every grid point, confusion matrices; one process,
-the reducer's unit of work in or out of Ray) on those votes and on a Cityscapes-sized table (1024 x 2048
+Reducer: the map of ``reduce.reduce_output`` (``reduce.chunks`` in this process: read, CERTIFY for every
+grid point, confusion matrices; the reducer's unit of work in or out of Ray) on those votes and on a Cityscapes-sized table (1024 x 2048
 maps tiled from the demo votes; for throughput only: tiling makes it compress unrealistically well), in
 pixels per second, counting each pixel once per grid point (tau 0.75, alpha 1e-3, Holm and Bonferroni).
 
@@ -117,12 +117,18 @@ def tiled_table(votes: Path, height: int, width: int, rows: int):
 
 
 def reducer_rate(votes: Path, grid) -> tuple[float, float]:
-    """(seconds, pixel-grid-points per second) of one ``per_image_local`` pass over ``votes`` (best of 3)."""
+    """(seconds, pixel-grid-points per second) of one pass of the reducer's map over ``votes`` (best of 3)."""
     from ray_certseg import reduce
     from ray_certseg.rundir import RunDir
 
     run = RunDir(str(votes.parent))  # the run folder whose votes/ this is
-    seconds = min(B.timed(lambda: reduce.per_image_local(run, grid)) for _ in range(3))
+    records = reduce.GridRecords(grid)
+
+    def one_pass() -> None:
+        for _ in reduce.chunks(run, reduce.plan_run(run, records.per_row), records):
+            pass
+
+    seconds = min(B.timed(one_pass) for _ in range(3))
     s = sizes(votes)
     return seconds, s["pixels"] * len(list(grid)) / seconds
 
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             f"hierarchy columns (dataset.hierarchy; raw 2 + 3 L B) {sum(s[c] for c in HIERARCHY_COLUMNS) / px:.3f}"
         ),
         "",
-        B.table(["reducer: per_image_local, 1 process", "rows", "seconds", "Mpixel-gridpoints/s"], reducer),
+        B.table(["reducer: reduce.chunks, 1 process", "rows", "seconds", "Mpixel-gridpoints/s"], reducer),
         f"grid: {len(list(grid))} points (tau 0.75, alpha 0.001, holm + bonferroni)",
     ]
     print("\n".join(lines))

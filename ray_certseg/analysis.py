@@ -18,7 +18,7 @@ non-increasing in r; per (dataset, method) the plotted curve is the envelope acc
 votes, as those papers do, and is not a simultaneous guarantee over the curve.
 
 The metrics themselves are the reducer's (:func:`ray_certseg.reduce.image_rows`,
-:func:`~ray_certseg.reduce.pool`): certified accuracy counts abstentions as wrong, confusion matrices are
+:func:`~ray_certseg.aggregate.pool`): certified accuracy counts abstentions as wrong, confusion matrices are
 pooled over the images.
 """
 
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 from scipy.stats import norm
 
-from ray_certseg import reduce, rundir, storage, votes
+from ray_certseg import aggregate, reduce, rundir, votes
 from ray_certseg.certify import CORRECTIONS, Certificate, certify
 from ray_certseg.config import DatasetConfig, JobConfig
 from ray_certseg.rundir import RunDir
@@ -128,7 +128,8 @@ def load_metrics(
     path: RunDir | str, *, per_image: bool = False, storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
     """``metrics/metrics.parquet`` (one row per dataset, method, sigma and grid point) or, with
-    ``per_image``, ``metrics/per_image.parquet`` of an output folder (local or ``s3://``); ``path`` may also
+    ``per_image``, ``metrics/per_image.parquet`` of an output folder (local or ``s3://``), in canonical order
+    (by image, method, sigma and point; the file keeps the order it was streamed in); ``path`` may also
     be the metrics folder or the Parquet file. List columns (``iou_per_class``, ``confusion``...) hold numpy
     arrays."""
     run = RunDir.of(path, storage_options)
@@ -141,7 +142,8 @@ def load_metrics(
         raise FileNotFoundError(
             f"no {name} at {run.url}: run `ray-certseg reduce {run.url}` (or the job) first"
         )
-    return run.read_table(*parts).to_pandas()
+    frame = run.read_table(*parts).to_pandas()
+    return aggregate.canonical_order(frame) if per_image else frame
 
 
 def load_config(path: RunDir | str, *, storage_options: Mapping[str, Any] | None = None) -> JobConfig:
@@ -211,7 +213,7 @@ def _values(name: str, value: float | str | Sequence[Any]) -> tuple[Any, ...]:
 
 def _per_image(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Per-image records as the reducer stores them (same Arrow schema, same canonical order)."""
-    return reduce.deduplicate(pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA).to_pandas())
+    return aggregate.deduplicate(pa.Table.from_pylist(rows, schema=aggregate.PER_IMAGE_SCHEMA).to_pandas())
 
 
 def recertify(
@@ -227,7 +229,7 @@ def recertify(
     SegCertify by default) over the shared grid ``tau`` x ``alpha`` x ``correction`` (scalars or sequences),
     and pool per (dataset, method, sigma, point): the reducer's per-image records and metrics (same columns,
     same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in this process, nothing
-    written and no resampling. ``pooling``: ``common`` (like for like) or ``all`` (:func:`reduce.pool`)."""
+    written and no resampling. ``pooling``: ``common`` (like for like) or ``all`` (:func:`aggregate.pool`)."""
     corrections = _values("correction", correction)
     bad = [c for c in corrections if c not in CORRECTIONS]
     if bad:
@@ -240,7 +242,7 @@ def recertify(
     )
     points = grid.points()
     rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), points)]
-    return reduce.reduce_table(pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA), pooling)
+    return reduce.reduce_table(pa.Table.from_pylist(rows, schema=aggregate.PER_IMAGE_SCHEMA), pooling)
 
 
 def noisy_sample(
@@ -313,60 +315,41 @@ def curve_rows(
     return rows
 
 
-class CurveBatch:
-    """Ray Data UDF: vote rows (Arrow) -> their per-image records at every tau(r, sigma)."""
+class CurveRecords:
+    """Vote rows (Arrow) -> their per-image records at every tau(r, sigma): the reducer's map for a curve
+    (:class:`ray_certseg.reduce.GridRecords`' interface, so :func:`ray_certseg.reduce.chunks` streams it)."""
+
+    columns = CERTIFY_COLUMNS
 
     def __init__(self, radii: np.ndarray, alpha: float, correction: str):
         self.radii, self.alpha, self.correction = radii, alpha, correction
+        self.per_row = max(1, len(radii))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = curve_rows(
             votes.read_votes(batch, columns=CERTIFY_COLUMNS), self.radii, self.alpha, self.correction
         )
-        return pa.Table.from_pylist(rows, schema=reduce.PER_IMAGE_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=aggregate.PER_IMAGE_SCHEMA)
 
 
-def _curve_per_image_path(
+def _curve_pooled_path(
     run: RunDir, radii: np.ndarray, alpha: float, correction: str, engine: str
 ) -> pd.DataFrame:
-    """Per-image curve records from vote files, file by file in this process or as a Ray Data stage."""
+    """The curve's dataset rows from vote files, streamed (:func:`ray_certseg.reduce.chunks`) into one
+    :class:`ray_certseg.aggregate.Pool`: file by file in this process or as a Ray Data stage."""
+    records = CurveRecords(radii, alpha, correction)
+    fs, files, _ = _vote_files(run)
+    with run.io():
+        plan_ = reduce.plan_votes(fs, files, records.per_row)
     if engine == "auto":
         ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         sizes = load_votes(run, columns=[]) if ray_up else None
         work = 0 if sizes is None else float((sizes["height"] * sizes["width"]).sum()) * radii.size
         engine = "ray" if work > RAY_MIN_EVALUATIONS else "local"
-    if engine == "ray":
-        import ray
-
-        pa_fs, pa_path = storage.pyarrow_filesystem(votes_dir(run), run.storage_options)
-        ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(
-            CurveBatch,
-            fn_constructor_args=(radii, alpha, correction),
-            batch_format="pyarrow",
-            batch_size=4,
-            num_cpus=0.5,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-        )
-        tables = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
-        table = (
-            pa.concat_tables([t.cast(reduce.PER_IMAGE_SCHEMA) for t in tables])
-            if tables
-            else reduce.PER_IMAGE_SCHEMA.empty_table()
-        )
-        return reduce.deduplicate(table.to_pandas())
-    if engine != "local":
-        raise ValueError(f"engine must be 'auto', 'local' or 'ray', got {engine!r}")
-    fs, files, _ = _vote_files(run)
-    rows = []
-    for f in files:
-        with run.io():
-            table = pq.read_table(
-                f, filesystem=fs, partitioning=None, columns=list(votes.SCALAR_COLUMNS) + CERTIFY_COLUMNS
-            )
-        rows += curve_rows(votes.read_votes(table, columns=CERTIFY_COLUMNS), radii, alpha, correction)
-    return _per_image(rows)
+    acc = aggregate.Pool("common", plan_.left_out)
+    for chunk in reduce.chunks(run, plan_, records, engine):
+        acc.add(chunk)
+    return acc.metrics() if not acc.empty else pd.DataFrame()
 
 
 def certified_accuracy_curve(
@@ -394,23 +377,25 @@ def certified_accuracy_curve(
         raise ValueError(f"alpha must be a family-wise error level in (0, 1), got {alpha!r}")
     if isinstance(votes_source, pd.DataFrame):
         per_image = _per_image(curve_rows(records(votes_source), r, float(alpha), correction))
+        pooled = aggregate.pool(per_image) if len(per_image) else pd.DataFrame()
         groups = votes_source[["dataset", "method", "sigma"]].drop_duplicates()
     elif isinstance(votes_source, (str, RunDir)):
         run = RunDir.of(votes_source, storage_options)
-        per_image = _curve_per_image_path(run, r, float(alpha), correction, engine)
+        pooled = _curve_pooled_path(run, r, float(alpha), correction, engine)
         groups = load_votes(run, columns=[])[["dataset", "method", "sigma"]].drop_duplicates()
     else:
         raise TypeError(
             f"votes_source must be a load_votes DataFrame or a path, got {type(votes_source).__name__}"
         )
-    curve = _curve_table(per_image, r)
+    curve = _curve_table(pooled, r)
     return curve if per_sigma else envelope(curve, r, groups)
 
 
-def _curve_table(per_image: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
-    if not len(per_image):
+def _curve_table(pooled: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
+    """The per-sigma curve from the dataset rows at every tau(r, sigma)."""
+    if not len(pooled):
         return pd.DataFrame(columns=CURVE_COLUMNS)
-    pooled = reduce.pool(per_image).rename(columns={"radius": "certified_radius"})
+    pooled = pooled.rename(columns={"radius": "certified_radius"})
     lookup = pd.DataFrame(
         [
             (s, r, t)
@@ -468,7 +453,7 @@ def procedure_curve(
     rows = curve_rows(records(votes_frame), r, float(alpha), correction, open_tau)
     if not rows:
         return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
-    pooled = reduce.pool(_per_image(rows))
+    pooled = aggregate.pool(_per_image(rows))
     lookup = pd.DataFrame(
         [
             (s, x, tau_for_radius(x, s))

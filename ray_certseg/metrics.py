@@ -207,7 +207,17 @@ def dataset_metrics(
                 "pass one per image"
             )
         matrices = _check_confusion(matrices).sum(axis=0)
-    total = _check_confusion(matrices)
+    return pooled_metrics(matrices, float(fractions.mean()), int(fractions.size))
+
+
+def pooled_metrics(confusion: np.ndarray, abstain_rate: float, num_images: int) -> DatasetMetrics:
+    """``DatasetMetrics`` from the summed confusion matrix ((C+1, C+1)), the mean over the ``num_images``
+    images of their abstained fraction of all pixels, and that number of images (what a streaming pool keeps)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if not 0 <= abstain_rate <= 1:
+        raise ValueError(f"abstain_rate must lie in [0, 1], got {abstain_rate}")
+    total = _check_confusion(np.asarray(confusion))
     num_pixels = int(total.sum())
     if num_pixels == 0:
         raise ValueError("the confusion matrices count no non-ignored pixel; metrics are undefined")
@@ -226,14 +236,14 @@ def dataset_metrics(
         abstain_per_class = np.where(present, abstained / pos, np.nan)
     return DatasetMetrics(
         num_classes=num_classes,
-        num_images=int(fractions.size),
+        num_images=num_images,
         num_pixels=num_pixels,
         accuracy=float(tp.sum() / num_pixels),
         error_rate=float((num_pixels - tp.sum() - abstained.sum()) / num_pixels),
         miou=float(iou.mean()),
         miou_present=float(iou[present].mean()),
         num_present_classes=int(present.sum()),
-        abstain_rate=float(fractions.mean()),
+        abstain_rate=float(abstain_rate),
         abstain_rate_pooled=float(abstained.sum() / num_pixels),
         iou=iou,
         abstain_rate_per_class=abstain_per_class,

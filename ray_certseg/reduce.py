@@ -2,20 +2,28 @@
 over the (tau, alpha, correction) grid by default), per image, then pool per dataset.
 
 No resampling: a vote row (c_hat, k per pixel, plus n) is all CERTIFY needs, so the grid can be changed and the
-reducer re-run at will (``ray-certseg reduce OUTPUT --tau 0.95``). Per vote row and grid point it keeps one small
+reducer re-run at will (``ray-certseg reduce OUTPUT --tau 0.95``). Per vote row and grid point it makes one small
 record (the (C+1) x (C+1) confusion matrix with abstain, the pixel counts): ``metrics/per_image.parquet``. Pooled
 per (dataset, method, sigma, tau, alpha, correction) as SegCertify pools: ``metrics/metrics.parquet``, ``.csv``
-and ``summary.md``. Output is a deterministic function of the votes (rows sorted, no timestamps), so a re-run
-over the same votes writes byte-identical files.
+and ``summary.md``.
+
+It streams (:func:`reduce_output`): the key columns of every vote row first (duplicates, like-for-like
+left-outs), then the vote files chunk by chunk, in this process or as a Ray Data stage; each chunk's records
+go to per_image.parquet and into :class:`ray_certseg.aggregate.Pool`'s sums, so the driver holds a chunk, the
+sums (O(groups x C^2)) and the row keys, never every record. Output is a deterministic function of the vote
+files (file order, exact sums, fixed row groups, no timestamps): a re-run over the same votes, in either
+engine, writes byte-identical files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import posixpath
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,28 +32,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import certify, rundir, votes
+from ray_certseg import aggregate, certify, rundir, votes
+from ray_certseg.aggregate import PER_IMAGE_SCHEMA
 from ray_certseg.certify import ABSTAIN, max_tau, min_n
-from ray_certseg.metrics import dataset_metrics, image_stats, level_stats
+from ray_certseg.metrics import image_stats, level_stats
 from ray_certseg.rundir import RunDir
 
 log = logging.getLogger("ray_certseg")
 
-KEY = [
-    "dataset",
-    "method",
-    "denoiser",
-    "segmenter",
-    "sigma",
-    "procedure",
-    "params",
-    "tau",
-    "alpha",
-    "correction",
-    "n0",
-    "n",
-]
-ID = ["image_id", "method", "sigma", "procedure", "params", "tau", "alpha", "correction"]
 POINT_COLUMNS = ("tau", "alpha", "correction")
 """Parameters copied from a point into their own columns (null where the procedure has no such parameter), so
 SegCertify rows read as they always did."""
@@ -139,42 +133,6 @@ def image_rows(rec: votes.VoteRecord, grid: Grid | Sequence[certify.Point]) -> l
     return rows
 
 
-PER_IMAGE_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("dataset", pa.string()),
-        ("method", pa.string()),
-        ("denoiser", pa.string()),
-        ("segmenter", pa.string()),
-        ("sigma", pa.float64()),
-        ("procedure", pa.string()),
-        ("params", pa.string()),
-        ("tau", pa.float64()),
-        ("alpha", pa.float64()),
-        ("correction", pa.string()),
-        ("n0", pa.int32()),
-        ("n", pa.int32()),
-        ("num_classes", pa.int32()),
-        ("radius", pa.float64()),
-        ("num_certified", pa.int64()),
-        ("family_size", pa.int64()),
-        ("certifiable", pa.bool_()),
-        ("num_pixels", pa.int64()),
-        ("num_abstained", pa.int64()),
-        ("num_labelled", pa.int64()),
-        ("num_correct", pa.int64()),
-        ("info_gain", pa.float64()),
-        ("level_pixels", pa.large_list(pa.int64())),
-        ("level_certified", pa.large_list(pa.int64())),
-        ("level_wrong", pa.large_list(pa.int64())),
-        ("confusion", pa.large_list(pa.int64())),
-        ("clean_confusion", pa.large_list(pa.int64())),
-        ("vote_confusion", pa.large_list(pa.int64())),
-        ("sample_seconds", pa.float64()),
-    ]
-)
-
-
 def certify_table(table: pa.Table, grid: Grid | Sequence[certify.Point]) -> pa.Table:
     """Vote rows (Arrow) -> per-image records (Arrow). The unit of work of the reducer, in or out of Ray."""
     points = tuple(grid)
@@ -183,173 +141,198 @@ def certify_table(table: pa.Table, grid: Grid | Sequence[certify.Point]) -> pa.T
     return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
 
 
-class CertifyBatch:
-    """Ray Data UDF of the reducer stage (a class so the grid is bound once per worker)."""
+CHUNK_BYTES = 64 * 1024**2
+"""About how much one chunk of the reducer holds: the vote rows it reads plus the records it makes of them."""
+MAX_CHUNK_ROWS = 1024
+PER_IMAGE_GROUP_BYTES = 16 * 1024**2
+"""About the size of a row group of per_image.parquet (a fixed number of records, from the widest record)."""
+ENGINES = ("auto", "local", "ray")
+KEY_COLUMNS = ["image_id", "dataset", "method", "sigma", "num_classes"]
 
-    def __init__(self, grid: Grid):
+
+def record_bytes(num_classes: int) -> int:
+    """About the bytes of one per-image record: three (C+1)^2 int64 confusion matrices and the rest."""
+    return 3 * 8 * (num_classes + 1) ** 2 + 512
+
+
+@dataclass(frozen=True)
+class VoteFile:
+    """One vote file as the reducer reads it: its rows in chunks of ``chunk_rows``, without the rows in
+    ``skip`` (duplicates of rows seen earlier: a defect upstream)."""
+
+    index: int
+    path: str
+    rows: int
+    chunk_rows: int
+    skip: tuple[int, ...] = ()
+
+    @property
+    def chunks(self) -> int:
+        return max(1, math.ceil(self.rows / self.chunk_rows))
+
+
+@dataclass
+class VotePlan:
+    """What the reducer knows from the keys of every vote row (read before any map): the files to certify,
+    and the images like-for-like pooling leaves out (:func:`ray_certseg.aggregate.left_out`)."""
+
+    files: list[VoteFile]
+    left_out: pd.DataFrame
+    widest: int  # the largest num_classes
+
+
+def plan_votes(fs: Any, paths: Sequence[str], records_per_row: int) -> VotePlan:
+    """First pass of the reducer: the key columns (image_id, dataset, method, sigma, num_classes) of every vote
+    row, never its maps. Duplicated (image, method, sigma) rows are counted once (the first in file order)."""
+    frames, sizes = [], []
+    for i, path in enumerate(paths):
+        meta = pq.read_metadata(path, filesystem=fs)
+        t = pq.read_table(path, filesystem=fs, columns=KEY_COLUMNS, partitioning=None)
+        frame = t.to_pandas()
+        frame["file"], frame["row"] = i, np.arange(t.num_rows)
+        frames.append(frame)
+        sizes.append(
+            sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)) / max(1, t.num_rows)
+        )
+    keys = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=[*KEY_COLUMNS, "file", "row"])
+    )
+    dup = keys.duplicated(aggregate.ROW).to_numpy()
+    if dup.any():
+        log.warning("%d duplicated vote rows (same image, method, sigma) ignored", int(dup.sum()))
+    skip = keys[dup].groupby("file")["row"].agg(tuple).to_dict()
+    widest = int(keys["num_classes"].max()) if len(keys) else 1
+    record = records_per_row * record_bytes(widest)
+    files = [
+        VoteFile(
+            i,
+            path,
+            int((keys["file"] == i).sum()),
+            max(1, min(MAX_CHUNK_ROWS, int(CHUNK_BYTES // (sizes[i] + record)))),
+            skip.get(i, ()),
+        )
+        for i, path in enumerate(paths)
+    ]
+    return VotePlan(files, aggregate.left_out(keys[~dup]), widest)
+
+
+class GridRecords:
+    """Vote rows (Arrow) -> their per-image records at every point of a grid (:func:`certify_table`); the
+    vote columns it reads in ``columns``. The map of the reducer (``analysis`` has one for its curves)."""
+
+    def __init__(self, grid: Grid | Sequence[certify.Point]):
         self.points = tuple(grid)
+        self.columns = list(dict.fromkeys(["label", "c_hat", "clean_pred", *certify.columns(self.points)]))
+        self.per_row = len(self.points)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return certify_table(batch, self.points)
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return certify_table(table, self.points)
 
 
-def per_image_local(run: RunDir, grid: Grid) -> pa.Table:
-    """The reducer's map, in this process, one vote file at a time."""
+Records = Callable[[pa.Table], pa.Table]
+"""A map from vote rows to per-image records, with ``columns`` (the vote array columns it reads) and
+``per_row`` (records per vote row, for the chunk size)."""
+
+
+def plan_run(run: RunDir, records_per_row: int) -> VotePlan:
+    """:func:`plan_votes` of the run folder's ``votes/`` (none when it has no vote files)."""
     fs, files = run.vote_files()
-    points = tuple(grid)
-    parts = [certify_table(pq.read_table(path, filesystem=fs, partitioning=None), points) for path in files]
-    return pa.concat_tables(parts) if parts else PER_IMAGE_SCHEMA.empty_table()
+    with run.io(rundir.VOTES):
+        return plan_votes(fs, files, records_per_row)
 
 
-def per_image_ray(run: RunDir, grid: Grid) -> pa.Table:
-    """The reducer's map as a Ray Data stage: read_parquet(votes) -> map_batches(CertifyBatch) -> small rows."""
+def certify_file(fs: Any, item: VoteFile, records: Records) -> Iterator[pa.Table]:
+    """The per-image records of one vote file, one chunk (``item.chunk_rows`` vote rows) at a time: the unit of
+    work of the reducer, in this process or in a Ray Data stage."""
+    source = pq.ParquetFile(fs.open_input_file(item.path))
+    names = source.schema_arrow.names
+    columns = [c for c in dict.fromkeys([*votes.SCALAR_COLUMNS, *records.columns]) if c in names]
+    skip, start = np.asarray(item.skip, dtype=np.int64), 0
+    for batch in source.iter_batches(batch_size=item.chunk_rows, columns=columns):
+        table = pa.Table.from_batches([batch])
+        if skip.size:
+            table = table.filter(pa.array(~np.isin(np.arange(start, start + table.num_rows), skip)))
+        start += batch.num_rows
+        yield records(table)
+
+
+class CertifyFiles:
+    """Ray Data UDF of the reducer stage: vote files in (one per call), their chunks of per-image records out."""
+
+    def __init__(self, run: RunDir, records: Records):
+        self.fs, self.records = run.pyarrow_filesystem()[0], records
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        for spec in batch["item"]:
+            yield from certify_file(self.fs, VoteFile(**json.loads(spec)), self.records)
+
+
+def chunks(run: RunDir, plan_: VotePlan, records: Records, engine: str = "local") -> Iterator[pa.Table]:
+    """The per-image records of every planned vote file, chunk by chunk, in file order: in this process
+    (``local``) or as a Ray Data stage (``ray``: an actor pool over the files, streamed to the driver in the
+    same order with ``preserve_order``; Ray Data may cut the records into other blocks, which neither the
+    pool's exact sums nor per_image.parquet's fixed row groups depend on)."""
+    if engine == "local":
+        fs = run.pyarrow_filesystem()[0]
+        for item in plan_.files:
+            yield from certify_file(fs, item, records)
+        return
+    if engine != "ray":
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     import ray
 
-    if not run.vote_files()[1]:
-        return PER_IMAGE_SCHEMA.empty_table()  # every row failed, or nothing was sampled yet
-    pa_fs, pa_path = run.pyarrow_filesystem(rundir.VOTES)
-    ds = ray.data.read_parquet(pa_path, filesystem=pa_fs, file_extensions=["parquet"])
-    ds = ds.map_batches(
-        CertifyBatch,
-        fn_constructor_args=(grid,),
-        batch_format="pyarrow",
-        batch_size=8,
-        compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))
-        ),
-        num_cpus=0.5,
-    )
-    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    return (
-        pa.concat_tables([t.cast(PER_IMAGE_SCHEMA) for t in tables if t.num_rows])
-        if tables
-        else PER_IMAGE_SCHEMA.empty_table()
-    )
-
-
-def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
-    """Sort into a canonical order; a vote row present twice (a defect upstream) is counted once, loudly."""
-    per_image = per_image.sort_values(ID, kind="stable").reset_index(drop=True)
-    dup = per_image.duplicated(ID)
-    if dup.any():
-        log.warning(
-            "%d duplicated per-image rows (same image, method, sigma, grid point) ignored", int(dup.sum())
+    if not plan_.files:
+        return
+    items = [{"item": json.dumps(dataclasses.asdict(f))} for f in plan_.files]
+    context = ray.data.DataContext.get_current()
+    kept, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            CertifyFiles,
+            fn_constructor_args=(run, records),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
+            ),
+            num_cpus=0.5,
         )
-        per_image = per_image[~dup].reset_index(drop=True)
-    return per_image
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield block.cast(PER_IMAGE_SCHEMA)
+    finally:
+        context.execution_options.preserve_order = kept
 
 
-POOLINGS = ("common", "all")
+class PerImageWriter:
+    """``<into>/per_image.parquet`` written while the records stream by, in row groups of a fixed number of
+    records (so the file is the same however the records were chunked)."""
 
+    def __init__(self, run: RunDir, into: str, rows_per_group: int):
+        fs, self.path = run.filesystem(into, "per_image.parquet")
+        if run.is_local:
+            fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        self.run, self.into, self.rows = run, into, rows_per_group
+        self.sink = fs.open(self.path, "wb")
+        self.writer = pq.ParquetWriter(self.sink, PER_IMAGE_SCHEMA, compression="zstd")
+        self.pending: list[pa.Table] = []
+        self.buffered = 0
 
-def _left_out_of(skipped: pd.DataFrame, row: dict[str, Any]) -> int:
-    """How many of this row's method's images like-for-like pooling left out at its (dataset, sigma)."""
-    here = (skipped["dataset"] == row["dataset"]) & (skipped["sigma"] == row["sigma"])
-    return int((here & skipped["has"].str.split(", ").map(lambda h: row["method"] in h)).sum())
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rows:
+            rest = pa.concat_tables(self.pending)
+            while rest.num_rows >= self.rows:
+                self.writer.write_table(rest.slice(0, self.rows))
+                rest = rest.slice(self.rows)
+            self.pending, self.buffered = [rest], rest.num_rows
 
-
-COMMON = ["dataset", "sigma"]  # like for like: within a (dataset, sigma), every method over the same images
-
-
-def left_out(per_image: pd.DataFrame) -> pd.DataFrame:
-    """The images that like-for-like pooling leaves out: per (dataset, sigma), each image that some method
-    there has and another lacks (its row failed). Columns dataset, sigma, image_id, has, lacks (method names
-    joined by ", ")."""
-    ids = per_image[COMMON + ["image_id", "method"]].drop_duplicates()
-    methods = ids.groupby(COMMON, sort=True)["method"].agg(lambda m: sorted(set(m)))
-    rows = []
-    for (dataset, sigma, image_id), g in ids.groupby(COMMON + ["image_id"], sort=True):
-        every = methods.loc[(dataset, sigma)]
-        has = sorted(set(g["method"]))
-        if has != every:
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "sigma": sigma,
-                    "image_id": image_id,
-                    "has": ", ".join(has),
-                    "lacks": ", ".join(m for m in every if m not in has),
-                }
-            )
-    return pd.DataFrame(rows, columns=COMMON + ["image_id", "has", "lacks"])
-
-
-def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
-    """Dataset rows: per KEY group, the summed confusion matrices -> metrics (certified, clean, majority
-    vote; metrics.DatasetMetrics).
-
-    ``pooling="common"`` (the default) compares like with like: per (dataset, sigma) only the images that
-    every method there has enter the pool (:func:`left_out` lists the others; ``images_left_out`` counts them
-    per row). ``"all"`` pools every row each method has, so methods may cover different images."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    skipped = left_out(per_image)
-    if pooling == "common" and len(skipped):
-        drop = set(zip(skipped["dataset"], skipped["sigma"], skipped["image_id"]))
-        keep = [k not in drop for k in zip(per_image["dataset"], per_image["sigma"], per_image["image_id"])]
-        counted = per_image[keep]
-    else:
-        counted = per_image
-    out = []
-    for key, g in counted.groupby(KEY, sort=True, dropna=False):
-        C = int(g["num_classes"].iloc[0])
-        side = C + 1
-        conf = np.stack(g["confusion"].to_numpy()).reshape(-1, side, side)
-        fractions = (g["num_abstained"] / g["num_pixels"]).to_numpy()
-        cert = dataset_metrics(conf, fractions)
-        clean = dataset_metrics(
-            np.stack(g["clean_confusion"].to_numpy()).reshape(-1, side, side).sum(0), np.zeros(len(g))
-        )
-        vote = dataset_metrics(
-            np.stack(g["vote_confusion"].to_numpy()).reshape(-1, side, side).sum(0), np.zeros(len(g))
-        )
-        row = dict(zip(KEY, key))
-        labelled = int(g["num_labelled"].sum())
-        level_pixels = np.stack(g["level_pixels"].to_numpy()).sum(0)
-        level_cert = np.stack(g["level_certified"].to_numpy()).sum(0)
-        level_wrong = np.stack(g["level_wrong"].to_numpy()).sum(0)
-        denominator = np.maximum(1, level_pixels)
-        row.update(
-            cig=float(g["info_gain"].sum()) / (labelled * math.log(C)) if labelled and C > 1 else 0.0,
-            level_accuracy=int(g["num_correct"].sum()) / labelled if labelled else 0.0,
-            level_share_per_level=(level_pixels / max(1, labelled)).tolist(),
-            certified_rate_per_level=(level_cert / denominator).tolist(),
-            abstain_rate_per_level=((level_pixels - level_cert) / denominator).tolist(),
-            wrong_rate_per_level=(level_wrong / denominator).tolist(),
-        )
-        row.update(
-            radius=float(g["radius"].iloc[0]),
-            certified_accuracy=cert.accuracy,
-            certified_error=cert.error_rate,
-            miou=cert.miou,
-            miou_present=cert.miou_present,
-            classes_present=cert.num_present_classes,
-            abstain_rate=cert.abstain_rate,
-            abstain_rate_pooled=cert.abstain_rate_pooled,
-            clean_accuracy=clean.accuracy,
-            clean_miou=clean.miou,
-            vote_accuracy=vote.accuracy,
-            vote_miou=vote.miou,
-            images=len(g),
-            infeasible_images=int((~g["certifiable"]).sum()),
-            max_family_size=int(g["family_size"].max()),
-            pixels=cert.num_pixels,
-            seconds_per_image=float(g["sample_seconds"].mean()),
-            certified_dice=cert.mdice,
-            dice_present=cert.mdice_present,
-            worst_accuracy=cert.worst_accuracy,
-            worst_miou=cert.worst_miou,
-            worst_dice=cert.worst_mdice,
-            pooling=pooling,
-            images_left_out=_left_out_of(skipped, row) if pooling == "common" else 0,
-            iou_per_class=cert.iou.tolist(),
-            abstain_rate_per_class=np.nan_to_num(cert.abstain_rate_per_class, nan=-1.0).tolist(),
-            dice_per_class=cert.dice.tolist(),
-            worst_iou_per_class=cert.worst_iou.tolist(),
-            worst_dice_per_class=cert.worst_dice.tolist(),
-        )
-        out.append(row)
-    return pd.DataFrame(out)
+    def close(self) -> None:
+        if self.buffered:
+            self.writer.write_table(pa.concat_tables(self.pending))
+        self.writer.close()
+        self.sink.close()
 
 
 ERRORS_SHOWN = 20
@@ -528,12 +511,27 @@ def infeasible_note(metrics: pd.DataFrame) -> str:
     )
 
 
-@dataclass
 class ReduceResult:
-    per_image: pd.DataFrame
-    metrics: pd.DataFrame
-    summary_markdown: str
-    left_out: pd.DataFrame | None = None  # images like-for-like pooling left out (left_out), None for "all"
+    """What a reduction made: the dataset rows (``metrics``), the summary, the images like-for-like pooling
+    left out (None for ``pooling="all"``) and the per-image records, in canonical order
+    (:func:`ray_certseg.aggregate.canonical_order`). A streamed reduction (:func:`reduce_output`) never held
+    the records: ``per_image`` reads them back from the file it wrote, on first use."""
+
+    def __init__(
+        self,
+        per_image: pd.DataFrame | Callable[[], pd.DataFrame],
+        metrics: pd.DataFrame,
+        summary_markdown: str,
+        left_out: pd.DataFrame | None = None,
+    ):
+        self._per_image = per_image
+        self.metrics, self.summary_markdown, self.left_out = metrics, summary_markdown, left_out
+
+    @property
+    def per_image(self) -> pd.DataFrame:
+        if callable(self._per_image):
+            self._per_image = self._per_image()
+        return self._per_image
 
 
 def reduction_name(grid: Grid) -> str:
@@ -579,37 +577,65 @@ def reduce_output(
     entries as in ``certify.procedures``) and write ``<output>/<into>/`` (default ``metrics/``, the run's own;
     ``ray-certseg reduce`` with another grid writes ``reductions/<name>/`` so the run's rows stay).
 
+    It streams: a first pass reads the key columns of every vote row (:func:`plan_votes`: duplicates, the
+    like-for-like left-outs), then the vote files are certified chunk by chunk; each chunk's records are
+    written to per_image.parquet and folded into :class:`ray_certseg.aggregate.Pool`'s sums, so memory holds
+    a chunk, the sums (groups x C^2) and the keys, never every record.
+
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
     ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see
-    :func:`pool`."""
+    :func:`ray_certseg.aggregate.pool`."""
     run = RunDir.of(output, storage_options)
     grid = grid_from_output(run, taus, alphas, corrections, procedures)
+    if pooling not in aggregate.POOLINGS:
+        raise ValueError(f"pooling must be one of {aggregate.POOLINGS}, got {pooling!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "auto":
         import sys
 
         engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
-    table = (per_image_ray if engine == "ray" else per_image_local)(run, grid)
+    records = GridRecords(grid)
+    plan_ = plan_run(run, records.per_row)
+    acc = aggregate.Pool(pooling, plan_.left_out)
+    group_rows = max(64, PER_IMAGE_GROUP_BYTES // record_bytes(plan_.widest))
+    with run.io(into):
+        writer = PerImageWriter(run, into, group_rows)
+        try:
+            for chunk in chunks(run, plan_, records, engine):
+                writer.write(chunk)
+                acc.add(chunk)
+        finally:
+            writer.close()
     if errors is None and run.exists(rundir.ERRORS):
         errors = run.read_table(rundir.ERRORS)
-    result = reduce_table(table, pooling, errors)
-    write_metrics(run, result.per_image, result.metrics, result.summary_markdown, into=into)
-    return result
+    metrics = acc.metrics() if not acc.empty else pd.DataFrame(columns=aggregate.KEY)
+    left = plan_.left_out if pooling == "common" and not acc.empty else None
+    summary = with_errors(
+        summary_markdown(metrics, errors.num_rows if errors is not None else 0, left), errors
+    )
+    write_metrics(run, None, metrics, summary, into=into)
+    per_image = lambda: aggregate.canonical_order(run.read_table(into, "per_image.parquet").to_pandas())
+    return ReduceResult(per_image, metrics, summary, left)
+
+
+def with_errors(summary: str, errors: pa.Table | None) -> str:
+    """The summary followed by the failed rows (which images failed and why, next to the numbers they miss)."""
+    return summary + "\n\n" + errors_markdown(errors) if errors is not None and errors.num_rows else summary
 
 
 def reduce_table(
     table: pa.Table | pd.DataFrame, pooling: str = "common", errors: pa.Table | None = None
 ) -> ReduceResult:
-    """Per-image records (:func:`certify_table`'s) -> deduplicated rows, dataset metrics, the like-for-like
-    left-outs and the summary (with the failed rows of ``errors``, if any): the one pooling path of the
-    reducer and of ``analysis.recertify``."""
+    """Per-image records held in memory (:func:`certify_table`'s) -> deduplicated rows, dataset metrics, the
+    like-for-like left-outs and the summary (with the failed rows of ``errors``, if any): the same
+    :class:`ray_certseg.aggregate.Pool` as :func:`reduce_output`, for ``analysis.recertify``."""
     frame = table.to_pandas() if isinstance(table, pa.Table) else table
-    per_image = deduplicate(frame)
-    metrics = pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=KEY)
-    left = left_out(per_image) if len(per_image) and pooling == "common" else None
+    per_image = aggregate.deduplicate(frame)
+    metrics = aggregate.pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=aggregate.KEY)
+    left = aggregate.left_out(per_image) if len(per_image) and pooling == "common" else None
     n_errors = errors.num_rows if errors is not None else 0
-    summary = summary_markdown(metrics, n_errors, left)
-    if n_errors:  # which images failed and why, next to the numbers they are missing from
-        summary += "\n\n" + errors_markdown(errors)
+    summary = with_errors(summary_markdown(metrics, n_errors, left), errors)
     return ReduceResult(per_image, metrics, summary, left)
 
 
@@ -641,13 +667,17 @@ def record_inputs(run: RunDir, inputs: dict[str, Any]) -> None:
 
 
 def write_metrics(
-    run: RunDir, per_image: pd.DataFrame, metrics: pd.DataFrame, summary: str, *, into: str = rundir.METRICS
+    run: RunDir,
+    per_image: pd.DataFrame | None,
+    metrics: pd.DataFrame,
+    summary: str,
+    *,
+    into: str = rundir.METRICS,
 ) -> None:
-    """``<into>/``: per_image.parquet, metrics.parquet (zstd), metrics.csv (scalars), summary.md."""
-    for name, df, schema in (
-        ("per_image.parquet", per_image, PER_IMAGE_SCHEMA),
-        ("metrics.parquet", metrics, None),
-    ):
+    """``<into>/``: per_image.parquet (unless None: :func:`reduce_output` has streamed it there), metrics.parquet
+    (zstd), metrics.csv (scalars), summary.md."""
+    tables = [("per_image.parquet", per_image, PER_IMAGE_SCHEMA)] if per_image is not None else []
+    for name, df, schema in [*tables, ("metrics.parquet", metrics, None)]:
         table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
         table = table.replace_schema_metadata(
             {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_certseg import analysis, plots, reduce, rundir, storage
+from ray_certseg import aggregate, analysis, plots, reduce, rundir, storage
 from ray_certseg.rundir import RunDir
 
 CURVE_NOTE = (
@@ -43,7 +43,7 @@ def render(output: RunDir | str, *, storage_options: Mapping[str, Any] | None = 
     metrics = analysis.load_metrics(run)
     errors = _errors(run)
     per_image = analysis.load_metrics(run, per_image=True)
-    left = reduce.left_out(per_image) if len(per_image) else None
+    left = aggregate.left_out(per_image) if len(per_image) else None
     s = cfg.sampling
     methods = ", ".join(
         f"`{name}` ({m.segmenter}" + (f" + {m.denoiser})" if m.denoiser else ")")

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from ray_certseg.pipeline import FILES_PER_ACTOR
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -145,11 +147,15 @@ def test_margin_quick_records_the_samplers_s0_draws_and_prints_both_margins(caps
 
 def test_scale_quick_runs_the_whole_job_and_a_noop_rerun(capsys):
     """40 tiny images through sampling, reduction and two reruns, each in its own process (the script fails when
-    a rerun samples anything, or when the second one certifies again); one vote file, finite figures."""
+    a rerun samples anything, or when the second one certifies again); a few vote files (at most FILES_PER_ACTOR per
+    actor, the cap that keeps progress moving), finite figures."""
     assert load("scale").main(["--quick"]) == 0
-    (row,) = [
-        line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 ")
-    ]
-    assert int(row[1]) == 40 and int(row[6]) == 1  # rows, vote files
+    out = capsys.readouterr().out
+    (row,) = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 40 ")]
+    assert int(row[1]) == 40 and 1 <= int(row[6]) <= 2 * FILES_PER_ACTOR  # rows, vote files (two actors)
     assert all(positive(float(row[i])) for i in (4, 5, 7, 9, 12))
     assert all(positive(float(t)) for t in row[13].split("/"))  # rerun: certify + plot / no-op
+    (reducer,) = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 30 | 40 |")]
+    (streamed_mib, streamed_s), (memory_mib, memory_s) = (map(float, c.split("/")) for c in reducer[2:4])
+    assert positive(streamed_s) and positive(memory_s)  # both modes ran
+    assert all(math.isfinite(x) and x >= 0 for x in (streamed_mib, memory_mib, float(reducer[4])))

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ray_certseg import plots, reduce
+from ray_certseg import aggregate, plots, reduce
 from ray_certseg.certify import can_certify, certify, max_tau, min_n
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
 from ray_certseg.data import ItemError, list_items, load_item
@@ -131,7 +131,7 @@ def test_summary_marks_infeasible_rows_and_says_what_would_certify():
         rows += reduce.image_rows(vr, reduce.Grid((0.75,), (0.001,), ("holm",)))
     per_image = pd.DataFrame(rows)
     assert per_image["certifiable"].tolist() == [False, True]
-    metrics = reduce.pool(per_image)
+    metrics = aggregate.pool(per_image)
     assert metrics["infeasible_images"].tolist() == [1, 0]
     text = reduce.summary_markdown(metrics)
     assert "0.000 (infeasible)" in text and "1.000 |" in text
