@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ray_certseg.certify import select
+from ray_certseg.certify import class_dtype
 from ray_certseg.models.util import resolve_dtype
 
 SELECTION, ESTIMATION = 0, 1
@@ -45,15 +45,15 @@ SegmenterFn = Callable[[Tensor], Tensor]
 class Votes:
     """Vote counts of one (image, sigma).
 
-    counts0: (C, H, W) int32, selection votes (n0 draws); c_hat: (H, W) ``certify.select(counts0)`` (argmax,
-    ties to the lowest class; uint8 when C <= 256); k: (H, W) votes for c_hat among the n estimation draws
-    (uint16 when n < 2**16, else int32);
-    counts: (C, H, W) int32 estimation votes, only with ``return_counts=True``; clean_pred: (H, W) argmax of
+    c_hat: (H, W) ``certify.select(counts0)`` (argmax, ties to the lowest class; uint8 when C <= 256); k: (H, W)
+    votes for c_hat among the n estimation draws (uint16 when n < 2**16, else int32), both computed on the
+    device; counts0, counts: (C, H, W) int32 selection (n0 draws) and estimation votes, copied to the host only
+    with ``return_counts=True`` (else None); clean_pred: (H, W) argmax of
     the segmenter on the clean image, dtype of c_hat: no noise and no denoising (a denoiser is the identity at
     sigma = 0), so methods sharing a segmenter share it; seconds: wall time of the sampling.
     """
 
-    counts0: np.ndarray
+    counts0: np.ndarray | None
     c_hat: np.ndarray
     k: np.ndarray
     clean_pred: np.ndarray
@@ -313,21 +313,31 @@ def count_votes(
                 a.reshape(-1, h, w).cpu().numpy()
                 for a in level_votes(both[:num_classes], both[num_classes:], hierarchy_index)
             ]
-        counts0_np, counts_np = both.reshape(2, num_classes, h, w).cpu().numpy()
+        counts0, counts = both.reshape(2, num_classes, h, w)
+        c_hat_t, k_t = select_on_device(counts0, counts)
+        c_hat = c_hat_t.cpu().numpy().astype(class_dtype(num_classes))  # (H, W): what reaches the host
+        k = k_t.cpu().numpy()
         clean_np = clean[0].cpu().numpy()
-    c_hat = select(counts0_np)
-    k = np.take_along_axis(counts_np, c_hat[None].astype(np.intp), axis=0)[0]
+        kept = (counts0.cpu().numpy(), counts.cpu().numpy()) if return_counts else (None, None)
     return Votes(
-        counts0=counts0_np,
+        counts0=kept[0],
         c_hat=c_hat,
         k=k.astype(np.uint16 if n < 2**16 else np.int32),
         clean_pred=clean_np.astype(c_hat.dtype),
         seconds=time.perf_counter() - start,
-        counts=counts_np if return_counts else None,
+        counts=kept[1],
         margin=None if levels is None else levels[0][0].astype(np.uint16),
         c_hat_levels=None if levels is None else levels[1].astype(c_hat.dtype),
         k_levels=None if levels is None else levels[2].astype(np.uint16),
     )
+
+
+def select_on_device(counts0: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """c_hat = argmax_c counts0[c] (ties to the lowest class, as :func:`ray_certseg.certify.select`: torch's
+    argmax returns the first maximum) and k = counts[c_hat], on the counts' device, so that only two (H, W)
+    maps are copied to the host instead of both (C, H, W) count tensors."""
+    c_hat = counts0.argmax(dim=0)
+    return c_hat, counts.gather(0, c_hat[None])[0]
 
 
 def level_index(

@@ -20,6 +20,7 @@ from ray_certseg.sampling import (
     noise_seed,
     prepare_model,
     sample_seed,
+    select_on_device,
     to_tensor_image,
 )
 
@@ -178,13 +179,46 @@ def test_sample_seeds_distinct_within_an_image():
         sample_seed(base, 2, 0)
 
 
+def test_only_c_hat_k_and_the_clean_prediction_reach_the_host_by_default(image):
+    """c_hat and k are computed on the device (issue 15): without return_counts no (C, H, W) count tensor
+    is copied to the host, and the maps equal certify.select and take_along_axis of the full counts."""
+    torch.manual_seed(3)
+    net = nn.Conv2d(3, 5, 3, padding=1).eval()
+    kwargs = {"sigma": 0.5, "n0": 7, "n": 30, "num_classes": 5, "batch_size": 8, "seed": 4, "image_id": "d"}
+    lean, full = count_votes(image, net, **kwargs), count_votes(image, net, return_counts=True, **kwargs)
+    assert lean.counts0 is None and lean.counts is None
+    np.testing.assert_array_equal(full.c_hat, select(full.counts0))
+    np.testing.assert_array_equal(
+        full.k, np.take_along_axis(full.counts, full.c_hat[None].astype(np.intp), 0)[0]
+    )
+    for name in ("c_hat", "k", "clean_pred"):
+        np.testing.assert_array_equal(getattr(lean, name), getattr(full, name))
+        assert getattr(lean, name).dtype == getattr(full, name).dtype
+    # ties go to the lowest class on the device as in certify.select: counts with many ties
+    counts0 = np.random.default_rng(0).integers(0, 3, (4, 50, 7)).astype(np.int32)
+    counts0[0] += counts0.sum(0) == 0  # every pixel has a selection vote
+    counts0 = torch.from_numpy(counts0)
+    counts = torch.from_numpy(np.random.default_rng(1).integers(0, 9, (4, 50, 7)).astype(np.int32))
+    c_hat, k = select_on_device(counts0, counts)
+    np.testing.assert_array_equal(c_hat.numpy(), select(counts0.numpy()))
+    np.testing.assert_array_equal(k.numpy(), np.take_along_axis(counts.numpy(), c_hat.numpy()[None], 0)[0])
+
+
 def test_uint8_array_input_matches_tensor_input(image):
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     tensor = to_tensor_image(array)
     assert tensor.shape == (3, 12, 10) and tensor.dtype == torch.float32
     np.testing.assert_array_equal((tensor * 255).round().numpy().astype(np.uint8), array.transpose(2, 0, 1))
-    a = count_votes(array, channel_argmax, sigma=0.2, n0=4, n=9, num_classes=3, batch_size=4, seed=0)
-    b = count_votes(tensor, channel_argmax, sigma=0.2, n0=4, n=9, num_classes=3, batch_size=4, seed=0)
+    kwargs = {
+        "sigma": 0.2,
+        "n0": 4,
+        "n": 9,
+        "num_classes": 3,
+        "batch_size": 4,
+        "seed": 0,
+        "return_counts": True,
+    }
+    a, b = count_votes(array, channel_argmax, **kwargs), count_votes(tensor, channel_argmax, **kwargs)
     np.testing.assert_array_equal(a.counts0, b.counts0)
     np.testing.assert_array_equal(a.k, b.k)
 
@@ -205,7 +239,16 @@ def test_with_diffusion_denoiser_votes_and_clean_prediction(image):
 
     den = DiffusionDenoiser(zero_eps, sched.alphas_cumprod)
     v = count_votes(
-        image, channel_argmax, denoiser=den, sigma=0.25, n0=5, n=20, num_classes=3, batch_size=8, seed=2
+        image,
+        channel_argmax,
+        denoiser=den,
+        sigma=0.25,
+        n0=5,
+        n=20,
+        num_classes=3,
+        batch_size=8,
+        seed=2,
+        return_counts=True,
     )
     assert (v.counts0.sum(0) == 5).all() and (v.k <= 20).all()
     assert seen == [145] * 4  # ceil(5/8) + ceil(20/8) batches, all at t*(0.25); none for the clean prediction
@@ -276,11 +319,11 @@ def test_autocast_bfloat16_and_channels_last(image):
     assert net.weight.is_contiguous(memory_format=torch.channels_last)
     kwargs = {"sigma": 0.25, "n0": 4, "n": 16, "num_classes": 3, "batch_size": 8, "seed": 0, "image_id": "q"}
     ref = count_votes(image, net, **kwargs)
-    bf16 = count_votes(image, net, autocast_dtype="bf16", channels_last=True, **kwargs)
+    bf16 = count_votes(image, net, autocast_dtype="bf16", channels_last=True, return_counts=True, **kwargs)
     assert (bf16.counts0.sum(0) == 4).all() and bf16.k.max() <= 16
     assert np.mean(bf16.c_hat == ref.c_hat) > 0.8  # low precision may flip near-ties only
-    a = count_votes(image, channel_argmax, channels_last=True, **kwargs)
-    b = count_votes(image, channel_argmax, **kwargs)
+    a = count_votes(image, channel_argmax, channels_last=True, return_counts=True, **kwargs)
+    b = count_votes(image, channel_argmax, return_counts=True, **kwargs)
     np.testing.assert_array_equal(a.counts0, b.counts0)
 
 
@@ -304,7 +347,7 @@ net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32,
 image = torch.rand(3, 64, 64)
 def run():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    v = count_votes(image, net, sigma=0.25, n0=8, n=32, num_classes=3, batch_size=16, seed=0)
+    v = count_votes(image, net, sigma=0.25, n0=8, n=32, num_classes=3, batch_size=16, seed=0, return_counts=True)
     return v, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 run()
 a, faults_default = min((run() for _ in range(3)), key=lambda r: r[1])

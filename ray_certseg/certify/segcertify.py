@@ -95,9 +95,12 @@ def select(counts0: np.ndarray) -> np.ndarray:
         raise ValueError(
             "counts0 has pixels with no selection vote (n0 = 0 there); every pixel needs n0 >= 1 votes"
         )
-    num_classes = counts0.shape[0]
-    dtype = np.uint8 if num_classes <= 256 else np.int16 if num_classes <= 2**15 else np.int32
-    return counts0.argmax(axis=0).astype(dtype)
+    return counts0.argmax(axis=0).astype(class_dtype(counts0.shape[0]))
+
+
+def class_dtype(num_classes: int) -> type:
+    """The dtype of a class map of C classes: uint8 when C <= 256, int16 when C <= 2**15, else int32."""
+    return np.uint8 if num_classes <= 256 else np.int16 if num_classes <= 2**15 else np.int32
 
 
 def pvalues(k: np.ndarray | int, n: int, tau: float) -> np.ndarray:
