@@ -19,6 +19,7 @@ from ray_certseg.models.adm import (
     ADM_PRESETS,
     ADMUNet,
     AttentionBlock,
+    GroupNorm32,
     load_adm_checkpoint,
     load_adm_unet,
 )
@@ -100,6 +101,41 @@ def test_attention_matches_per_head_softmax(new_order):
     w = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / math.sqrt(d), dim=-1)
     expected = torch.einsum("bhts,bhcs->bhct", w, v).reshape(b, heads * d, length)
     torch.testing.assert_close(block.attention(qkv), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_attention_hands_sdpa_heads_with_unit_stride(new_order, monkeypatch):
+    """The fused SDPA kernels (flash, memory-efficient) need q, k, v of shape (B, H, L, d) with stride 1 in d;
+    a d-stride of L (the conv's channels-major output transposed) sends attention to the math path."""
+    from torch.nn import functional as F
+
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: seen.append(a) or real(*a, **kw))
+    heads, d, length, b = 2, 32, 10, 3
+    AttentionBlock(heads * d, heads, -1, new_order).attention(torch.randn(b, 3 * heads * d, length))
+    ((q, k, v),) = seen
+    for t in (q, k, v):
+        assert t.shape == (b, heads, length, d) and t.stride(-1) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_half_group_norm_is_within_one_rounding_of_the_float32_round_trip(dtype, monkeypatch):
+    """The CUDA fast path (a half input straight to group_norm, which accumulates in float32) against
+    guided-diffusion's float32 round trip, checked on the CPU by letting the CPU take that path: the outputs
+    differ by at most 2 units in the last place of half precision (the affine parameters are rounded too)."""
+    torch.manual_seed(0)
+    gn = GroupNorm32(64)
+    gn.weight.data.uniform_(0.5, 1.5)
+    gn.bias.data.uniform_(-0.5, 0.5)
+    x = (torch.randn(4, 64, 16, 16) * 3 + 1).to(dtype)
+    round_trip, full = gn(x), gn(x.float())
+    monkeypatch.setattr(GroupNorm32, "NATIVE_HALF_DEVICES", frozenset({"cpu"}))
+    native = gn(x)
+    assert native.dtype == round_trip.dtype == dtype
+    mantissa = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    ulp = 2.0 ** (math.floor(math.log2(round_trip.float().abs().max().item())) - mantissa)
+    assert 0 < (native.float() - round_trip.float()).abs().max().item() <= 2 * ulp
+    assert torch.equal(gn(x.float()), full)  # a float32 input never takes the half path
 
 
 def test_half_precision_blocks_stay_close_to_float32(small_flags, small_model, vectors):

@@ -8,6 +8,7 @@ reproducible), and the figures it reports are finite and positive.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -159,3 +160,19 @@ def test_scale_quick_runs_the_whole_job_and_a_noop_rerun(capsys):
     (streamed_mib, streamed_s), (memory_mib, memory_s) = (map(float, c.split("/")) for c in reducer[2:4])
     assert positive(streamed_s) and positive(memory_s)  # both modes ran
     assert all(math.isfinite(x) and x >= 0 for x in (streamed_mib, memory_mib, float(reducer[4])))
+
+
+def test_cost_model_counts_the_paper_adm_and_its_fast_path(tmp_path):
+    """The cost model on the meta device: guided-diffusion's 256x256 UNet is 2.24 TFLOP per forward, its
+    attention reaches SDPA in a layout the fused kernels take, and the eager half path keeps its non-matmul
+    traffic near 6 GB per forward (13 GB with GroupNorm's float32 round trip and math-path attention)."""
+    cost = load("cost_model")
+    assert cost.main(["--json", str(tmp_path / "rows.json")]) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    city = rows["paper_cityscapes"]
+    assert city["forwards_per_sample"] == 45 and abs(city["adm_tflop_per_forward"] - 2.242) < 0.005
+    assert 4 < city["adm_non_matmul_gb_per_forward"] < 7
+    assert 0 < city["fraction_of_flop_roofline"] <= 1
+    tally, _ = cost.denoiser_tally(256, 256, "tile", 32, batch=2)
+    names = {name for _, name, _, _ in tally.ops}
+    assert "fused_sdpa" in names and "bmm" not in names  # no attention on the math path

@@ -520,3 +520,51 @@ def test_compiled_denoiser_builds_one_graph_for_every_sigma():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+@pytest.mark.slow
+def test_compiled_base_classifier_builds_one_graph_per_shape_for_every_sigma():
+    """The whole base classifier compiled as the job does (prepare_model on the segmenter and on the
+    denoiser): count_votes at sigmas 0.25 and 0.5 builds one graph per module and batch shape (the denoiser
+    sees the noisy batches; the segmenter also the clean image alone), no graph break, votes as eager."""
+    from torch._dynamo.utils import counters
+
+    from ray_certseg.sampling import count_votes, prepare_model
+
+    torch.manual_seed(3)
+    layers = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+
+    class Seg(nn.Module):  # a model class of its own, as every loaded segmenter is (dynamo skips torch.nn's)
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            return self.layers(x)
+
+    seg = Seg().eval()
+
+    class Eps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x_t, t):
+            return self.net(x_t)
+
+    den = DiffusionDenoiser(Eps(), linear_scheduler().alphas_cumprod)
+    image = torch.rand(3, 16, 16)
+    args = {"n0": 2, "n": 6, "num_classes": 4, "batch_size": 4, "seed": 0, "image_id": "g"}  # 2 full batches
+    with torch.inference_mode():
+        eager = [count_votes(image, seg, denoiser=den, sigma=s, **args) for s in (0.25, 0.5)]
+    torch._dynamo.reset()
+    counters.clear()
+    seg_c, den_c = prepare_model(seg, compile=True), prepare_model(den, compile=True)
+    with torch.inference_mode():
+        got = [count_votes(image, seg_c, denoiser=den_c, sigma=s, **args) for s in (0.25, 0.5)]
+    for a, b in zip(eager, got):
+        assert (a.c_hat == b.c_hat).all() and (a.clean_pred == b.clean_pred).all() and (a.k == b.k).all()
+    # segmenter: batch 1 (clean) and 4; denoiser: batch 4; the same three graphs for both sigmas
+    assert counters["stats"]["unique_graphs"] == 3
+    assert not counters["graph_break"]

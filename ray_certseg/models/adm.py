@@ -166,12 +166,21 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups, computed in float32 and returned in the input's dtype."""
+    """GroupNorm with 32 groups, statistics in float32, returned in the input's dtype.
+
+    guided-diffusion casts a half input to float32, normalises and casts back: two extra kernels and float32
+    traffic. On the devices of ``NATIVE_HALF_DEVICES`` (CUDA, whose group_norm kernel accumulates half inputs
+    in float32: its ``acc_type``) a half input goes to the kernel as is, with the affine parameters in its
+    dtype; the output is rounded to half once either way. Elsewhere (CPU) the float32 round trip stays."""
+
+    NATIVE_HALF_DEVICES: frozenset[str] = frozenset({"cuda"})
 
     def __init__(self, channels: int) -> None:
         super().__init__(32, channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16) and x.device.type in self.NATIVE_HALF_DEVICES:
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(
             x.dtype
         )
@@ -253,7 +262,7 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = torch.addcmul(shift, self.out_layers[0](h), 1 + scale)  # GN(h) (1 + scale) + shift: one kernel
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
@@ -286,15 +295,21 @@ class AttentionBlock(nn.Module):
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
     def attention(self, qkv: Tensor) -> Tensor:
-        """(B, 3*H*d, L) -> (B, H*d, L): softmax(q^T k / sqrt(d)) v per head, in either channel layout."""
+        """(B, 3*H*d, L) -> (B, H*d, L): softmax(q^T k / sqrt(d)) v per head, in either channel layout.
+
+        q, k and v reach ``scaled_dot_product_attention`` as (B, H, L, d) with unit stride in d (one copy of qkv
+        into positions-major order): the fused flash and memory-efficient kernels require that, and with a
+        d-stride of L (the 1x1 conv's channels-major output transposed) attention falls back to the math path."""
         b, width, length = qkv.shape
-        d = width // (3 * self.num_heads)
+        h = self.num_heads
+        d = width // (3 * h)
+        rows = qkv.transpose(1, 2)  # (B, L, 3*H*d)
         if self.new_order:  # [q_1..q_H, k_1..k_H, v_1..v_H]
-            q, k, v = (z.reshape(b * self.num_heads, d, length) for z in qkv.chunk(3, dim=1))
+            q, k, v = rows.reshape(b, length, 3, h, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         else:  # per head [q_h, k_h, v_h]
-            q, k, v = qkv.reshape(b * self.num_heads, 3 * d, length).split(d, dim=1)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return a.transpose(1, 2).reshape(b, -1, length)
+            q, k, v = rows.reshape(b, length, h, 3, d).permute(3, 0, 2, 1, 4).contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, d)
+        return a.permute(0, 1, 3, 2).reshape(b, h * d, length)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -128,6 +129,7 @@ class DiffusionDenoiser(nn.Module):
 
     RESOLUTIONS = ("native", "tile", "resize")
     VARIANCES = ("auto", "learned", "fixed")
+    BLEND_SHAPES = 8
     PREDICTION_TYPES = schedule.PREDICTION_TYPES
 
     def __init__(
@@ -177,6 +179,9 @@ class DiffusionDenoiser(nn.Module):
         self.alphas_cumprod = abar
         self.prediction_type, self.resolution, self.sample_size = prediction_type, resolution, sample_size
         self.tile_overlap, self.multiple_of = tile_overlap, multiple_of
+        self._blends: OrderedDict[tuple[int, int, str], tuple[list[tuple[int, int, Tensor]], Tensor]] = (
+            OrderedDict()
+        )
         self.multistep, self.multistep_seed, self.variance = multistep, int(multistep_seed), variance
         options = {
             "prediction_type": prediction_type,
@@ -239,27 +244,40 @@ class DiffusionDenoiser(nn.Module):
 
     def _tiled(self, noisy: Tensor, sigma: float) -> Tensor:
         h, w = noisy.shape[-2:]
-        s, o = self.sample_size, self.tile_overlap
+        s = self.sample_size
         padded = _pad(noisy, max(h, s), max(w, s))
-        ph, pw = padded.shape[-2:]
-        ramp = _smooth_ramp(s, o).to(noisy.device, torch.float32)
-        ys, xs = _tile_starts(ph, s, o), _tile_starts(pw, s, o)
-
-        def window(start: int, length: int) -> Tensor:
-            lead = ramp if start > 0 else torch.ones_like(ramp)
-            trail = ramp.flip(0) if start + s < length else torch.ones_like(ramp)
-            return lead * trail
-
+        tiles, weight = self._blend(*padded.shape[-2:], noisy.device)
         total = torch.zeros_like(padded)
-        weight = torch.zeros(ph, pw, device=noisy.device)
-        for y in ys:
-            for x in xs:
-                wgt = window(y, ph)[:, None] * window(x, pw)[None, :]
-                total[..., y : y + s, x : x + s] += wgt * self._denoise(
-                    padded[..., y : y + s, x : x + s], sigma
-                )
-                weight[y : y + s, x : x + s] += wgt
+        for y, x, wgt in tiles:
+            total[..., y : y + s, x : x + s] += wgt * self._denoise(padded[..., y : y + s, x : x + s], sigma)
         return (total / weight)[..., :h, :w]
+
+    def _blend(self, ph: int, pw: int, device: torch.device) -> tuple[list[tuple[int, int, Tensor]], Tensor]:
+        """The tiles of a (ph, pw) image, (y, x, blending weights), and the summed weights: built once per
+        shape and device and kept there (a call copies nothing from the host), for the BLEND_SHAPES shapes
+        used last (datasets of many image sizes would otherwise fill the device)."""
+        key = (ph, pw, str(device))
+        if key in self._blends:
+            self._blends.move_to_end(key)
+        else:
+            s, o = self.sample_size, self.tile_overlap
+            ramp = _smooth_ramp(s, o).to(device, torch.float32)
+
+            def window(start: int, length: int) -> Tensor:
+                lead = ramp if start > 0 else torch.ones_like(ramp)
+                trail = ramp.flip(0) if start + s < length else torch.ones_like(ramp)
+                return lead * trail
+
+            tiles, weight = [], torch.zeros(ph, pw, device=device)
+            for y in _tile_starts(ph, s, o):
+                for x in _tile_starts(pw, s, o):
+                    wgt = window(y, ph)[:, None] * window(x, pw)[None, :]
+                    weight[y : y + s, x : x + s] += wgt
+                    tiles.append((y, x, wgt))
+            self._blends[key] = (tiles, weight)
+            while len(self._blends) > self.BLEND_SHAPES:
+                self._blends.popitem(last=False)
+        return self._blends[key]
 
     def _resize_factors(self, height: int, width: int) -> tuple[int, int]:
         s = self.sample_size
