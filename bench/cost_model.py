@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -260,6 +259,8 @@ def segmenter_tally(height: int, width: int, num_classes: int, batch: int = 1) -
 
 def config_shape(path: Path) -> dict[str, Any]:
     """(image size, resolution, overlap, n0 + n, classes) of a paper config."""
+    import yaml  # here: bench/gpu.py imports this module on machines without PyYAML
+
     cfg = yaml.safe_load(path.read_text())
     den = next(iter(cfg["models"]["denoisers"].values()))
     size = cfg["dataset"].get("resize") or {"cityscapes": (1024, 2048)}.get(

@@ -1,49 +1,57 @@
-"""GPU benchmark of the sampler's fast path: samples/s per option against the forward-only roofline.
+"""GPU benchmark: what fraction of the roofline the sampler reaches on the job's own shapes, in one 5-minute run.
 
-Models (random weights, nothing downloaded): the project's ``ADMUNet`` with guided-diffusion's
-256x256_uncond flags (``ADM_PRESETS``, about 550 M parameters) inside ``DiffusionDenoiser``, and a segmenter
-of HRNet's size class (torchvision ``deeplabv3_resnet50``, 19 classes; a wide ``TinySegNet`` when torchvision
-is missing). Options mirror the job's (``VoteSampler``): ADM blocks in half precision via
-``ADMUNet.convert_blocks_to`` (as ``load_adm_denoiser`` does on CUDA), bf16/fp16 under ``torch.autocast``
-(``sampling.dtype``), ``channels_last`` and ``torch.compile`` via ``sampling.prepare_model``.
+1. The machine first: its bf16 matmul peak (TFLOP/s, square matmuls) and its copy bandwidth (GB/s moved by a
+   device-to-device copy, read + write).
+2. Then the job's shapes, with random weights (nothing downloaded): the project's ``ADMUNet`` with
+   guided-diffusion's 256x256_uncond flags (``ADM_PRESETS``, 552 M parameters) inside ``DiffusionDenoiser`` and a
+   full-resolution segmenter of HRNet's size class (torchvision ``deeplabv3_resnet50``, 19 classes; the cost
+   model's ``TinySegNet`` width 40 without torchvision), prepared as the job's actor prepares them
+   (``prepare_model``, ``convert_blocks_to`` as ``load_adm_denoiser`` on CUDA):
 
-Per option and batch size B, timed with device synchronisation:
+   * ``cityscapes-tile``: one 1024 x 2048 image, the denoiser in tile mode (256 x 256 tiles, overlap 32:
+     45 tiles per sample), as configs/paper_cityscapes.yaml;
+   * ``pascal-tile``: one 480 x 480 image (configs/paper_pascal_context.yaml: 4 tiles).
 
-* roofline: only ``segment(denoise(x))`` on full batches of B noisy images (noise drawn beforehand);
-* roofline + clean: count_votes' batch structure, the same forwards plus the clean image alone through the
-  segmenter first (count_votes draws S0 and S in one stream of ceil((n0 + n)/B) batches);
-* count_votes: ``sampling.count_votes`` for one image, n0 + n samples (noise on device, votes counted on
-  device, one host copy): samples/s and its ratio to the roofline.
+   Per workload and option (``OPTIONS``: fp32; the ADM fp16 blocks, the job's default on CUDA; bf16 / fp16
+   autocast; bf16 + ``torch.compile``) one ``count_votes`` call warms up (compiles, autotunes; inside the
+   budget), then the best of ``--repeats`` timed calls of n0 + n samples gives a row, printed as soon as it is
+   measured and appended to ``OUT/gpu.jsonl``: samples/s, achieved TFLOP/s (the cost model's FLOPs per sample x
+   samples/s), the fraction of the measured peak, the cost model's predicted time at the measured peaks against
+   the measured one, peak memory and the self-checks (finite logits, counts summing to n0, the same votes from
+   two calls with one seed).
 
-Self-checks (exit code 1 when one fails): finite outputs; count_votes run twice with one seed gives identical
-votes (reproducible) for every option; counts sum to n0 and n. Reported beside: agreement of c_hat with the
-fp32 option, peak device memory. Options that would overrun ``--budget`` seconds are skipped and listed.
+Each (workload, option) runs in its own try block: an out-of-memory or compile error is recorded in its row and
+the run goes on. A row that would start past ``--budget`` seconds is recorded as skipped (compile options need
+``--compile-reserve`` seconds left). ``--cpu-smoke``: tiny models and images on the CPU, the same code paths.
 
-``--cpu-smoke``: a tiny ADM (32 x 32) and TinySegNet on the CPU, to test this script's logic anywhere.
-Run on a GPU machine through ``bench/gpu.sh`` (installs nothing).
+Run on a GPU machine through ``bench/gpu.sh OUT`` (installs nothing; needs python3 with torch, numpy, scipy).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cost_model
 
 from ray_certseg.models.adm import ADM_PRESETS, ADMUNet
 from ray_certseg.models.denoisers import DiffusionDenoiser
 from ray_certseg.models.schedule import adm_alphas_cumprod
-from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD, Segmenter
+from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD, Segmenter, _OutputKey
+from ray_certseg.models.tiny import TinySegNet
 from ray_certseg.models.util import resolve_dtype
 from ray_certseg.sampling import count_votes, prepare_model
 
@@ -57,88 +65,36 @@ SMOKE_ADM = {
     "num_head_channels": 16,
 }
 OPTIONS = {
-    # name: (ADM block dtype or None, autocast dtype or None, channels_last, compile)
-    "fp32": (None, None, False, False),
-    "adm-fp16-blocks": ("float16", None, False, False),  # the job's default on CUDA (flags use_fp16)
-    "bf16": ("bfloat16", "bfloat16", False, False),  # sampling.dtype: bfloat16
-    "fp16": ("float16", "float16", False, False),  # sampling.dtype: float16
-    "bf16+channels_last": ("bfloat16", "bfloat16", True, False),
-    "bf16+compile": ("bfloat16", "bfloat16", False, True),
+    # name: (ADM block dtype or None, autocast dtype or None, compile)
+    "fp32": (None, None, False),
+    "adm-fp16-blocks": ("float16", None, False),  # the job's default on CUDA (flags use_fp16)
+    "bf16": ("bfloat16", "bfloat16", False),  # sampling.dtype: bfloat16
+    "fp16": ("float16", "float16", False),  # sampling.dtype: float16 (the paper configs)
+    "fp16+compile": ("float16", "float16", True),  # the paper configs: sampling.compile: true
 }
+WORKLOADS = {
+    # name: (height, width, tile overlap); the denoiser tiles at the ADM's image size
+    "cityscapes-tile": (1024, 2048, 32),
+    "pascal-tile": (480, 480, 32),
+}
+SMOKE_WORKLOADS = {"cityscapes-tile": (32, 64, 8), "pascal-tile": (40, 40, 8)}
 
 
 @dataclass
-class Result:
-    option: str
-    batch: int
-    roofline: float = math.nan  # samples/s, full batches
-    with_clean: float = math.nan  # samples/s, count_votes' batch structure (clean image first)
-    count_votes: float = math.nan  # samples/s
-    first_call_s: float = math.nan  # first count_votes call (compilation included)
+class Row:
+    kind: str  # "peak" | "workload"
+    name: str
+    option: str = ""
+    samples_per_s: float = math.nan
+    achieved_tflops: float = math.nan
+    fraction_of_peak: float = math.nan
+    predicted_s: float = math.nan
+    measured_s: float = math.nan
+    first_call_s: float = math.nan
     peak_gib: float = math.nan
-    agree_fp32: float = math.nan
+    value: float = math.nan  # peaks: TFLOP/s or GB/s
     checks: list[str] = field(default_factory=list)
-
-
-class _Out(nn.Module):
-    """torchvision segmentation models return a dict; the logits are under "out"."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)["out"]
-
-
-def build_segmenter(smoke: bool, num_classes: int) -> tuple[Segmenter, str]:
-    from ray_certseg.models.tiny import tiny_segnet
-
-    if not smoke:
-        try:
-            from torchvision.models.segmentation import deeplabv3_resnet50
-
-            net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)
-            return Segmenter(
-                _Out(net),
-                num_classes=num_classes,
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-                name="deeplabv3_resnet50",
-            ), "deeplabv3_resnet50 (torchvision, random weights)"
-        except ImportError:
-            pass
-    width = 8 if smoke else 64
-    return (
-        Segmenter(
-            tiny_segnet(num_classes, width=width),
-            num_classes=num_classes,
-            mean=[0.5] * 3,
-            std=[0.25] * 3,
-            name="tiny",
-        ),
-        f"TinySegNet width {width} (random weights)",
-    )
-
-
-def build_models(option: str, smoke: bool, device: torch.device, num_classes: int, seed: int):
-    """Fresh models for one option, prepared as the job's actor prepares them."""
-    block, _, channels_last, compile_ = OPTIONS[option]
-    torch.manual_seed(seed)
-    with device:  # initialise the weights on the device: seconds saved per option for 550 M parameters
-        unet = ADMUNet(**(SMOKE_ADM if smoke else ADM_PRESETS["256x256_uncond"])).eval()
-        seg, _ = build_segmenter(smoke, num_classes)
-    if block is not None:
-        unet.convert_blocks_to(resolve_dtype(block))
-    den = DiffusionDenoiser(
-        unet,
-        adm_alphas_cumprod(),
-        sample_size=unet.image_size,
-        multiple_of=unet.multiple_of,
-        name="adm-random",
-    )
-    prep = {"device": device, "channels_last": channels_last, "compile": compile_}
-    return prepare_model(seg, **prep), prepare_model(den, **prep)
+    error: str = ""
 
 
 def sync(device: torch.device) -> None:
@@ -146,45 +102,109 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_seconds(
-    seg, den, x: Tensor, sizes: list[int], sigma: float, autocast, device, repeats: int, channels_last: bool
-) -> float:
-    """Seconds of segment(denoise(.)) over batches of ``sizes`` (best of ``repeats`` passes after an untimed
-    one: recompilation, autotuning); the clean image (size marked 0) goes through the segmenter alone, as in
-    count_votes."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    batches = {
-        b: (x + sigma * torch.randn(max(b, 1), *x.shape, generator=gen, device=device)).contiguous(
-            memory_format=fmt
-        )
-        for b in set(sizes)
-    }
-    times = []
-    with torch.inference_mode(), autocast():
-        for _ in range(repeats + 1):
-            sync(device)
-            start = time.perf_counter()
-            for b in sizes:
-                seg(batches[b]) if b == 0 else seg(den(batches[b], sigma))
-            sync(device)
-            times.append(time.perf_counter() - start)
-    return min(times[1:])
+def timed(fn: Any, device: torch.device, repeats: int) -> float:
+    """Best of ``repeats`` synchronised calls, after one untimed call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
-def run_option(
-    option: str,
-    batch: int,
-    args: argparse.Namespace,
-    device: torch.device,
-    x: Tensor,
-    fp32_c_hat: dict[int, Any],
-) -> Result:
-    _, amp, channels_last, _ = OPTIONS[option]
-    r = Result(option, batch)
-    seg, den = build_models(option, args.cpu_smoke, device, args.num_classes, args.seed)
-    amp_dtype = resolve_dtype(amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+def measure_peaks(device: torch.device, smoke: bool, repeats: int) -> tuple[Row, Row]:
+    """(bf16 matmul TFLOP/s, copy GB/s moved) of this device."""
+    n = 256 if smoke else 8192
+    dtype = torch.bfloat16
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: a @ b, device, repeats)
+    matmul = Row("peak", "bf16 matmul", value=2 * n**3 / seconds / 1e12)
+    src = torch.empty((4 if smoke else 1024) * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, repeats)
+    copy = Row("peak", "copy", value=2 * src.numel() / seconds / 1e9)
+    return matmul, copy
+
+
+def build_segmenter(smoke: bool, num_classes: int, device: torch.device | str) -> tuple[nn.Module, str]:
+    with torch.device(device):
+        if not smoke:
+            try:
+                from torchvision.models.segmentation import deeplabv3_resnet50
+
+                net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)
+                return Segmenter(
+                    _OutputKey(net, "out"), num_classes=num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD
+                ), "deeplabv3_resnet50"
+            except ImportError:
+                pass
+        width = 8 if smoke else 40
+        return Segmenter(
+            TinySegNet(num_classes, width=width), num_classes=num_classes, mean=[0.5] * 3, std=[0.25] * 3
+        ), f"TinySegNet width {width}"
+
+
+def build_adm(smoke: bool, block: str | None, device: torch.device | str) -> ADMUNet:
+    with torch.device(device):
+        unet = ADMUNet(**(SMOKE_ADM if smoke else ADM_PRESETS["256x256_uncond"])).eval()
+    return unet.convert_blocks_to(resolve_dtype(block)) if block is not None else unet
+
+
+def build(option: str, workload: str, args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    """Fresh models for one (workload, option), prepared as the job's actor prepares them."""
+    block, _, compile_ = OPTIONS[option]
+    torch.manual_seed(args.seed)
+    unet = build_adm(args.cpu_smoke, block, device)
+    overlap = (SMOKE_WORKLOADS if args.cpu_smoke else WORKLOADS)[workload][2]
+    den = DiffusionDenoiser(
+        unet,
+        adm_alphas_cumprod(),
+        resolution="tile",
+        sample_size=unet.image_size,
+        tile_overlap=overlap,
+        multiple_of=unet.multiple_of,
+        name="adm-random",
+    )
+    seg, _ = build_segmenter(args.cpu_smoke, args.num_classes, device)
+    prep = {"device": device, "compile": compile_}
+    return prepare_model(seg, **prep), prepare_model(den, **prep)
+
+
+def predicted(option: str, workload: str, args: argparse.Namespace) -> tuple[float, Any]:
+    """The cost model's tally of one sample of (workload, option), counted on the meta device: the denoiser's
+    tiles and the segmenter at full resolution, convolutions in the option's half dtype (autocast counted as
+    half models)."""
+    block, amp, _ = OPTIONS[option]
+    height, width, overlap = (SMOKE_WORKLOADS if args.cpu_smoke else WORKLOADS)[workload]
+    unet = build_adm(args.cpu_smoke, block, "meta")
+    size = unet.image_size
+    tiles = len(cost_model._tile_starts(height, size, overlap)) * len(
+        cost_model._tile_starts(width, size, overlap)
+    )
+    b = args.batch_size
+    x = torch.empty(b, 3, size, size, device="meta")
+    t = torch.full((b,), 145, dtype=torch.long, device="meta")
+    den = cost_model.count(unet, x, t).scaled(tiles / b)
+    seg, _ = build_segmenter(args.cpu_smoke, args.num_classes, "meta")
+    half = resolve_dtype(amp)
+    seg = seg.to(half) if half is not None else seg
+    images = torch.empty(b, 3, height, width, device="meta", dtype=half or torch.float32)
+    return tiles, den.add(cost_model.count(seg, images).scaled(1 / b))
+
+
+def run_workload(
+    option: str, workload: str, args: argparse.Namespace, device: torch.device, peaks: tuple[Row, Row]
+) -> Row:
+    row = Row("workload", workload, option)
+    height, width, _ = (SMOKE_WORKLOADS if args.cpu_smoke else WORKLOADS)[workload]
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.rand(3, height, width, generator=gen).to(device)
+    _, tally = predicted(option, workload, args)
+    seg, den = build(option, workload, args, device)
+    amp = resolve_dtype(OPTIONS[option][1])
     votes = lambda counts=False: count_votes(
         x,
         seg,
@@ -193,183 +213,132 @@ def run_option(
         n0=args.n0,
         n=args.n,
         num_classes=args.num_classes,
-        batch_size=batch,
+        batch_size=args.batch_size,
         seed=args.seed,
         image_id="bench",
         device=device,
-        autocast_dtype=amp_dtype,
-        channels_last=channels_last,
+        autocast_dtype=amp,
         return_counts=counts,
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    try:
-        first = votes(True)  # warm-up (compilation, cuDNN autotuning, allocator), with the counts to check
-    except ValueError as exc:  # non-finite logits
-        r.checks.append(f"FAILED: {exc}")
-        return r
-    r.first_call_s = time.perf_counter() - start
-    full = [min(batch, args.n0 + args.n - s) for s in range(0, args.n0 + args.n, batch)]
-    with_clean = [0, *full]  # 0: the clean image, segmenter alone
-    rate = lambda sizes: (
-        (args.n0 + args.n)
-        / forward_seconds(seg, den, x, sizes, args.sigma, autocast, device, args.repeats, channels_last)
-    )
-    r.roofline, r.with_clean = rate(full), rate(with_clean)  # both in noisy samples/s, as count_votes
-    times = []
+    first = votes(True)  # warm-up: compilation, autotuning, allocator; with the counts to check
+    row.first_call_s = time.perf_counter() - start
+    best, again = math.inf, first
     for _ in range(args.repeats):
         sync(device)
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         again = votes()
         sync(device)
-        times.append(time.perf_counter() - t)
-    r.count_votes = (args.n0 + args.n) / min(times)
+        best = min(best, time.perf_counter() - t0)
+    samples = args.n0 + args.n + 1  # the clean image is one more segmenter call; counted as a sample
+    flops = sum(tally.flops.values()) * samples
+    matmul, copy = peaks
+    row.measured_s, row.samples_per_s = best, (args.n0 + args.n) / best
+    row.achieved_tflops = flops / best / 1e12
+    row.fraction_of_peak = row.achieved_tflops / matmul.value
+    row.predicted_s = sum(tally.seconds(matmul.value * 1e12, copy.value * 1e9).values()) * samples
     if device.type == "cuda":
-        r.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     if not ((first.counts0.sum(0) == args.n0).all() and (first.k <= args.n).all()):
-        r.checks.append("FAILED: counts do not sum to n0 / k > n")
+        row.checks.append("counts do not sum to n0 / k > n")
     if not ((first.c_hat == again.c_hat).all() and (first.k == again.k).all()):
-        r.checks.append("FAILED: not reproducible (same seed, different votes)")
-    if option == "fp32":
-        fp32_c_hat[batch] = first.c_hat
-    if batch in fp32_c_hat:
-        r.agree_fp32 = float((first.c_hat == fp32_c_hat[batch]).mean())
-    return r
+        row.checks.append("not reproducible (same seed, different votes)")
+    return row
+
+
+def show(row: Row) -> str:
+    if row.kind == "peak":
+        unit = "TFLOP/s" if "matmul" in row.name else "GB/s"
+        return f"peak  {row.name:12s} {row.value:10.1f} {unit}" + (
+            f"  ERROR {row.error}" if row.error else ""
+        )
+    if row.error:
+        return f"{row.name:16s} {row.option:16s} {row.error}"
+    return (
+        f"{row.name:16s} {row.option:16s} {row.samples_per_s:9.2f} samples/s  {row.achieved_tflops:8.2f} TFLOP/s  "
+        f"{row.fraction_of_peak:6.3f} of peak  predicted {row.predicted_s:8.3f} s / measured {row.measured_s:8.3f} s"
+        f"  first call {row.first_call_s:6.1f} s  peak {row.peak_gib:6.2f} GiB  "
+        f"{'ok' if not row.checks else 'FAILED: ' + '; '.join(row.checks)}"
+    )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "out", type=Path, help="folder for gpu.jsonl (one JSON row per line, appended as measured)"
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (tests the logic)")
-    p.add_argument("--image-size", type=int, default=256, help="H = W of the test image")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 55])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
-    p.add_argument("--n0", type=int, default=10)
-    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=10, help="sampling.batch_size (the paper configs: 10)")
+    p.add_argument("--n0", type=int, default=2, help="selection samples per timed call")
+    p.add_argument("-n", type=int, default=8, help="estimation samples per timed call")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--num-classes", type=int, default=19)
-    p.add_argument("--repeats", type=int, default=3, help="best-of repeats for each timing")
+    p.add_argument("--repeats", type=int, default=2, help="best-of repeats for each timing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, default=270.0, help="seconds; later measurements are skipped")
-    p.add_argument(
-        "--compile-reserve",
-        type=float,
-        default=120.0,
-        help="seconds of budget a torch.compile option needs left to start",
-    )
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--budget", type=float, default=270.0, help="seconds; later rows are recorded as skipped")
+    p.add_argument("--compile-reserve", type=float, default=90.0, help="seconds a compile option needs left")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.image_size = min(args.image_size, 32)
-        args.batch_sizes = [b for b in args.batch_sizes if b <= 8] or [4]
-        args.n0, args.n, args.repeats, args.compile_reserve = min(args.n0, 2), min(args.n, 6), 1, 0.0
-        if "--options" not in (sys.argv[1:] if argv is None else argv):
-            args.options = ["fp32", "bf16", "bf16+channels_last"]
+        args.batch_size, args.n0, args.n, args.repeats, args.compile_reserve = 2, 1, 2, 1, 0.0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    if args.cpu_smoke:
-        torch.set_num_threads(1)  # a shared CPU: more threads than free cores multiply the time per op
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-smoke to test the logic on the CPU", file=sys.stderr)
         return 2
-    if device.type == "cuda":
+    if args.cpu_smoke:
+        torch.set_num_threads(1)  # a shared CPU: more threads than free cores multiply the time per op
+    else:
         torch.backends.cudnn.benchmark = False  # fixed algorithms: reproducible votes
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "gpu.jsonl"
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(3, args.image_size, args.image_size, generator=gen).to(device)
-    with torch.device("meta"):
-        params = sum(
-            p.numel()
-            for p in ADMUNet(**(SMOKE_ADM if args.cpu_smoke else ADM_PRESETS["256x256_uncond"])).parameters()
-        )
-    with torch.device("meta"):
-        seg_desc = build_segmenter(args.cpu_smoke, args.num_classes)[1]
+
+    def record(row: Row) -> None:
+        print(show(row), flush=True)
+        with log.open("a") as f:
+            f.write(json.dumps(asdict(row)) + "\n")
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
     print(
-        f"device: {name}; torch {torch.__version__}; image {args.image_size}x{args.image_size}, "
-        f"n0={args.n0}, n={args.n}, sigma={args.sigma}; ADM {'smoke' if args.cpu_smoke else '256x256_uncond'} "
-        f"{params / 1e6:.0f}M params, {seg_desc}",
+        f"device: {name}; torch {torch.__version__}; n0={args.n0}, n={args.n}, B={args.batch_size}",
         flush=True,
     )
-    results, skipped, fp32_c_hat = [], [], {}
-    # fp32 first (the reference of the agreement column), torch.compile last (its first call is long)
-    order = sorted(args.options, key=lambda o: (o != "fp32", OPTIONS[o][3]))
-    for option in order:
-        for batch in args.batch_sizes:
-            elapsed = time.perf_counter() - start
-            spent = [r for r in results if r.option == option]
-            # compile pays its first call again per batch size: one batch size only, and only with time left
-            compiling = OPTIONS[option][3]
-            if elapsed > args.budget - (args.compile_reserve if compiling else 0) or (compiling and spent):
-                skipped.append(f"{option}@{batch}")
+    try:
+        peaks = measure_peaks(device, args.cpu_smoke, args.repeats)
+    except Exception as exc:  # noqa: BLE001 - a broken device is reported, not a traceback
+        record(Row("peak", "bf16 matmul", error=f"{type(exc).__name__}: {exc}"))
+        return 1
+    for row in peaks:
+        record(row)
+    failed = False
+    for workload in args.workloads:
+        for option in sorted(args.options, key=lambda o: OPTIONS[o][2]):  # compile last: its warm-up is long
+            left = args.budget - (time.perf_counter() - start)
+            if left < (args.compile_reserve if OPTIONS[option][2] else 0) or left <= 0:
+                record(Row("workload", workload, option, error=f"skipped: {left:.0f} s of budget left"))
                 continue
-            r = run_option(option, batch, args, device, x, fp32_c_hat)
-            results.append(r)
-            print(
-                f"  {option:20s} B={batch:3d}: roofline {r.roofline:8.1f}  count_votes {r.count_votes:8.1f} "
-                f"samples/s  ({time.perf_counter() - start:.0f} s){' ' + '; '.join(r.checks) if r.checks else ''}",
-                flush=True,
-            )
-    print(report(results, skipped, args))
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    return 1 if any(r.checks for r in results) else 0
-
-
-def report(results: list[Result], skipped: list[str], args: argparse.Namespace) -> str:
-    rows = []
-    for r in results:
-        rows.append(
-            [
-                r.option,
-                r.batch,
-                f"{r.roofline:.1f}",
-                f"{r.with_clean:.1f}",
-                f"{r.count_votes:.1f}",
-                f"{r.count_votes / r.roofline:.3f}",
-                f"{r.with_clean / r.roofline:.3f}",
-                f"{(args.n0 + args.n) / r.count_votes:.3f}",
-                f"{r.first_call_s:.1f}",
-                f"{r.peak_gib:.1f}",
-                f"{r.agree_fp32:.4f}",
-                "ok" if not r.checks else "FAILED",
-            ]
-        )
-    headers = [
-        "option",
-        "B",
-        "roofline samples/s",
-        "roofline + clean",
-        "count_votes samples/s",
-        "count_votes/roofline",
-        "+clean/roofline",
-        "s per image",
-        "first call s",
-        "peak GiB",
-        "c_hat = fp32",
-        "checks",
-    ]
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = lambda row: "  ".join(str(c).rjust(w) for c, w in zip(row, widths))
-    lines = ["", fmt(headers), "-" * len(fmt(headers))] + [fmt(row) for row in rows]
-    if skipped:
-        lines.append(
-            f"skipped (time budget {args.budget:.0f} s, or compile at a second batch size): "
-            + ", ".join(skipped)
-        )
-    best = max(results, key=lambda r: r.count_votes, default=None)
-    if best is not None:
-        lines.append(
-            f"best: {best.option} at B={best.batch}: {best.count_votes:.1f} samples/s = "
-            f"{best.count_votes / (args.n0 + args.n):.2f} images/s of {args.image_size}x{args.image_size} "
-            f"at n0+n={args.n0 + args.n}"
-        )
-    return "\n".join(lines)
+            try:
+                row = run_workload(option, workload, args, device, peaks)
+            except Exception as exc:  # noqa: BLE001 - OOM, compile errors, anything: recorded, the run goes on
+                row = Row("workload", workload, option, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                traceback.print_exc(limit=3)
+                failed = True
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            failed |= bool(row.checks)
+            record(row)
+    print(f"rows in {log} ({time.perf_counter() - start:.0f} s)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

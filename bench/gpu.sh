@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# GPU benchmark of the sampler's fast path (bench/gpu.py): samples/s per option (fp32, the ADM fp16 blocks,
-# bf16/fp16 autocast, channels_last, torch.compile) and batch size, against the forward-only roofline, for the
-# project's ADMUNet with guided-diffusion's 256x256_uncond flags and a deeplabv3_resnet50 segmenter, both with
-# random weights. Installs nothing and downloads nothing; finishes in under 5 minutes (a time budget inside,
-# a hard timeout here).
+# GPU benchmark (bench/gpu.py): the machine's bf16 matmul peak and copy bandwidth, then the job's shapes
+# (a 1024 x 2048 Cityscapes image and a 480 x 480 Pascal-Context image, the ADM-256 denoiser in tile mode and a
+# full-resolution segmenter of HRNet's size class, random weights) per option (fp32, the ADM fp16 blocks,
+# bf16 / fp16 autocast, fp16 + torch.compile): samples/s, achieved TFLOP/s, fraction of the measured peak,
+# the cost model's predicted time against the measured one, peak memory. Rows are printed and appended to
+# OUT/gpu.jsonl as they are measured; an option that fails (out of memory, compile error) is recorded and the
+# run goes on. Installs nothing, downloads nothing, finishes in under 5 minutes (a budget inside, a hard
+# timeout here).
 #
-#   bench/gpu.sh                          # on a machine with a CUDA GPU
-#   bench/gpu.sh --cpu-smoke              # tiny models on the CPU: tests the script's logic anywhere
-#   bench/gpu.sh --batch-sizes 32 64 --options bf16 bf16+compile --json results.json
+#   bench/gpu.sh OUT                                  # on a machine with a CUDA GPU
+#   bench/gpu.sh OUT --cpu-smoke                      # tiny models on the CPU: tests the script's logic anywhere
+#   bench/gpu.sh OUT --workloads pascal-tile --options fp16 fp16+compile
 #
-# Needs: python3 (or $PYTHON) with torch, numpy and scipy; torchvision optional (else a wide TinySegNet).
-# Exit codes: 0 all self-checks passed; 1 a self-check failed (non-finite outputs, votes not reproducible);
-# 2 missing packages or no GPU; 124 the hard timeout.
+# Needs: python3 (or $PYTHON) with torch, numpy and scipy; torchvision optional (else TinySegNet width 40).
+# Exit codes: 0 every row measured and its checks passed; 1 a row failed (error or check); 2 missing packages
+# or no GPU; 124 the hard timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -75,19 +76,50 @@ def test_malloc_quick_votes_identical_and_table(capsys):
     assert positive(number_after("1 process: kept/default speed-up =", out))
 
 
-def test_gpu_script_cpu_smoke_checks_pass(capsys):
+def gpu_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines()]
+
+
+def test_gpu_script_cpu_smoke_measures_peaks_then_rows_as_they_come(tmp_path, capsys):
     gpu = load("gpu")
-    assert gpu.main(["--cpu-smoke", "--batch-sizes", "4", "--options", "fp32", "bf16+channels_last"]) == 0
-    out = capsys.readouterr().out
-    table = [
-        line.split()
-        for line in out.splitlines()  # the result table, not the progress lines ("B=  4:")
-        if line.strip().startswith(("fp32 ", "bf16+channels_last ")) and "B=" not in line
+    args = [str(tmp_path), "--cpu-smoke", "--workloads", "pascal-tile", "--options", "fp32", "bf16"]
+    assert gpu.main(args) == 0
+    rows = gpu_rows(tmp_path)
+    assert [(r["kind"], r["name"], r["option"]) for r in rows] == [
+        ("peak", "bf16 matmul", ""),
+        ("peak", "copy", ""),
+        ("workload", "pascal-tile", "fp32"),
+        ("workload", "pascal-tile", "bf16"),
     ]
-    assert [row[0] for row in table] == ["fp32", "bf16+channels_last"]
-    assert all(row[-1] == "ok" and positive(float(row[2])) and positive(float(row[4])) for row in table)
-    assert float(table[0][-2]) == 1.0  # fp32 agrees with itself
-    assert "best:" in out
+    assert all(positive(r["value"]) for r in rows[:2])
+    for r in rows[2:]:
+        assert not r["error"] and not r["checks"]
+        assert all(positive(r[k]) for k in ("samples_per_s", "achieved_tflops", "predicted_s", "measured_s"))
+        assert 0 < r["fraction_of_peak"] < 10  # of the measured bf16 matmul peak
+    out = capsys.readouterr().out
+    assert out.index("peak  bf16 matmul") < out.index("pascal-tile      fp32")  # printed in order
+
+
+def test_gpu_script_records_a_failing_option_and_goes_on(tmp_path, monkeypatch):
+    gpu = load("gpu")
+    real = gpu.run_workload
+
+    def oom_for_bf16(option, *args, **kwargs):
+        if option == "bf16":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(option, *args, **kwargs)
+
+    monkeypatch.setattr(gpu, "run_workload", oom_for_bf16)
+    args = [str(tmp_path), "--cpu-smoke", "--workloads", "pascal-tile", "--options", "bf16", "fp32"]
+    assert gpu.main(args) == 1  # a failed row fails the run, after every row was measured
+    by_option = {r["option"]: r for r in gpu_rows(tmp_path) if r["kind"] == "workload"}
+    assert "out of memory" in by_option["bf16"]["error"]
+    assert not by_option["fp32"]["error"] and positive(by_option["fp32"]["samples_per_s"])
+    # past the budget a row is recorded as skipped, not run
+    assert (
+        gpu.main([str(tmp_path / "late"), "--cpu-smoke", "--workloads", "pascal-tile", "--budget", "0"]) == 0
+    )
+    assert all("skipped" in r["error"] for r in gpu_rows(tmp_path / "late") if r["kind"] == "workload")
 
 
 @pytest.mark.ray
@@ -176,3 +208,19 @@ def test_cost_model_counts_the_paper_adm_and_its_fast_path(tmp_path):
     tally, _ = cost.denoiser_tally(256, 256, "tile", 32, batch=2)
     names = {name for _, name, _, _ in tally.ops}
     assert "fused_sdpa" in names and "bmm" not in names  # no attention on the math path
+
+
+def test_gpu_script_imports_nothing_the_gpu_machine_lacks():
+    """The lent GPU machine has torch, torchvision, numpy and scipy only: bench/gpu.py and what it imports of
+    the package must not need Ray, pydantic, PyYAML, diffusers, pandas, pyarrow or fsspec."""
+    blocked = ("ray", "pydantic", "yaml", "diffusers", "pandas", "pyarrow", "s3fs", "fsspec", "transformers")
+    code = (
+        "import sys, runpy\n"
+        f"for m in {blocked!r}: sys.modules[m] = None\n"
+        f"runpy.run_path({str(BENCH / 'gpu.py')!r})\n"
+        "print('imported')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-3000:]

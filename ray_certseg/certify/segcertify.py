@@ -29,6 +29,7 @@ from pydantic import Field
 from scipy.stats import binom, norm
 
 from ray_certseg.certify.procedure import Params, Procedure
+from ray_certseg.classes import class_dtype
 from ray_certseg.constants import CORRECTIONS
 
 _LABEL_DTYPE = np.int16
@@ -97,10 +98,6 @@ def select(counts0: np.ndarray) -> np.ndarray:
         )
     return counts0.argmax(axis=0).astype(class_dtype(counts0.shape[0]))
 
-
-def class_dtype(num_classes: int) -> type:
-    """The dtype of a class map of C classes: uint8 when C <= 256, int16 when C <= 2**15, else int32."""
-    return np.uint8 if num_classes <= 256 else np.int16 if num_classes <= 2**15 else np.int32
 
 
 def pvalues(k: np.ndarray | int, n: int, tau: float) -> np.ndarray:
