@@ -99,7 +99,6 @@ def select(counts0: np.ndarray) -> np.ndarray:
     return counts0.argmax(axis=0).astype(class_dtype(counts0.shape[0]))
 
 
-
 def pvalues(k: np.ndarray | int, n: int, tau: float) -> np.ndarray:
     """p = P[Binom(n, tau) >= k] = binom.sf(k - 1, n, tau), elementwise over an integer array 0 <= k <= n.
 
