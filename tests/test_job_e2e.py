@@ -3,6 +3,7 @@ outputs live in S3 (moto's server on 127.0.0.1). Real processes, real Parquet, f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import jobworld
@@ -41,6 +43,13 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
 def ray_head():
     """`ray start --head --block` on 127.0.0.1 with every port taken from the OS and a private temp dir;
     stopped by signalling its own process group only (never `ray stop`, which stops every Ray on the host)."""
+    with start_ray_head() as head:
+        yield head
+
+
+@contextlib.contextmanager
+def start_ray_head() -> Iterator[dict]:
+    """The ``ray_head`` fixture's head, as a context manager."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Unix socket paths are length-limited
     dashboard = free_port()
     ports = {
@@ -85,7 +94,9 @@ def ray_head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=90)  # the head drains for up to 30 s on SIGTERM
+            # workers and raylet stop within seconds; the GCS would drain for 30 s more, pointless for a head
+            # of the test's own (its temp dir and ports are private), so what is left of the group is killed
+            proc.wait(timeout=8)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
