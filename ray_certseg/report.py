@@ -42,8 +42,10 @@ def render(output: RunDir | str, *, storage_options: Mapping[str, Any] | None = 
     cfg = analysis.load_config(run)
     metrics = analysis.load_metrics(run)
     errors = _errors(run)
-    per_image = analysis.load_metrics(run, per_image=True)
-    left = aggregate.left_out(per_image) if len(per_image) else None
+    keys = run.read_table(
+        rundir.METRICS, "per_image.parquet", columns=["dataset", "sigma", "image_id", "method"]
+    )
+    left = aggregate.left_out(keys.to_pandas()) if keys.num_rows else None  # the ids only, not the records
     s = cfg.sampling
     methods = ", ".join(
         f"`{name}` ({m.segmenter}" + (f" + {m.denoiser})" if m.denoiser else ")")

@@ -113,10 +113,10 @@ class RunDir:
     def write_json(self, data: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(data, indent=2, sort_keys=True).encode(), *parts)
 
-    def read_table(self, *parts: str) -> Any:
+    def read_table(self, *parts: str, columns: list[str] | None = None) -> Any:
         import pyarrow.parquet as pq
 
-        return pq.read_table(_io.BytesIO(self.read_bytes(*parts)))
+        return pq.read_table(_io.BytesIO(self.read_bytes(*parts)), columns=columns)
 
     def write_table(self, table: Any, *parts: str) -> None:
         import pyarrow.parquet as pq
