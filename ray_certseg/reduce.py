@@ -25,7 +25,7 @@ import math
 import posixpath
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -162,13 +162,8 @@ class VoteFile:
 
     index: int
     path: str
-    rows: int
     chunk_rows: int
     skip: tuple[int, ...] = ()
-
-    @property
-    def chunks(self) -> int:
-        return max(1, math.ceil(self.rows / self.chunk_rows))
 
 
 @dataclass
@@ -207,11 +202,7 @@ def plan_votes(fs: Any, paths: Sequence[str], records_per_row: int) -> VotePlan:
     record = records_per_row * record_bytes(widest)
     files = [
         VoteFile(
-            i,
-            path,
-            int((keys["file"] == i).sum()),
-            max(1, min(MAX_CHUNK_ROWS, int(CHUNK_BYTES // (sizes[i] + record)))),
-            skip.get(i, ()),
+            i, path, max(1, min(MAX_CHUNK_ROWS, int(CHUNK_BYTES // (sizes[i] + record)))), skip.get(i, ())
         )
         for i, path in enumerate(paths)
     ]
@@ -231,9 +222,13 @@ class GridRecords:
         return certify_table(table, self.points)
 
 
-Records = Callable[[pa.Table], pa.Table]
-"""A map from vote rows to per-image records, with ``columns`` (the vote array columns it reads) and
-``per_row`` (records per vote row, for the chunk size)."""
+class Records(Protocol):
+    """A map from vote rows to per-image records (:class:`GridRecords`, ``analysis.CurveRecords``)."""
+
+    columns: list[str]  # the vote array columns it reads
+    per_row: int  # records per vote row, for the chunk size
+
+    def __call__(self, table: pa.Table) -> pa.Table: ...
 
 
 def plan_run(run: RunDir, records_per_row: int) -> VotePlan:
