@@ -17,8 +17,9 @@
    budget), then the best of ``--repeats`` timed calls of n0 + n samples gives a row, printed as soon as it is
    measured and appended to ``OUT/gpu.jsonl``: samples/s, achieved TFLOP/s (the cost model's FLOPs per sample x
    samples/s), the fraction of the measured peak, the cost model's predicted time at the measured peaks against
-   the measured one, peak memory and the self-checks (finite logits, counts summing to n0, the same votes from
-   two calls with one seed).
+   the measured one, peak memory, the synchronising CUDA calls of one ``count_votes`` call
+   (``torch.cuda.set_sync_debug_mode``; by design a few per image, none per batch) and the self-checks (finite
+   logits, counts summing to n0, the same votes from two calls with one seed).
 
 Each (workload, option) runs in its own try block: an out-of-memory or compile error is recorded in its row and
 the run goes on. A row that would start past ``--budget`` seconds is recorded as skipped (compile options need
@@ -92,6 +93,7 @@ class Row:
     measured_s: float = math.nan
     first_call_s: float = math.nan
     peak_gib: float = math.nan
+    host_syncs: int = -1  # synchronising CUDA calls in one count_votes call (-1: not on CUDA)
     value: float = math.nan  # peaks: TFLOP/s or GB/s
     checks: list[str] = field(default_factory=list)
     error: str = ""
@@ -232,6 +234,7 @@ def run_workload(
         again = votes()
         sync(device)
         best = min(best, time.perf_counter() - t0)
+    row.host_syncs = count_host_syncs(votes, device)
     samples = args.n0 + args.n + 1  # the clean image is one more segmenter call; counted as a sample
     flops = sum(tally.flops.values()) * samples
     matmul, copy = peaks
@@ -248,6 +251,24 @@ def run_workload(
     return row
 
 
+def count_host_syncs(votes: Any, device: torch.device) -> int:
+    """Synchronising CUDA calls in one ``count_votes`` call (``torch.cuda.set_sync_debug_mode``: each one warns).
+    The sampler's design has one per image (the finiteness flag and the copy of c_hat, k, the clean
+    prediction), none per batch; -1 off CUDA."""
+    if device.type != "cuda":
+        return -1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            votes()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def show(row: Row) -> str:
     if row.kind == "peak":
         unit = "TFLOP/s" if "matmul" in row.name else "GB/s"
@@ -259,7 +280,7 @@ def show(row: Row) -> str:
     return (
         f"{row.name:16s} {row.option:16s} {row.samples_per_s:9.2f} samples/s  {row.achieved_tflops:8.2f} TFLOP/s  "
         f"{row.fraction_of_peak:6.3f} of peak  predicted {row.predicted_s:8.3f} s / measured {row.measured_s:8.3f} s"
-        f"  first call {row.first_call_s:6.1f} s  peak {row.peak_gib:6.2f} GiB  "
+        f"  first call {row.first_call_s:6.1f} s  peak {row.peak_gib:6.2f} GiB  syncs {row.host_syncs}  "
         f"{'ok' if not row.checks else 'FAILED: ' + '; '.join(row.checks)}"
     )
 
