@@ -175,7 +175,8 @@ class _Group:
         self.floats = {"abstained": ExactSum(), "info_gain": ExactSum(), "seconds": ExactSum()}
 
     def add(self, chunk: pa.Table, index: np.ndarray) -> None:
-        take = lambda name: chunk.column(name).take(pa.array(index))
+        rows = pa.array(index)
+        take = lambda name: chunk.column(name).take(rows)
         side = self.num_classes + 1
         for m in MATRICES:
             values = take(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -256,9 +257,7 @@ class Pool:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
-        self.left = (
-            left if left is not None else left_out(pd.DataFrame(columns=COMMON + ["image_id", "method"]))
-        )
+        self.left = left if left is not None else pd.DataFrame(columns=COMMON + ["image_id", "has", "lacks"])
         self.drop = (
             set(zip(self.left["dataset"], self.left["sigma"].astype(float), self.left["image_id"]))
             if pooling == "common"

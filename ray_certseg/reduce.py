@@ -133,11 +133,18 @@ def image_rows(rec: votes.VoteRecord, grid: Grid | Sequence[certify.Point]) -> l
     return rows
 
 
+def record_columns(points: Sequence[certify.Point]) -> list[str]:
+    """The vote array columns :func:`image_rows` reads for ``points``: the label, c_hat, the clean
+    prediction, and whatever the points' procedures read."""
+    return list(dict.fromkeys(["label", "c_hat", "clean_pred", *certify.columns(points)]))
+
+
 def certify_table(table: pa.Table, grid: Grid | Sequence[certify.Point]) -> pa.Table:
     """Vote rows (Arrow) -> per-image records (Arrow). The unit of work of the reducer, in or out of Ray."""
     points = tuple(grid)
-    wanted = list(dict.fromkeys(["label", "c_hat", "clean_pred", *certify.columns(points)]))
-    rows = [r for rec in votes.read_votes(table, columns=wanted) for r in image_rows(rec, points)]
+    rows = [
+        r for rec in votes.read_votes(table, columns=record_columns(points)) for r in image_rows(rec, points)
+    ]
     return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
 
 
@@ -215,7 +222,7 @@ class GridRecords:
 
     def __init__(self, grid: Grid | Sequence[certify.Point]):
         self.points = tuple(grid)
-        self.columns = list(dict.fromkeys(["label", "c_hat", "clean_pred", *certify.columns(self.points)]))
+        self.columns = record_columns(self.points)
         self.per_row = len(self.points)
 
     def __call__(self, table: pa.Table) -> pa.Table:
