@@ -6,8 +6,9 @@ that eager PyTorch would launch as a kernel. Per op it counts
 
 * FLOPs: convolutions 2 x output elements x C_in/groups x kernel size; matrix products 2 M N K; fused attention
   4 B H L S D; one FLOP per output element for everything else;
-* bytes: every tensor read (inputs) and written (outputs) by the op, at its dtype; views and metadata ops
-  (reshape, transpose, split, ...) launch no kernel and cost nothing,
+* bytes: every tensor read (inputs) and written (outputs) by the op, at its dtype, a broadcast (stride 0)
+  dimension once; views and metadata ops (reshape, transpose, split, ...) and allocations (empty) launch no
+  kernel and cost nothing,
 
 and predicts the op's time as max(FLOPs / peak_flops, bytes / peak_bw) (a roofline per op, kernels in
 sequence). The sums, per op class (conv, matmul/attention, norm, elementwise, copies/casts), give the predicted
@@ -62,8 +63,9 @@ VIEWS = {
 }  # fmt: skip
 NORMS = {"native_group_norm", "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
          "_native_batch_norm_legit", "group_norm", "layer_norm"}  # fmt: skip
+ALLOCATIONS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}  # no kernel
 COPIES = {"_to_copy", "copy_", "clone", "cat", "contiguous", "constant_pad_nd", "reflection_pad2d",
-          "replication_pad2d", "stack", "new_empty_strided", "empty_like", "zeros_like", "fill_"}  # fmt: skip
+          "replication_pad2d", "stack", "zeros_like", "fill_"}  # fmt: skip
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "_softmax", "_safe_softmax", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
            "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention"}  # fmt: skip
@@ -74,7 +76,9 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes of the distinct elements of ``t``: a broadcast dimension (stride 0, e.g. one weight matrix
+    expanded over a batch) is read once."""
+    return math.prod(n for n, stride in zip(t.shape, t.stride(), strict=True) if stride) * t.element_size()
 
 
 def op_flops(name: str, args: tuple, out: Any) -> float:
@@ -97,8 +101,8 @@ def op_flops(name: str, args: tuple, out: Any) -> float:
 
 
 def op_class(name: str) -> str | None:
-    """The op class of an aten op name; None for a view (no kernel)."""
-    if name in VIEWS:
+    """The op class of an aten op name; None for a view or an allocation (no kernel)."""
+    if name in VIEWS or name in ALLOCATIONS:
         return None
     if name == "convolution":
         return "conv"

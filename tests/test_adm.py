@@ -20,6 +20,7 @@ from ray_certseg.models.adm import (
     ADMUNet,
     AttentionBlock,
     GroupNorm32,
+    ResBlock,
     load_adm_checkpoint,
     load_adm_unet,
 )
@@ -136,6 +137,98 @@ def test_native_half_group_norm_is_within_one_rounding_of_the_float32_round_trip
     ulp = 2.0 ** (math.floor(math.log2(round_trip.float().abs().max().item())) - mantissa)
     assert 0 < (native.float() - round_trip.float()).abs().max().item() <= 2 * ulp
     assert torch.equal(gn(x.float()), full)  # a float32 input never takes the half path
+
+
+def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return module.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_modulated_group_norm_is_the_scale_shift_in_one_kernel(dtype, monkeypatch):
+    """GN(x) (1 + s) + t with per-sample (s, t) as one group_norm over the (1, B C) view with per-(sample,
+    channel) affine: the same values as guided-diffusion's GN then scale-shift (float32: to float32 rounding;
+    half on the native path: within 2 units in the last place, one rounding instead of two) and one kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(1)
+    gn = GroupNorm32(64)
+    gn.weight.data.uniform_(0.5, 1.5)
+    gn.bias.data.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, 64, 8, 8) * 3 + 1).to(dtype)
+    scale, shift = torch.randn(3, 64, 1, 1) * 0.3, torch.randn(3, 64, 1, 1)
+    expected = gn(x.double()).double() * (1 + scale.double()) + shift.double()  # the float32 round trip
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            outs = out if isinstance(out, tuple) else (out,)
+            if name not in ("view", "_unsafe_view") and any(o.numel() == x.numel() for o in outs):
+                self.big.append(name)  # a kernel writing a whole activation
+            return out
+
+    monkeypatch.setattr(GroupNorm32, "NATIVE_HALF_DEVICES", frozenset({"cpu"}))
+    with torch.no_grad(), Kernels() as kernels:
+        y = gn.modulated(x, scale[:, :, 0, 0], shift[:, :, 0, 0])
+    assert y.dtype == dtype and y.shape == x.shape
+    mantissa = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    ulp = 2.0 ** (math.floor(math.log2(expected.abs().max().item())) - mantissa)
+    assert (y.double() - expected).abs().max().item() <= (8 if dtype == torch.float32 else 2) * ulp
+    if dtype != torch.float32:  # the native half path: the normalisation with its affine and nothing else
+        assert kernels.big == ["native_group_norm"]
+
+
+def _plain_resblock(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """guided-diffusion's ResBlock.forward, op by op: h = conv(SiLU(GN(h)) (1 + s) + t) ..., skip(x) + h."""
+    if block.resample is None:
+        h = block.in_layers(x)
+    else:
+        h = block.in_layers[-1](block.resample(block.in_layers[:-1](x)))
+        x = block.resample(x)
+    scale, shift = block.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
+    h = block.out_layers[1:](block.out_layers[0](h) * (1 + scale) + shift)
+    return block.skip_connection(x) + h
+
+
+@pytest.mark.parametrize(
+    ("channels", "out_channels", "resample", "fused"),
+    [
+        (64, 32, {}, "baddbmm"),  # 1x1 skip convolution: the add is the matrix product's input
+        (32, 32, {"up": True}, "broadcast"),  # up-sampled identity skip: no up(x)
+        (32, 32, {"down": True}, None),
+        (32, 32, {}, None),
+    ],
+)
+def test_resblock_fast_residuals_equal_guided_diffusions_formula(channels, out_channels, resample, fused):
+    block = _randomised(ResBlock(channels, 16, 0.0, out_channels, use_scale_shift_norm=True, **resample), 0)
+    gen = torch.Generator().manual_seed(2)
+    x, emb = torch.randn(2, channels, 8, 8, generator=gen), torch.randn(2, 16, generator=gen)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops() as ops:
+        y = block(x, emb)
+    with torch.no_grad():
+        expected = _plain_resblock(block, x, emb)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert ("baddbmm" in ops.names) == (fused == "baddbmm")
+    assert ops.names.count("upsample_nearest2d") == (1 if resample.get("up") else 0)  # h only, never x
 
 
 def test_half_precision_blocks_stay_close_to_float32(small_flags, small_model, vectors):

@@ -24,7 +24,10 @@ Architecture (ds = downsampling factor of the current feature map, attention whe
 
 Residual block: h = conv(SiLU(GN(x))); with ``use_scale_shift_norm`` h = GN(h) (1 + s) + b where (s, b) =
 Linear(SiLU(emb)), else h = GN(h + Linear(SiLU(emb))); then conv(Dropout(SiLU(.))); output skip(x) + h.
-GroupNorm (32 groups) always computes in float32. Attention: softmax(q^T k / sqrt(d)) v per head, d = head
+GroupNorm (32 groups) always computes in float32. The forward pass computes these functions with fewer
+kernels than guided-diffusion's code (the scale-shift inside the GroupNorm kernel, residual adds inside the
+skip convolution's matrix product or broadcast over up-sampled blocks: ``GroupNorm32.modulated``,
+``ResBlock._residual``); the same state_dict gives the same outputs to float32 rounding. Attention: softmax(q^T k / sqrt(d)) v per head, d = head
 channels; ``use_new_attention_order=False`` (the released checkpoints) lays the 1x1-conv qkv channels out per
 head as [q_h, k_h, v_h], ``True`` as [q_1..q_H, k_1..k_H, v_1..v_H].
 
@@ -185,6 +188,28 @@ class GroupNorm32(nn.GroupNorm):
             x.dtype
         )
 
+    def modulated(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """GN(x) (1 + scale) + shift with per-sample scale, shift (B, C), in one group_norm kernel.
+
+        Group normalisation of the (1, B C, ...) view with 32 B groups is group normalisation of each sample (a
+        group never spans two samples), and its per-channel affine then is per (sample, channel):
+
+            GN(x)_bc (1 + s_bc) + t_bc = xhat_bc gamma_c (1 + s_bc) + beta_c (1 + s_bc) + t_bc
+
+        so weight = gamma (1 + s) and bias = beta (1 + s) + t, made in float32 (B C numbers). That saves
+        the separate scale-shift kernel, a read and a write of the whole activation. The output is rounded to
+        x's dtype once (guided-diffusion rounds GN(x) first, then computes the scale-shift in that dtype)."""
+        b, c = x.shape[:2]
+        one_plus = 1 + scale.float()
+        weight = (self.weight.float() * one_plus).reshape(-1)
+        bias = (self.bias.float() * one_plus + shift.float()).reshape(-1)
+        grouped = x.reshape(1, b * c, *x.shape[2:])
+        if x.dtype in (torch.float16, torch.bfloat16) and x.device.type in self.NATIVE_HALF_DEVICES:
+            y = F.group_norm(grouped, b * self.num_groups, weight.to(x.dtype), bias.to(x.dtype), self.eps)
+        else:
+            y = F.group_norm(grouped.float(), b * self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return y.view_as(x)
+
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2, optionally followed by a 3x3 conv (parameter name ``conv``)."""
@@ -255,20 +280,41 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         if self.resample is None:
             h = self.in_layers(x)
-        else:  # resample after norm + SiLU, before the conv; the skip path is resampled alike
-            h = self.resample(self.in_layers[:-1](x))
-            x = self.resample(x)
-            h = self.in_layers[-1](h)
-        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        else:  # resample after norm + SiLU, before the conv; the skip path is resampled alike (in _residual)
+            h = self.in_layers[-1](self.resample(self.in_layers[:-1](x)))
+        emb_out = self.emb_layers(emb)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = torch.addcmul(
-                shift, self.out_layers[0](h), 1 + scale
-            )  # GN(h) (1 + scale) + shift: one kernel
-            h = self.out_layers[1:](h)
+            h = self.out_layers[0].modulated(h, scale, shift)  # GN(h) (1 + scale) + shift: one kernel
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = self.out_layers[0](h + emb_out.to(h.dtype)[:, :, None, None])
+        return self._residual(x, self.out_layers[2](self.out_layers[1](h)))
+
+    def _residual(self, x: Tensor, h: Tensor) -> Tensor:
+        """skip(resample(x)) + conv_out(h), the last convolution and the residual add without a kernel of
+        their own for the add where eager allows:
+
+        * a 1x1 skip convolution W_s: one batched matrix product with the add as its input,
+          baddbmm(conv(h; W, b + b_s), W_s, x) = conv(h; W, b) + (W_s x + b_s);
+        * nearest-neighbour up-sampling of an identity skip: the add broadcasts x over each 2 x 2 block of the
+          output instead of materialising up(x) (the same sums);
+        * otherwise (identity, or an average-pooled identity) an add.
+        """
+        conv = self.out_layers[3]
+        skip = self.skip_connection
+        if isinstance(skip, nn.Conv2d) and self.resample is None and x.is_contiguous():
+            out = F.conv2d(h, conv.weight, conv.bias + skip.bias, padding=1)
+            b, c_out, height, width = out.shape
+            weight = skip.weight.reshape(1, c_out, -1).expand(b, -1, -1)
+            return torch.baddbmm(out.reshape(b, c_out, -1), weight, x.reshape(b, x.shape[1], -1)).view_as(out)
+        out = conv(h)
+        if isinstance(self.resample, Upsample) and isinstance(skip, nn.Identity):
+            b, c, height, width = x.shape
+            blocks = out.view(b, c, height, 2, width, 2) + x[:, :, :, None, :, None]
+            return blocks.view_as(out)
+        if self.resample is not None:
+            x = self.resample(x)
+        return skip(x) + out
 
 
 class AttentionBlock(nn.Module):
