@@ -13,7 +13,9 @@
    * ``pascal-tile``: one 480 x 480 image (configs/paper_pascal_context.yaml: 4 tiles).
 
    Per workload and option (``OPTIONS``: fp32; the ADM fp16 blocks, the job's default on CUDA; bf16 / fp16
-   autocast; bf16 + ``torch.compile``) one ``count_votes`` call warms up (compiles, autotunes; inside the
+   autocast, one tile position of every sample per network call; fp16 with the tiles of all samples batched
+   up to ``sampling.tile_pixels: auto`` (half the free memory, at most 32 tiles a call), without and with
+   ``torch.compile``, the paper configs' setting) one ``count_votes`` call warms up (compiles, autotunes; inside the
    budget), then the best of ``--repeats`` timed calls of n0 + n samples gives a row, printed as soon as it is
    measured and appended to ``OUT/gpu.jsonl``: samples/s, achieved TFLOP/s (the cost model's FLOPs per sample x
    samples/s), the fraction of the measured peak, the cost model's predicted time at the measured peaks against
@@ -66,13 +68,15 @@ SMOKE_ADM = {
     "num_head_channels": 16,
 }
 OPTIONS = {
-    # name: (ADM block dtype or None, autocast dtype or None, compile)
-    "fp32": (None, None, False),
-    "adm-fp16-blocks": ("float16", None, False),  # the job's default on CUDA (flags use_fp16)
-    "bf16": ("bfloat16", "bfloat16", False),  # sampling.dtype: bfloat16
-    "fp16": ("float16", "float16", False),  # sampling.dtype: float16 (the paper configs)
-    "fp16+compile": ("float16", "float16", True),  # the paper configs: sampling.compile: true
+    # name: (ADM block dtype or None, autocast dtype or None, compile, tiles batched (sampling.tile_pixels auto))
+    "fp32": (None, None, False, False),
+    "adm-fp16-blocks": ("float16", None, False, False),  # the job's default on CUDA (flags use_fp16)
+    "bf16": ("bfloat16", "bfloat16", False, False),  # sampling.dtype: bfloat16
+    "fp16": ("float16", "float16", False, False),  # sampling.dtype: float16, one tile position per call
+    "fp16+tiles": ("float16", "float16", False, True),  # + tile_pixels auto: tiles of all samples together
+    "fp16+tiles+compile": ("float16", "float16", True, True),  # the paper configs: sampling.compile: true
 }
+SMOKE_TILES = 4  # --cpu-smoke: tiles per call of the batched options (auto sizes from CUDA memory only)
 WORKLOADS = {
     # name: (height, width, tile overlap); the denoiser tiles at the ADM's image size
     "cityscapes-tile": (1024, 2048, 32),
@@ -94,6 +98,7 @@ class Row:
     first_call_s: float = math.nan
     peak_gib: float = math.nan
     host_syncs: int = -1  # synchronising CUDA calls in one count_votes call (-1: not on CUDA)
+    tiles_per_call: int = 0  # ADM tiles per network call (the batch size: one tile position per call)
     value: float = math.nan  # peaks: TFLOP/s or GB/s
     checks: list[str] = field(default_factory=list)
     error: str = ""
@@ -157,7 +162,7 @@ def build_adm(smoke: bool, block: str | None, device: torch.device | str) -> ADM
 
 def build(option: str, workload: str, args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
     """Fresh models for one (workload, option), prepared as the job's actor prepares them."""
-    block, _, compile_ = OPTIONS[option]
+    block, amp, compile_, batched = OPTIONS[option]
     torch.manual_seed(args.seed)
     unet = build_adm(args.cpu_smoke, block, device)
     overlap = (SMOKE_WORKLOADS if args.cpu_smoke else WORKLOADS)[workload][2]
@@ -170,26 +175,34 @@ def build(option: str, workload: str, args: argparse.Namespace, device: torch.de
         multiple_of=unet.multiple_of,
         name="adm-random",
     )
+    if batched and device.type == "cuda":  # as the actor does for sampling.tile_pixels: auto
+        free, _ = torch.cuda.mem_get_info(device)
+        den.fit_tile_pixels(free, den.probe_tile_bytes(device, resolve_dtype(amp)))
+    elif batched:
+        den.tile_pixels = SMOKE_TILES * unet.image_size**2
     seg, _ = build_segmenter(args.cpu_smoke, args.num_classes, device)
     prep = {"device": device, "compile": compile_}
     return prepare_model(seg, **prep), prepare_model(den, **prep)
 
 
-def predicted(option: str, workload: str, args: argparse.Namespace) -> tuple[float, Any]:
+def predicted(
+    option: str, workload: str, args: argparse.Namespace, tiles_per_call: int | None = None
+) -> tuple[float, Any]:
     """The cost model's tally of one sample of (workload, option), counted on the meta device: the denoiser's
-    tiles and the segmenter at full resolution, convolutions in the option's half dtype (autocast counted as
-    half models)."""
-    block, amp, _ = OPTIONS[option]
+    tiles (``tiles_per_call`` per network call, default the batch size: the weights are read once a call)
+    and the segmenter at full resolution, convolutions in the option's half dtype (autocast counted as half
+    models)."""
+    block, amp, _, _ = OPTIONS[option]
     height, width, overlap = (SMOKE_WORKLOADS if args.cpu_smoke else WORKLOADS)[workload]
     unet = build_adm(args.cpu_smoke, block, "meta")
     size = unet.image_size
     tiles = len(cost_model._tile_starts(height, size, overlap)) * len(
         cost_model._tile_starts(width, size, overlap)
     )
-    b = args.batch_size
-    x = torch.empty(b, 3, size, size, device="meta")
-    t = torch.full((b,), 145, dtype=torch.long, device="meta")
-    den = cost_model.count(unet, x, t).scaled(tiles / b)
+    b, k = args.batch_size, tiles_per_call or args.batch_size
+    x = torch.empty(k, 3, size, size, device="meta")
+    t = torch.full((k,), 145, dtype=torch.long, device="meta")
+    den = cost_model.count(unet, x, t).scaled(tiles / k)
     seg, _ = build_segmenter(args.cpu_smoke, args.num_classes, "meta")
     half = resolve_dtype(amp)
     seg = seg.to(half) if half is not None else seg
@@ -204,8 +217,9 @@ def run_workload(
     height, width, _ = (SMOKE_WORKLOADS if args.cpu_smoke else WORKLOADS)[workload]
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.rand(3, height, width, generator=gen).to(device)
-    _, tally = predicted(option, workload, args)
     seg, den = build(option, workload, args, device)
+    row.tiles_per_call = den.tiles_per_call(args.batch_size)
+    _, tally = predicted(option, workload, args, row.tiles_per_call)
     amp = resolve_dtype(OPTIONS[option][1])
     votes = lambda counts=False: count_votes(
         x,
@@ -276,9 +290,10 @@ def show(row: Row) -> str:
             f"  ERROR {row.error}" if row.error else ""
         )
     if row.error:
-        return f"{row.name:16s} {row.option:16s} {row.error}"
+        return f"{row.name:16s} {row.option:18s} {row.error}"
     return (
-        f"{row.name:16s} {row.option:16s} {row.samples_per_s:9.2f} samples/s  {row.achieved_tflops:8.2f} TFLOP/s  "
+        f"{row.name:16s} {row.option:18s} {row.samples_per_s:9.2f} samples/s  {row.tiles_per_call:3d} tiles/call  "
+        f"{row.achieved_tflops:8.2f} TFLOP/s  "
         f"{row.fraction_of_peak:6.3f} of peak  predicted {row.predicted_s:8.3f} s / measured {row.measured_s:8.3f} s"
         f"  first call {row.first_call_s:6.1f} s  peak {row.peak_gib:6.2f} GiB  syncs {row.host_syncs}  "
         f"{'ok' if not row.checks else 'FAILED: ' + '; '.join(row.checks)}"

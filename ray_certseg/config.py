@@ -116,7 +116,12 @@ class MethodConfig(Section):
 
 # ------------------------------------------------------------------------------------ sampling, certify, ray
 class SamplingConfig(Section):
-    """Monte Carlo sampling: n0 selection and n estimation samples per (image, method, sigma)."""
+    """Monte Carlo sampling: n0 selection and n estimation samples per (image, method, sigma).
+
+    ``tile_pixels``: a tile-mode denoiser sends the tiles of all ``batch_size`` samples through its network
+    ``tile_pixels // sample_size**2`` at a time; ``auto`` measures one tile's activation memory on the GPU
+    and fills half the free memory (at most 32 tiles a call), and on the CPU keeps one tile position of every
+    sample per call."""
 
     path: ClassVar[str] = "sampling"
     sigmas: list_of(PosFloat) = (0.25, 0.5)
@@ -130,6 +135,13 @@ class SamplingConfig(Section):
     compile: Flag = False
     store_counts: Flag = False
     keep_host_memory: Flag = True
+    tile_pixels: Annotated[
+        PosInt | Literal["auto"],
+        Field(
+            description='an integer >= 1 (denoiser input pixels per network call in tile mode) or "auto" '
+            "(from free GPU memory; on the CPU one tile position of every sample per call)"
+        ),
+    ] = "auto"
 
 
 class ActorRange(Section):

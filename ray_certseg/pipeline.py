@@ -4,8 +4,9 @@ Data flows one way:
 
     list_items(dataset)            driver, cheap: one small reference row per image
       -> ray.data.from_items        (only rows with work left: resume)
-      -> map_batches(VoteSampler)   actor pool; each actor loads every model once, decodes its images,
-                                    runs count_votes for each pending (method, sigma), returns Arrow rows
+      -> map_batches(VoteSampler)   actor pool; each actor loads every model once, decodes its images (the
+                                    next one on a loader thread while the current one samples), runs
+                                    count_votes for each pending (method, sigma), returns Arrow rows
       -> write_parquet(<out>/votes) zstd, one file per write task
     reduce(<out>)                   certify every vote row for the tau x alpha x correction grid, pool metrics
 
@@ -22,6 +23,7 @@ import threading
 import time
 import traceback
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,19 +94,17 @@ class VoteSampler:
             )
             self.segmenters[name] = prepare_model(segmenter, **prep)
         den_dtype = self.dtype if self.device.type == "cuda" else torch.float32
-        self.denoisers = {
-            name: prepare_model(
-                preflight.load_model(
-                    "denoisers",
-                    name,
-                    lambda name=name: load_denoiser(
-                        self.cfg.models.denoisers[name], device=self.device, dtype=den_dtype
-                    ),
+        self.denoisers = {}
+        for name in sorted(used_den):
+            denoiser = preflight.load_model(
+                "denoisers",
+                name,
+                lambda name=name: load_denoiser(
+                    self.cfg.models.denoisers[name], device=self.device, dtype=den_dtype
                 ),
-                **prep,
             )
-            for name in sorted(used_den)
-        }
+            self._size_tile_batches(name, denoiser)
+            self.denoisers[name] = prepare_model(denoiser, **prep)
         if probe_size is not None:
             for name, denoiser in self.denoisers.items():
                 preflight.check_denoiser(name, denoiser, *probe_size)
@@ -116,27 +116,65 @@ class VoteSampler:
             self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
             self.hierarchy_index = level_index(self.hierarchy.node[1:], self.device)
         self.run = RunDir.of_config(self.cfg)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-certseg-load")
+
+    def _size_tile_batches(self, name: str, denoiser: Any) -> None:
+        """Tiles per network call of a tile-mode denoiser (``sampling.tile_pixels``), set once per actor
+        before any image (and before compiling), so every image of the actor runs the same batch shapes."""
+        import torch
+
+        from ray_certseg.models.denoisers import DiffusionDenoiser
+
+        s = self.cfg.sampling
+        if not isinstance(denoiser, DiffusionDenoiser) or denoiser.resolution != "tile":
+            return
+        if s.tile_pixels != "auto":
+            denoiser.tile_pixels = s.tile_pixels
+        elif self.device.type == "cuda":
+            amp = None if s.dtype == "float32" else self.dtype
+            per_tile = denoiser.probe_tile_bytes(self.device, amp)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            denoiser.fit_tile_pixels(free, per_tile)
+            log.info(
+                "denoiser %s: %d tiles per network call (%.0f MiB per tile, %.1f GiB free)",
+                name,
+                denoiser.tiles_per_call(s.batch_size),
+                per_tile / 2**20,
+                free / 2**30,
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Vote rows of a batch of image references. Image i + 1 is read and decoded on a loader thread while
+        image i samples (reading and decoding release the GIL, as do the models' kernels); a load error
+        still costs only its own image."""
         from ray_certseg.data import load_item
 
+        refs = [
+            {k: _scalar(v[i]) for k, v in batch.items() if k != "todo"} for i in range(len(batch["image_id"]))
+        ]
+        loads: list[Future[dict[str, Any]] | None] = [None] * len(refs)
+
+        def start(i: int) -> None:
+            if i < len(refs):
+                loads[i] = self._loader.submit(load_item, refs[i], self.cfg.dataset)
+
         records: list[votes.VoteRecord] = []
-        keys = list(batch.keys())
-        for i in range(len(batch["image_id"])):
-            ref = {k: _scalar(batch[k][i]) for k in keys if k != "todo"}
-            image_id = ref["image_id"]
+        start(0)
+        for i, ref in enumerate(refs):
+            start(i + 1)
+            future, loads[i] = loads[i], None
             try:
-                item = load_item(ref, self.cfg.dataset)
+                item = future.result()
             except storage.StorageError:
                 raise  # the store itself fails: every image would, so the job stops (preflight.job_error)
             except Exception as exc:  # noqa: BLE001 - one bad image must not cost the others
-                self._record_error(image_id, "", float("nan"), "load", exc)
+                self._record_error(ref["image_id"], "", float("nan"), "load", exc)
                 continue
             for method, sigma in json.loads(batch["todo"][i]):
                 try:
                     records.append(self._sample(item, method, float(sigma)))
                 except Exception as exc:  # noqa: BLE001
-                    self._record_error(image_id, method, float(sigma), "sample", exc)
+                    self._record_error(ref["image_id"], method, float(sigma), "sample", exc)
         return votes.make_table(records)
 
     def _sample(self, item: dict[str, Any], method: str, sigma: float) -> votes.VoteRecord:
@@ -539,7 +577,7 @@ WRITE_CPUS = (
 #   shape can round differently, so resuming warns: every row is still a valid certificate of the same model.
 # - sigmas (new rows only), store_counts (adds a column), keep_host_memory (memory only): free to change.
 VOTE_KEYS = ("n0", "n", "seed", "dtype", "device", "compile", "channels_last")
-WARN_KEYS = ("batch_size",)
+WARN_KEYS = ("batch_size", "tile_pixels")  # tile_pixels: the denoiser's batch shapes, as batch_size
 SELECTION_KEYS = ("limit", "subset")  # which images are in scope; the rows of each image stay comparable
 PRESENTATION_KEYS = ("palette", "class_names")  # how results are drawn and named, not what is sampled
 

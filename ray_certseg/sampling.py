@@ -315,9 +315,12 @@ def count_votes(
             ]
         counts0, counts = both.reshape(2, num_classes, h, w)
         c_hat_t, k_t = select_on_device(counts0, counts)
-        c_hat = c_hat_t.cpu().numpy().astype(class_dtype(num_classes))  # (H, W): what reaches the host
+        # (H, W) maps are what reaches the host, narrowed on the device first (1 byte per pixel for c_hat and
+        # the clean prediction when C <= 256, instead of int64's 8)
+        small = getattr(torch, np.dtype(class_dtype(num_classes)).name)
+        c_hat = c_hat_t.to(small).cpu().numpy()
         k = k_t.cpu().numpy()
-        clean_np = clean[0].cpu().numpy()
+        clean_np = clean[0].to(small).cpu().numpy()
         kept = (counts0.cpu().numpy(), counts.cpu().numpy()) if return_counts else (None, None)
     return Votes(
         counts0=kept[0],

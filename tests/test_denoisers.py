@@ -213,6 +213,46 @@ def test_tile_equals_native_for_local_model(layers):
     assert (seams(noisy, 0.25) - native).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("tiles_per_call", [None, 1, 3, 5, 7, 100])
+def test_tiles_of_every_image_batched_together_give_the_same_output(tiles_per_call):
+    """tile_pixels packs (tile, image) rows t-major into network calls of K tiles (a call may span tile
+    positions and split one position's images); each tile is denoised by the same function, so the blended
+    output is the one of a call per tile position (K = B), and every call but the last holds exactly K tiles."""
+    torch.manual_seed(8)
+    sched = linear_scheduler()
+    model = conv_model(2)
+    shapes: list[int] = []
+
+    def counted(x_t, t):
+        shapes.append(x_t.shape[0])
+        return model(x_t, t)
+
+    noisy = torch.rand(3, 3, 40, 56) + 0.25 * torch.randn(3, 3, 40, 56)  # 4 x 6 = 24 tiles of 16, B = 3
+    per_position = DiffusionDenoiser(
+        model, sched.alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=8
+    )
+    pixels = None if tiles_per_call is None else tiles_per_call * 16 * 16
+    batched = DiffusionDenoiser(
+        counted, sched.alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=8, tile_pixels=pixels
+    )
+    torch.testing.assert_close(batched(noisy, 0.25), per_position(noisy, 0.25), atol=1e-6, rtol=0)
+    rows, k = 24 * 3, batched.tiles_per_call(3)
+    assert k == (3 if tiles_per_call is None else tiles_per_call)
+    assert sum(shapes) == rows and shapes[:-1] == [k] * (len(shapes) - 1) and 0 < shapes[-1] <= k
+
+
+def test_fit_tile_pixels_fills_the_free_memory_share_within_bounds():
+    den = DiffusionDenoiser(
+        lambda x, t: x, linear_scheduler().alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=4
+    )
+    assert den.fit_tile_pixels(free_bytes=10_000, bytes_per_tile=1_000) == 5 * 256  # half of it: 5 tiles
+    assert den.tiles_per_call(4) == 5
+    assert den.fit_tile_pixels(free_bytes=100, bytes_per_tile=1_000) == 256  # at least one tile
+    assert den.fit_tile_pixels(free_bytes=10**12, bytes_per_tile=1, max_tiles=32) == 32 * 256
+    with pytest.raises(ValueError, match="tile_pixels"):
+        DiffusionDenoiser(lambda x, t: x, linear_scheduler().alphas_cumprod, tile_pixels=0)
+
+
 def test_tile_and_native_handle_sizes_off_the_grid():
     torch.manual_seed(6)
     sched = linear_scheduler()

@@ -335,3 +335,60 @@ def test_check_resumable_reads_an_older_run_that_wrote_dataset_scale():
     old["dataset"]["scale"] = 0.5
     with pytest.raises(ValueError, match="dataset"):
         pipeline.check_resumable(old, new)
+
+
+def test_actor_decodes_the_next_image_while_one_samples(world, tmp_path, monkeypatch):
+    """In the actor, image i + 1 is read and decoded on the loader thread while image i samples; a corrupt
+    image (item 3) is still recorded as its own error and the others all get their rows."""
+    import threading
+    import time
+
+    from ray_certseg import data
+
+    cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], tmp_path / "o"))
+    sampler = pipeline.VoteSampler(cfg.to_dict(redact=False))
+    refs = data.list_items(cfg.dataset)
+    batch = {k: np.array([r[k] for r in refs]) for k in refs[0]}
+    batch["todo"] = np.array([json.dumps([["plain", 0.25]])] * len(refs))
+    events: list[tuple[str, str, float, str]] = []
+    real_load, real_sample = data.load_item, sampler._sample
+
+    def load(ref, dataset_cfg):
+        events.append(("load", ref["image_id"], time.perf_counter(), threading.current_thread().name))
+        time.sleep(0.2)  # a slow read: the overlap below is not an accident of timing
+        return real_load(ref, dataset_cfg)
+
+    def sample(item, method, sigma):
+        record = real_sample(item, method, sigma)
+        events.append(("sampled", item["image_id"], time.perf_counter(), threading.current_thread().name))
+        return record
+
+    monkeypatch.setattr(data, "load_item", load)
+    monkeypatch.setattr(sampler, "_sample", sample)
+    table = sampler(batch)
+    ids = [r["image_id"] for r in refs]
+    assert sorted(table["image_id"].to_pylist()) == sorted(ids[:3] + ids[4:])  # all but the corrupt one
+    assert len(list((tmp_path / "o" / "_errors").glob("*.parquet"))) == 1
+    at = {(kind, image_id): t for kind, image_id, t, _ in events}
+    for this, following in zip(ids[:3], ids[1:4], strict=True):
+        assert at[("load", following)] < at[("sampled", this)]  # the next load began before this one sampled
+    assert {thread for kind, *_, thread in events if kind == "load"} != {threading.current_thread().name}
+
+
+@pytest.mark.parametrize(("tile_pixels", "per_call"), [("auto", 8), (3 * 16 * 16, 3)])
+def test_actor_sets_the_tile_batches_of_a_tile_mode_denoiser_once(world, tmp_path, tile_pixels, per_call):
+    """sampling.tile_pixels reaches a tile-mode denoiser before any image: an integer as given; auto on the
+    CPU keeps one tile position of every sample (batch_size = 8) per network call."""
+    cfg = jobworld.config(world["manifest"], world["models"], tmp_path / "o", tile_pixels=tile_pixels)
+    cfg["models"]["denoisers"]["ddpm"].update(resolution="tile", tile_overlap=4)
+    sampler = pipeline.VoteSampler(JobConfig.from_dict(cfg).to_dict(redact=False))
+    denoiser = sampler.denoisers["ddpm"]
+    assert denoiser.sample_size == 16 and denoiser.tiles_per_call(8) == per_call
+
+
+def test_tile_pixels_must_be_a_positive_integer_or_auto(world, tmp_path):
+    from ray_certseg.config import ConfigError
+
+    cfg = jobworld.config(world["manifest"], world["models"], tmp_path / "o", tile_pixels=0)
+    with pytest.raises(ConfigError, match="sampling.tile_pixels"):
+        JobConfig.from_dict(cfg)

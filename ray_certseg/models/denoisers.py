@@ -27,6 +27,7 @@ the same as the loop ``t = 1, 2, ...`` over that array in Carlini et al.'s certi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections import OrderedDict
@@ -103,7 +104,9 @@ class DiffusionDenoiser(nn.Module):
       * ``tile``: ``sample_size`` x ``sample_size`` tiles overlapping by ``tile_overlap`` pixels, blended with
         the weights of ``_smooth_ramp`` (zero on the outer overlap // 4 pixels of interior tile edges). For a
         model whose receptive-field radius is <= tile_overlap // 4 (and zero padding), this equals ``native``
-        exactly. sigma_eff = sigma.
+        exactly. sigma_eff = sigma. The tiles of every image of a batch go through the network together,
+        ``tile_pixels // sample_size**2`` tiles per call (all B images at one tile position per call when
+        None; :meth:`fit_tile_pixels` sizes it from free device memory).
       * ``resize``: area-downsample by integer factors (f_h, f_w) = (H, W) / sample_size, denoise, bilinearly
         upsample back. Each model pixel is the mean of f_h * f_w i.i.d. noisy pixels, so the model sees i.i.d.
         noise of std sigma_eff = sigma / sqrt(f_h * f_w), which sets t*. Non-integer factors
@@ -145,6 +148,7 @@ class DiffusionDenoiser(nn.Module):
         multistep: int = 0,
         multistep_seed: int = 0,
         variance: str = "auto",
+        tile_pixels: int | None = None,
         name: str = "",
     ):
         super().__init__()
@@ -174,7 +178,10 @@ class DiffusionDenoiser(nn.Module):
             raise ValueError(f"multistep must be an int >= 0 (0 = one-shot), got {multistep!r}")
         if variance not in self.VARIANCES:
             raise ValueError(f"variance must be one of {self.VARIANCES}, got {variance!r}")
+        if tile_pixels is not None and not (isinstance(tile_pixels, int) and tile_pixels >= 1):
+            raise ValueError(f"tile_pixels must be an int >= 1 or None, got {tile_pixels!r}")
         self.model = model
+        self.tile_pixels = tile_pixels
         # float64 on the CPU, deliberately not a buffer: module.to(dtype) must not round the schedule.
         self.alphas_cumprod = abar
         self.prediction_type, self.resolution, self.sample_size = prediction_type, resolution, sample_size
@@ -243,14 +250,78 @@ class DiffusionDenoiser(nn.Module):
         return self._denoise(padded, sigma)[..., :h, :w]
 
     def _tiled(self, noisy: Tensor, sigma: float) -> Tensor:
+        """Denoise the tiles (tile t, image b), t-major, ``tiles_per_call`` rows per network call, and blend.
+
+        Row r = t B + b is tile t of image b; a call takes rows [r, r + K), so with K = B (``tile_pixels`` None)
+        each call is one tile position of every image, and a larger K fills the device with several positions.
+        Each tile is denoised by the same function whatever K (the network acts on each batch row alone)."""
         h, w = noisy.shape[-2:]
         s = self.sample_size
         padded = _pad(noisy, max(h, s), max(w, s))
         tiles, weight = self._blend(*padded.shape[-2:], noisy.device)
+        b = padded.shape[0]
+        per_call = self.tiles_per_call(b)
         total = torch.zeros_like(padded)
-        for y, x, wgt in tiles:
-            total[..., y : y + s, x : x + s] += wgt * self._denoise(padded[..., y : y + s, x : x + s], sigma)
+        rows = len(tiles) * b
+        for start in range(0, rows, per_call):
+            stop = min(start + per_call, rows)
+            # (tile, first image, end image) of each tile position the rows [start, stop) touch
+            parts = [
+                (t, max(start - t * b, 0), min(stop - t * b, b))
+                for t in range(start // b, (stop - 1) // b + 1)
+            ]
+            crops = [
+                padded[lo:hi, :, tiles[t][0] : tiles[t][0] + s, tiles[t][1] : tiles[t][1] + s]
+                for t, lo, hi in parts
+            ]
+            out = self._denoise(crops[0] if len(crops) == 1 else torch.cat(crops), sigma)
+            for (t, lo, hi), piece in zip(parts, out.split([hi - lo for _, lo, hi in parts]), strict=True):
+                y, x, wgt = tiles[t]
+                total[lo:hi, :, y : y + s, x : x + s] += wgt * piece
         return (total / weight)[..., :h, :w]
+
+    def tiles_per_call(self, batch: int) -> int:
+        """Tiles per network call in ``tile`` mode: ``tile_pixels // sample_size**2`` (at least 1), or the
+        batch's B images at one tile position when ``tile_pixels`` is None."""
+        if self.tile_pixels is None:
+            return batch
+        return max(1, self.tile_pixels // self.sample_size**2)
+
+    def fit_tile_pixels(
+        self,
+        free_bytes: int,
+        bytes_per_tile: int,
+        *,
+        fraction: float = 0.5,
+        max_tiles: int = 32,
+    ) -> int:
+        """Set and return ``tile_pixels`` for ``auto``: the tiles per call whose activations fill ``fraction``
+        of ``free_bytes`` at ``bytes_per_tile`` each (:meth:`probe_tile_bytes`), at least 1 and at most
+        ``max_tiles`` (then a 256 x 256 ADM's widest activation stays below 2**31 elements, the limit of
+        32-bit indexing in some kernels), times sample_size**2."""
+        tiles = int(min(max_tiles, max(1, fraction * free_bytes // max(bytes_per_tile, 1))))
+        self.tile_pixels = tiles * self.sample_size**2
+        return self.tile_pixels
+
+    def probe_tile_bytes(self, device: torch.device, autocast_dtype: torch.dtype | None = None) -> int:
+        """Device memory one more tile in a network call costs: the CUDA allocator's peak over a call of one
+        tile and of two, their difference (activations grow with the batch; weights do not). CUDA only."""
+        s = self.sample_size
+        peaks = []
+        amp = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), amp:
+            for k in (1, 2):
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                self._denoise(torch.full((k, 3, s, s), 0.5, device=device), 0.25)
+                torch.cuda.synchronize(device)
+                peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        return max(peaks[1] - peaks[0], 1)
 
     def _blend(self, ph: int, pw: int, device: torch.device) -> tuple[list[tuple[int, int, Tensor]], Tensor]:
         """The tiles of a (ph, pw) image, (y, x, blending weights), and the summed weights: built once per
