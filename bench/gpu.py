@@ -55,7 +55,7 @@ from ray_certseg.models.denoisers import DiffusionDenoiser
 from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD, Segmenter, _OutputKey
 from ray_certseg.models.tiny import TinySegNet
-from ray_certseg.models.util import resolve_dtype
+from ray_certseg.models.util import free_cuda_bytes, resolve_dtype
 from ray_certseg.sampling import count_votes, prepare_model
 
 SMOKE_ADM = {
@@ -176,8 +176,8 @@ def build(option: str, workload: str, args: argparse.Namespace, device: torch.de
         name="adm-random",
     )
     if batched and device.type == "cuda":  # as the actor does for sampling.tile_pixels: auto
-        free, _ = torch.cuda.mem_get_info(device)
-        den.fit_tile_pixels(free, den.probe_tile_bytes(device, resolve_dtype(amp)))
+        per_tile = den.probe_tile_bytes(device, resolve_dtype(amp))
+        den.fit_tile_pixels(free_cuda_bytes(device), per_tile)
     elif batched:
         den.tile_pixels = SMOKE_TILES * unet.image_size**2
     seg, _ = build_segmenter(args.cpu_smoke, args.num_classes, device)

@@ -121,9 +121,8 @@ class VoteSampler:
     def _size_tile_batches(self, name: str, denoiser: Any) -> None:
         """Tiles per network call of a tile-mode denoiser (``sampling.tile_pixels``), set once per actor
         before any image (and before compiling), so every image of the actor runs the same batch shapes."""
-        import torch
-
         from ray_certseg.models.denoisers import DiffusionDenoiser
+        from ray_certseg.models.util import free_cuda_bytes
 
         s = self.cfg.sampling
         if not isinstance(denoiser, DiffusionDenoiser) or denoiser.resolution != "tile":
@@ -133,7 +132,7 @@ class VoteSampler:
         elif self.device.type == "cuda":
             amp = None if s.dtype == "float32" else self.dtype
             per_tile = denoiser.probe_tile_bytes(self.device, amp)
-            free, _ = torch.cuda.mem_get_info(self.device)
+            free = free_cuda_bytes(self.device)
             denoiser.fit_tile_pixels(free, per_tile)
             log.info(
                 "denoiser %s: %d tiles per network call (%.0f MiB per tile, %.1f GiB free)",

@@ -608,3 +608,25 @@ def test_compiled_base_classifier_builds_one_graph_per_shape_for_every_sigma():
     # segmenter: batch 1 (clean) and 4; denoiser: batch 4; the same three graphs for both sigmas
     assert counters["stats"]["unique_graphs"] == 3
     assert not counters["graph_break"]
+
+
+def test_probe_tile_bytes_is_the_peak_growth_of_one_more_tile(monkeypatch):
+    """No GPU here: the CUDA allocator's counters are stood in for by a model whose peak is 1000 + 300 k bytes
+    for k tiles (weights and workspace fixed, activations per tile); the probe reports the 300 of one tile."""
+    peak = {"bytes": 0}
+
+    def model(x_t, t):
+        peak["bytes"] = 1000 + 300 * x_t.shape[0]
+        return torch.zeros_like(x_t)
+
+    for name, fn in {
+        "synchronize": lambda device=None: None,
+        "reset_peak_memory_stats": lambda device=None: peak.update(bytes=0),
+        "memory_allocated": lambda device=None: 0,
+        "max_memory_allocated": lambda device=None: peak["bytes"],
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    den = DiffusionDenoiser(
+        model, linear_scheduler().alphas_cumprod, resolution="tile", sample_size=16, tile_overlap=4
+    )
+    assert den.probe_tile_bytes(torch.device("cpu")) == 300

@@ -26,3 +26,10 @@ def resolve_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype {value!r} is not a floating torch dtype; use float32, bfloat16 or float16")
     return dtype
+
+
+def free_cuda_bytes(device: torch.device) -> int:
+    """Device memory this process can still allocate on a CUDA device: the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused (it serves later allocations from there)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
