@@ -4,9 +4,9 @@ Data flows one way:
 
     list_items(dataset)            driver, cheap: one small reference row per image
       -> ray.data.from_items        (only rows with work left: resume)
-      -> map_batches(VoteSampler)   actor pool; each actor loads every model once, decodes its images (the
-                                    next one on a loader thread while the current one samples), runs
-                                    count_votes for each pending (method, sigma), returns Arrow rows
+      -> map_batches(VoteSampler)   actor pool; each actor loads every model once and runs two calls at
+                                    once: one decodes its next image while the other samples (count_votes
+                                    for each pending (method, sigma)) under the actor's device lock
       -> write_parquet(<out>/votes) zstd, one file per write task
     reduce(<out>)                   certify every vote row for the tau x alpha x correction grid, pool metrics
 
@@ -23,7 +23,6 @@ import threading
 import time
 import traceback
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +45,10 @@ ERRORS_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+
+
+CALLS_PER_ACTOR = 2
+"""Calls of one sampling actor that Ray runs at once, in threads: one samples, the other decodes its next image."""
 
 
 def row_key(image_id: str, method: str, sigma: float) -> tuple[str, str, float]:
@@ -116,7 +119,7 @@ class VoteSampler:
             self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
             self.hierarchy_index = level_index(self.hierarchy.node[1:], self.device)
         self.run = RunDir.of_config(self.cfg)
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-certseg-load")
+        self._device = threading.Lock()  # one call samples at a time; the other reads and decodes meanwhile
 
     def _size_tile_batches(self, name: str, denoiser: Any) -> None:
         """Tiles per network call of a tile-mode denoiser (``sampling.tile_pixels``), set once per actor
@@ -143,37 +146,33 @@ class VoteSampler:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Vote rows of a batch of image references. Image i + 1 is read and decoded on a loader thread while
-        image i samples (reading and decoding release the GIL, as do the models' kernels); a load error
-        still costs only its own image."""
+        """Vote rows of a batch of image references.
+
+        Ray runs up to ``CALLS_PER_ACTOR`` calls of one actor at once, in threads. Reading and decoding an
+        image happen outside the actor's device lock, sampling inside it: while one call samples, the other
+        reads and decodes its next image (both release the GIL in their kernels and codecs), so the device
+        waits for no decoding, across Ray batches too. A load error still costs only its own image."""
         from ray_certseg.data import load_item
 
-        refs = [
-            {k: _scalar(v[i]) for k, v in batch.items() if k != "todo"} for i in range(len(batch["image_id"]))
-        ]
-        loads: list[Future[dict[str, Any]] | None] = [None] * len(refs)
-
-        def start(i: int) -> None:
-            if i < len(refs):
-                loads[i] = self._loader.submit(load_item, refs[i], self.cfg.dataset)
-
         records: list[votes.VoteRecord] = []
-        start(0)
-        for i, ref in enumerate(refs):
-            start(i + 1)
-            future, loads[i] = loads[i], None
+        for i in range(len(batch["image_id"])):
+            ref = {k: _scalar(v[i]) for k, v in batch.items() if k != "todo"}
             try:
-                item = future.result()
+                item = load_item(ref, self.cfg.dataset)
             except storage.StorageError:
                 raise  # the store itself fails: every image would, so the job stops (preflight.job_error)
             except Exception as exc:  # noqa: BLE001 - one bad image must not cost the others
                 self._record_error(ref["image_id"], "", float("nan"), "load", exc)
                 continue
-            for method, sigma in json.loads(batch["todo"][i]):
-                try:
-                    records.append(self._sample(item, method, float(sigma)))
-                except Exception as exc:  # noqa: BLE001
-                    self._record_error(ref["image_id"], method, float(sigma), "sample", exc)
+            failed = []
+            with self._device:
+                for method, sigma in json.loads(batch["todo"][i]):
+                    try:
+                        records.append(self._sample(item, method, float(sigma)))
+                    except Exception as exc:  # noqa: BLE001
+                        failed.append((method, float(sigma), exc))
+            for method, sigma, exc in failed:  # written outside the lock: the device goes on meanwhile
+                self._record_error(ref["image_id"], method, sigma, "sample", exc)
         return votes.make_table(records)
 
     def _sample(self, item: dict[str, Any], method: str, sigma: float) -> votes.VoteRecord:
@@ -451,16 +450,17 @@ def run_sampling(
     rows_per_image = len(cfg.methods) * len(cfg.sampling.sigmas)
 
     r = cfg.ray
-    if isinstance(r.actors, int):
-        compute = ray.data.ActorPoolStrategy(
-            size=r.actors, max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor
-        )
-    else:
-        compute = ray.data.ActorPoolStrategy(
-            min_size=r.actors["min"],
-            max_size=r.actors["max"],
-            max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
-        )
+    size = (
+        {"size": r.actors}
+        if isinstance(r.actors, int)
+        else {"min_size": r.actors["min"], "max_size": r.actors["max"]}
+    )
+    compute = ray.data.ActorPoolStrategy(
+        **size,
+        max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
+        max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+        enable_true_multi_threading=True,  # VoteSampler serialises sampling itself (its device lock)
+    )
     per_batch = images_per_batch(cfg, len(job_plan.rows), job_plan.probe_size)
     per_file = rows_per_file(cfg, job_plan.probe_size, job_plan.pending)
     log.info("%d images per Ray batch, at least %d vote rows per file", per_batch, per_file)

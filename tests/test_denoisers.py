@@ -563,10 +563,12 @@ def test_compiled_denoiser_builds_one_graph_for_every_sigma():
 
 
 @pytest.mark.slow
-def test_compiled_base_classifier_builds_one_graph_per_shape_for_every_sigma():
+@pytest.mark.parametrize("resolution", ["native", "tile"])
+def test_compiled_base_classifier_builds_one_graph_per_shape_for_every_sigma(resolution):
     """The whole base classifier compiled as the job does (prepare_model on the segmenter and on the
     denoiser): count_votes at sigmas 0.25 and 0.5 builds one graph per module and batch shape (the denoiser
-    sees the noisy batches; the segmenter also the clean image alone), no graph break, votes as eager."""
+    sees the noisy batches, or in tile mode its calls of tile_pixels tiles and the remainder; the segmenter
+    also the clean image alone), no graph break, votes as eager."""
     from torch._dynamo.utils import counters
 
     from ray_certseg.sampling import count_votes, prepare_model
@@ -593,8 +595,12 @@ def test_compiled_base_classifier_builds_one_graph_per_shape_for_every_sigma():
         def forward(self, x_t, t):
             return self.net(x_t)
 
-    den = DiffusionDenoiser(Eps(), linear_scheduler().alphas_cumprod)
-    image = torch.rand(3, 16, 16)
+    # tile mode: 24 x 24 in 4 tiles of 16, so a batch of 4 samples is 16 tiles: calls of 6, 6 and 4
+    tiles = {"resolution": "tile", "sample_size": 16, "tile_overlap": 4, "tile_pixels": 6 * 16 * 16}
+    den = DiffusionDenoiser(
+        Eps(), linear_scheduler().alphas_cumprod, **(tiles if resolution == "tile" else {})
+    )
+    image = torch.rand(3, 16, 16) if resolution == "native" else torch.rand(3, 24, 24)
     args = {"n0": 2, "n": 6, "num_classes": 4, "batch_size": 4, "seed": 0, "image_id": "g"}  # 2 full batches
     with torch.inference_mode():
         eager = [count_votes(image, seg, denoiser=den, sigma=s, **args) for s in (0.25, 0.5)]
@@ -605,8 +611,8 @@ def test_compiled_base_classifier_builds_one_graph_per_shape_for_every_sigma():
         got = [count_votes(image, seg_c, denoiser=den_c, sigma=s, **args) for s in (0.25, 0.5)]
     for a, b in zip(eager, got):
         assert (a.c_hat == b.c_hat).all() and (a.clean_pred == b.clean_pred).all() and (a.k == b.k).all()
-    # segmenter: batch 1 (clean) and 4; denoiser: batch 4; the same three graphs for both sigmas
-    assert counters["stats"]["unique_graphs"] == 3
+    # segmenter: batch 1 (clean) and 4; denoiser: batch 4 (tile mode: 6 and 4); the same graphs for both sigmas
+    assert counters["stats"]["unique_graphs"] == (3 if resolution == "native" else 4)
     assert not counters["graph_break"]
 
 
