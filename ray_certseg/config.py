@@ -184,7 +184,8 @@ class RayConfig(Section):
     pixels of the first image (at least 1, at most 64, and small enough that every actor gets two batches).
     ``rows_per_file``: the least vote rows per Parquet file; ``auto`` fills ``file_bytes`` of in-memory rows,
     at most 4096 and at most a quarter of each actor's share of the rows to sample. A crash loses at most the rows not yet in a file, so larger files mean fewer objects and
-    more work redone after a crash (README, "Vote files")."""
+    more work redone after a crash (README, "Vote files"). Each actor runs two calls at once, one decoding while
+    the other samples, when ``max_tasks_in_flight_per_actor`` >= 2 (the default)."""
 
     path: ClassVar[str] = "ray"
     address: rule(str, "a string", min_length=1) | None = None
