@@ -78,6 +78,7 @@ class VoteSampler:
             keep_freed_host_memory()
         self.device = resolve_device(s.device)
         self.dtype = getattr(torch, s.dtype)
+        self.autocast_dtype = None if s.dtype == "float32" else self.dtype
         used_seg = {m.segmenter for m in self.cfg.methods.values()}
         used_den = {m.denoiser for m in self.cfg.methods.values() if m.denoiser}
         # Weights stay float32; bf16/fp16 run under autocast (sampling.dtype), except where a loader
@@ -133,8 +134,7 @@ class VoteSampler:
         if s.tile_pixels != "auto":
             denoiser.tile_pixels = s.tile_pixels
         elif self.device.type == "cuda":
-            amp = None if s.dtype == "float32" else self.dtype
-            per_tile = denoiser.probe_tile_bytes(self.device, amp)
+            per_tile = denoiser.probe_tile_bytes(self.device, self.autocast_dtype)
             free = free_cuda_bytes(self.device)
             denoiser.fit_tile_pixels(free, per_tile)
             log.info(
@@ -195,7 +195,7 @@ class VoteSampler:
             seed=s.seed,
             image_id=item["image_id"],
             device=self.device,
-            autocast_dtype=None if s.dtype == "float32" else self.dtype,
+            autocast_dtype=self.autocast_dtype,
             channels_last=s.channels_last,
             return_counts=s.store_counts,
             hierarchy_index=None if self.hierarchy is None else self.hierarchy_index,

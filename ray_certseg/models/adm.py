@@ -27,9 +27,10 @@ Linear(SiLU(emb)), else h = GN(h + Linear(SiLU(emb))); then conv(Dropout(SiLU(.)
 GroupNorm (32 groups) always computes in float32. The forward pass computes these functions with fewer
 kernels than guided-diffusion's code (the scale-shift inside the GroupNorm kernel, residual adds inside the
 skip convolution's matrix product or broadcast over up-sampled blocks: ``GroupNorm32.modulated``,
-``ResBlock._residual``); the same state_dict gives the same outputs to float32 rounding. Attention: softmax(q^T k / sqrt(d)) v per head, d = head
-channels; ``use_new_attention_order=False`` (the released checkpoints) lays the 1x1-conv qkv channels out per
-head as [q_h, k_h, v_h], ``True`` as [q_1..q_H, k_1..k_H, v_1..v_H].
+``ResBlock._residual``); the same state_dict gives the same outputs to float32 rounding.
+Attention: softmax(q^T k / sqrt(d)) v per head, d = head channels; ``use_new_attention_order=False`` (the
+released checkpoints) lays the 1x1-conv qkv channels out per head as [q_h, k_h, v_h], ``True`` as
+[q_1..q_H, k_1..k_H, v_1..v_H].
 
 Weights are not initialised as in training (the zero-initialised output convolutions of the paper are
 irrelevant here): every parameter comes from a checkpoint.
@@ -304,7 +305,7 @@ class ResBlock(nn.Module):
         skip = self.skip_connection
         if isinstance(skip, nn.Conv2d) and self.resample is None and x.is_contiguous():
             out = F.conv2d(h, conv.weight, conv.bias + skip.bias, padding=1)
-            b, c_out, height, width = out.shape
+            b, c_out = out.shape[:2]
             weight = skip.weight.reshape(1, c_out, -1).expand(b, -1, -1)
             return torch.baddbmm(out.reshape(b, c_out, -1), weight, x.reshape(b, x.shape[1], -1)).view_as(out)
         out = conv(h)
