@@ -12,10 +12,11 @@
      45 tiles per sample), as configs/paper_cityscapes.yaml;
    * ``pascal-tile``: one 480 x 480 image (configs/paper_pascal_context.yaml: 4 tiles).
 
-   Per workload and option (``OPTIONS``: fp32; the ADM fp16 blocks, the job's default on CUDA; bf16 / fp16
+   Per option and workload (``OPTIONS``, in this order, each option on every workload before the next: fp16
    autocast, one tile position of every sample per network call; fp16 with the tiles of all samples batched
-   up to ``sampling.tile_pixels: auto`` (half the free memory, at most 32 tiles a call), without and with
-   ``torch.compile``, the paper configs' setting) one ``count_votes`` call warms up (compiles, autotunes; inside the
+   up to ``sampling.tile_pixels: auto`` (half the free memory, at most 32 tiles a call); the ADM fp16 blocks,
+   the job's default on CUDA; bf16 autocast; fp32; last, fp16 with batched tiles and ``torch.compile``, the
+   paper configs' setting) one ``count_votes`` call warms up (compiles, autotunes; inside the
    budget), then the best of ``--repeats`` timed calls of n0 + n samples gives a row, printed as soon as it is
    measured and appended to ``OUT/gpu.jsonl``: samples/s, achieved TFLOP/s (the cost model's FLOPs per sample x
    samples/s), the fraction of the measured peak, the cost model's predicted time at the measured peaks against
@@ -68,12 +69,14 @@ SMOKE_ADM = {
     "num_head_channels": 16,
 }
 OPTIONS = {
-    # name: (ADM block dtype or None, autocast dtype or None, compile, tiles batched (sampling.tile_pixels auto))
-    "fp32": (None, None, False, False),
-    "adm-fp16-blocks": ("float16", None, False, False),  # the job's default on CUDA (flags use_fp16)
-    "bf16": ("bfloat16", "bfloat16", False, False),  # sampling.dtype: bfloat16
+    # name: (ADM block dtype or None, autocast dtype or None, compile, tiles batched (sampling.tile_pixels auto)),
+    # in the order a run measures them (each on every workload before the next; compile options last): the
+    # answers a short GPU lease most needs first, fp32 (the slowest, least used) last of the eager ones
     "fp16": ("float16", "float16", False, False),  # sampling.dtype: float16, one tile position per call
     "fp16+tiles": ("float16", "float16", False, True),  # + tile_pixels auto: tiles of all samples together
+    "adm-fp16-blocks": ("float16", None, False, False),  # the job's default on CUDA (flags use_fp16)
+    "bf16": ("bfloat16", "bfloat16", False, False),  # sampling.dtype: bfloat16
+    "fp32": (None, None, False, False),
     "fp16+tiles+compile": ("float16", "float16", True, True),  # the paper configs: sampling.compile: true
 }
 SMOKE_TILES = 4  # --cpu-smoke: tiles per call of the batched options (auto sizes from CUDA memory only)
@@ -355,23 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     for row in peaks:
         record(row)
     failed = False
-    for workload in args.workloads:
-        for option in sorted(args.options, key=lambda o: OPTIONS[o][2]):  # compile last: its warm-up is long
-            left = args.budget - (time.perf_counter() - start)
-            if left < (args.compile_reserve if OPTIONS[option][2] else 0) or left <= 0:
-                record(Row("workload", workload, option, error=f"skipped: {left:.0f} s of budget left"))
-                continue
-            try:
-                row = run_workload(option, workload, args, device, peaks)
-            except Exception as exc:  # noqa: BLE001 - OOM, compile errors, anything: recorded, the run goes on
-                row = Row("workload", workload, option, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                traceback.print_exc(limit=3)
-                failed = True
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            failed |= bool(row.checks)
-            record(row)
+    runs = [(workload, option) for option in args.options for workload in args.workloads]
+    for workload, option in sorted(runs, key=lambda run: OPTIONS[run[1]][2]):  # compile last: long warm-up
+        left = args.budget - (time.perf_counter() - start)
+        if left < (args.compile_reserve if OPTIONS[option][2] else 0) or left <= 0:
+            record(Row("workload", workload, option, error=f"skipped: {left:.0f} s of budget left"))
+            continue
+        try:
+            row = run_workload(option, workload, args, device, peaks)
+        except Exception as exc:  # noqa: BLE001 - OOM, compile errors, anything: recorded, the run goes on
+            row = Row("workload", workload, option, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            traceback.print_exc(limit=3)
+            failed = True
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        failed |= bool(row.checks)
+        record(row)
     print(f"rows in {log} ({time.perf_counter() - start:.0f} s)")
     return 1 if failed else 0
 
