@@ -56,7 +56,7 @@ from ray_certseg.models.denoisers import DiffusionDenoiser
 from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD, Segmenter, _OutputKey
 from ray_certseg.models.tiny import TinySegNet
-from ray_certseg.models.util import free_cuda_bytes, resolve_dtype
+from ray_certseg.models.util import resolve_dtype
 from ray_certseg.sampling import count_votes, prepare_model
 
 SMOKE_ADM = {
@@ -178,11 +178,9 @@ def build(option: str, workload: str, args: argparse.Namespace, device: torch.de
         multiple_of=unet.multiple_of,
         name="adm-random",
     )
-    if batched and device.type == "cuda":  # as the actor does for sampling.tile_pixels: auto
-        per_tile = den.probe_tile_bytes(device, resolve_dtype(amp))
-        den.fit_tile_pixels(free_cuda_bytes(device), per_tile)
-    elif batched:
-        den.tile_pixels = SMOKE_TILES * unet.image_size**2
+    if batched:  # as the actor does for sampling.tile_pixels: auto (which the CPU smoke run cannot size)
+        den.fit_tile_pixels_to(device, resolve_dtype(amp))
+        den.tile_pixels = den.tile_pixels or SMOKE_TILES * unet.image_size**2
     seg, _ = build_segmenter(args.cpu_smoke, args.num_classes, device)
     prep = {"device": device, "compile": compile_}
     return prepare_model(seg, **prep), prepare_model(den, **prep)

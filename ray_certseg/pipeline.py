@@ -126,24 +126,14 @@ class VoteSampler:
         """Tiles per network call of a tile-mode denoiser (``sampling.tile_pixels``), set once per actor
         before any image (and before compiling), so every image of the actor runs the same batch shapes."""
         from ray_certseg.models.denoisers import DiffusionDenoiser
-        from ray_certseg.models.util import free_cuda_bytes
 
         s = self.cfg.sampling
         if not isinstance(denoiser, DiffusionDenoiser) or denoiser.resolution != "tile":
             return
         if s.tile_pixels != "auto":
             denoiser.tile_pixels = s.tile_pixels
-        elif self.device.type == "cuda":
-            per_tile = denoiser.probe_tile_bytes(self.device, self.autocast_dtype)
-            free = free_cuda_bytes(self.device)
-            denoiser.fit_tile_pixels(free, per_tile)
-            log.info(
-                "denoiser %s: %d tiles per network call (%.0f MiB per tile, %.1f GiB free)",
-                name,
-                denoiser.tiles_per_call(s.batch_size),
-                per_tile / 2**20,
-                free / 2**30,
-            )
+        elif denoiser.fit_tile_pixels_to(self.device, self.autocast_dtype) is not None:
+            log.info("denoiser %s: %d tiles per network call", name, denoiser.tiles_per_call(s.batch_size))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Vote rows of a batch of image references.

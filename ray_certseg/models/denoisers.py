@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ray_certseg.models import schedule
-from ray_certseg.models.util import short_hash
+from ray_certseg.models.util import free_cuda_bytes, short_hash
 
 
 def _smooth_ramp(length: int, overlap: int) -> Tensor:
@@ -302,6 +302,18 @@ class DiffusionDenoiser(nn.Module):
         tiles = int(min(max_tiles, max(1, fraction * free_bytes // max(bytes_per_tile, 1))))
         self.tile_pixels = tiles * self.sample_size**2
         return self.tile_pixels
+
+    def fit_tile_pixels_to(
+        self, device: torch.device, autocast_dtype: torch.dtype | None = None
+    ) -> int | None:
+        """``sampling.tile_pixels: auto``: on CUDA, :meth:`probe_tile_bytes` then :meth:`fit_tile_pixels` to
+        the memory this process can still allocate; elsewhere None (one tile position of every sample per
+        call). Sets and returns ``tile_pixels``."""
+        if device.type != "cuda":
+            self.tile_pixels = None
+            return None
+        per_tile = self.probe_tile_bytes(device, autocast_dtype)
+        return self.fit_tile_pixels(free_cuda_bytes(device), per_tile)
 
     def probe_tile_bytes(self, device: torch.device, autocast_dtype: torch.dtype | None = None) -> int:
         """Device memory one more tile in a network call costs: the CUDA allocator's peak over a call of one
