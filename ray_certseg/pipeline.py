@@ -222,7 +222,7 @@ class VoteSampler:
         log.warning(
             "image %s (%s%s): %s", image_id, stage, f", {method} sigma={sigma}" if method else "", message
         )
-        log.debug("%s", traceback.format_exc())
+        log.debug("%s", "".join(traceback.format_exception(exc)))  # called after the except block too
         table = pa.Table.from_pylist(
             [
                 {

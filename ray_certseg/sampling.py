@@ -188,7 +188,15 @@ class _BaseClassifier:
         )
 
     def __call__(self, noisy: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
-        """Labels (B, H, W) int64 of a batch (B, 3, H, W), and a 0-d bool tensor: all logits finite."""
+        """Labels (B, H, W) int64 of a batch (B, 3, H, W), and a 0-d bool tensor: every pixel's top logit is
+        finite.
+
+        One reduction over the classes gives both: ``max`` returns the first maximum (ties to the lowest class,
+        as ``argmax``) and its value, which is NaN when any class is NaN and +Inf when any is +Inf, so checking
+        the (B, H, W) maxima catches what makes a label undefined without reading the logits a second time.
+        (A -Inf beside a finite top logit passes: that class loses the vote whatever its value.) On the CPU
+        ``max(dim=1)`` is also about 3-9x faster than ``argmax(dim=1)`` over the strided class dimension
+        (``bench/votes.py``)."""
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -202,7 +210,8 @@ class _BaseClassifier:
                 f"at the input size, got {got}; wrap it in ray_certseg.models.segmenters.Segmenter "
                 "(upsamples) or check num_classes"
             )
-        return logits.argmax(dim=1), torch.isfinite(logits).all()
+        top, labels = logits.max(dim=1)
+        return labels, torch.isfinite(top).all()
 
 
 def _vote(

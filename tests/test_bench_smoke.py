@@ -225,3 +225,15 @@ def test_gpu_script_imports_nothing_the_gpu_machine_lacks():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-3000:]
+
+
+def test_votes_quick_runs_and_reports_efficiency(capsys):
+    assert load("votes").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("conv3: now", "demo: now"))]
+    assert len(rows) == 2
+    for row in rows:  # bare ms, count_votes ms, efficiency, digest
+        bare, total, efficiency = (float(v) for v in row.split()[-4:-1])
+        assert positive(bare) and positive(total) and positive(efficiency)
+    gb_before, gb_now = (float(v) for v in re.findall(r"([0-9.]+) GB", out))
+    assert gb_now < gb_before  # one read of the logits instead of three passes

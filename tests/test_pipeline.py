@@ -417,3 +417,26 @@ def test_tile_pixels_must_be_a_positive_integer_or_auto(world, tmp_path):
     cfg = jobworld.config(world["manifest"], world["models"], tmp_path / "o", tile_pixels=0)
     with pytest.raises(ConfigError, match="sampling.tile_pixels"):
         JobConfig.from_dict(cfg)
+
+
+def test_a_failed_row_logs_its_own_traceback(world, tmp_path, monkeypatch, caplog):
+    """The debug log of a failed (image, method, sigma) row holds that exception's traceback (it is written
+    after the except block, where ``traceback.format_exc()`` would say 'NoneType: None')."""
+    import logging
+
+    from ray_certseg import data
+
+    cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], tmp_path / "o"))
+    sampler = pipeline.VoteSampler(cfg.to_dict(redact=False))
+    ref = data.list_items(cfg.dataset)[0]
+
+    def broken_sample(item, method, sigma):
+        raise RuntimeError("out of device memory, say")
+
+    monkeypatch.setattr(sampler, "_sample", broken_sample)
+    batch = {k: np.array([ref[k]]) for k in ref} | {"todo": np.array([json.dumps([["plain", 0.25]])])}
+    with caplog.at_level(logging.DEBUG, logger="ray_certseg"):
+        assert sampler(batch).num_rows == 0
+    text = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+    assert "Traceback" in text and "broken_sample" in text and "out of device memory" in text
+    assert "NoneType: None" not in text

@@ -282,6 +282,76 @@ def test_non_finite_logits_raise(image):
 
 
 @pytest.mark.parametrize(
+    "where, value",
+    [
+        ((0, 0, 0), float("nan")),  # a NaN in the losing class 0 of pixel (0, 0)
+        ((2, 5, 3), float("nan")),  # in the last class
+        ((1, 3, 4), float("inf")),
+        (((0, 1, 2), 7, 2), float("-inf")),  # every class of a pixel -Inf: no label
+    ],
+)
+def test_every_non_finite_top_logit_raises(image, where, value):
+    """The check reads only the per-pixel maxima of the class reduction: NaN in any class, +Inf in any class
+    and a pixel with no finite class must each still raise, in the selection and in the estimation draws."""
+    for after in (0, 1, 4):  # the clean forward, the first noisy batch, a later batch holding S draws
+        calls = []
+
+        def broken(images, after=after, calls=calls):
+            out = images * 10.0
+            if len(calls) == after:
+                out[(slice(None), *where)] = value
+            calls.append(1)
+            return out
+
+        with pytest.raises(ValueError, match=r"non-finite logits \(NaN/Inf\)"):
+            count_votes(image, broken, sigma=0.2, n0=2, n=6, num_classes=3, batch_size=2, seed=0)
+
+
+def test_minus_inf_in_a_losing_class_keeps_the_votes(image):
+    """-Inf beside a finite top logit changes no label (the class loses whatever its value): votes as without it."""
+
+    def minus_inf(images):
+        out = channel_argmax(images)
+        out[:, 2] = torch.where(out[:, 2] < out[:, :2].amax(1), float("-inf"), out[:, 2])
+        return out
+
+    args = {"sigma": 0.2, "n0": 3, "n": 9, "num_classes": 3, "batch_size": 4, "seed": 5}
+    a, b = count_votes(image, channel_argmax, **args), count_votes(image, minus_inf, **args)
+    for name in ("c_hat", "k", "clean_pred"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_tied_logits_vote_for_the_lowest_class():
+    """Ties in the logits (here: all equal, or the two top classes equal) go to the lowest class, as argmax."""
+    x = torch.rand(3, 6, 5)
+
+    def tied(images):
+        out = torch.zeros(images.shape[0], 4, *images.shape[2:])
+        out[:, 1:3] = (images[:, :1] > 0.5).float()  # classes 1 and 2 tie where channel 0 is bright
+        return out
+
+    v = count_votes(x, tied, sigma=0.0, n0=2, n=3, num_classes=4, batch_size=5, seed=0)
+    expect = np.where(x[0].numpy() > 0.5, 1, 0)
+    np.testing.assert_array_equal(v.clean_pred, expect)
+    np.testing.assert_array_equal(v.c_hat, expect)
+    np.testing.assert_array_equal(v.k, np.full(expect.shape, 3))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_labels_are_the_first_argmax_of_the_logits(layout):
+    """The base classifier's labels equal ``argmax(dim=1)`` (first maximum) on logits with many ties, in both
+    memory layouts of the logits."""
+    from ray_certseg.sampling import _BaseClassifier
+
+    logits = torch.randint(0, 3, (5, 19, 16, 12)).float()
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    classify = _BaseClassifier(lambda _: logits, None, 19, torch.device("cpu"), None, False)
+    labels, ok = classify(torch.zeros(5, 3, 16, 12), 0.25)
+    assert torch.equal(labels, logits.argmax(dim=1)) and bool(ok)
+
+
+@pytest.mark.parametrize(
     "kwargs, error, match",
     [
         ({"sigma": -0.1}, ValueError, "sigma"),
