@@ -24,31 +24,31 @@ pooled over the images.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from scipy.stats import norm
 
 from ray_certseg import aggregate, reduce, rundir, votes
-from ray_certseg.certify import CORRECTIONS, Certificate, certify
+from ray_certseg.certify import CORRECTIONS
 from ray_certseg.config import DatasetConfig, JobConfig
 from ray_certseg.rundir import RunDir
 from ray_certseg.sampling import ESTIMATION, noise_seed, sample_seed, to_tensor_image
 
 log = logging.getLogger("ray_certseg")
 
-RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(votes.VoteRecord))
+RECORD_FIELDS = votes.RECORD_FIELDS
 CERTIFY_COLUMNS = ["label", "c_hat", "k", "clean_pred"]
 CURVE_COLUMNS = [
     "dataset",
@@ -75,11 +75,8 @@ def votes_dir(path: RunDir | str, storage_options: Mapping[str, Any] | None = No
 
 def _vote_files(run: RunDir) -> tuple[Any, list[str], str]:
     """(pyarrow filesystem, vote files, where they are) of an output folder, a votes folder or one file."""
-    source = votes_dir(run)
-    fs, files = votes.parquet_files(source, storage_options=run.storage_options)
-    if not files:
-        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
-    return fs, files, source
+    fs, files = reduce.source_files(run)
+    return fs, files, votes_dir(run)
 
 
 def load_votes(
@@ -160,48 +157,8 @@ def load_config(path: RunDir | str, *, storage_options: Mapping[str, Any] | None
 
 
 # -------------------------------------------------------------------------------------------- certification
-def records(frame: pd.DataFrame) -> Iterator[votes.VoteRecord]:
-    """The rows of a :func:`load_votes` DataFrame as VoteRecords (arrays shared, never copied)."""
-    missing = [c for c in RECORD_FIELDS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"votes DataFrame lacks column(s) {missing}: pass the result of load_votes(...)")
-    for row in frame[list(RECORD_FIELDS)].itertuples(index=False, name=None):
-        yield votes.VoteRecord(*(v.item() if isinstance(v, np.generic) else v for v in row))
-
-
-def _require_maps(rec: votes.VoteRecord) -> votes.VoteRecord:
-    absent = [c for c in CERTIFY_COLUMNS if getattr(rec, c) is None]
-    if absent:
-        raise ValueError(
-            f"vote row {rec.image_id}/{rec.method}/sigma={rec.sigma} has no {absent}: load the "
-            f"votes with columns including {CERTIFY_COLUMNS}"
-        )
-    return rec
-
-
-def certify_row(
-    row: votes.VoteRecord | Mapping[str, Any] | pd.Series,
-    *,
-    tau: float,
-    alpha: float,
-    correction: str = "holm",
-) -> Certificate:
-    """CERTIFY(c_hat, k) of one vote row (a VoteRecord or a :func:`load_votes` row): its certified map
-    (ABSTAIN where the null is not rejected) and radius sigma * Phi^-1(tau)."""
-    get = (lambda key: getattr(row, key)) if isinstance(row, votes.VoteRecord) else row.__getitem__
-    c_hat, k = get("c_hat"), get("k")
-    if c_hat is None or k is None:
-        raise ValueError("certify_row: the row has no c_hat/k maps; load the votes with those columns")
-    return certify(
-        c_hat,
-        k,
-        n=int(get("n")),
-        sigma=float(get("sigma")),
-        tau=tau,
-        alpha=alpha,
-        correction=correction,
-        num_classes=int(get("num_classes")),
-    )
+records = votes.records_of
+"""The rows of a :func:`load_votes` DataFrame as VoteRecords (arrays shared, never copied)."""
 
 
 def _values(name: str, value: float | str | Sequence[Any]) -> tuple[Any, ...]:
@@ -211,25 +168,42 @@ def _values(name: str, value: float | str | Sequence[Any]) -> tuple[Any, ...]:
     return out
 
 
-def _per_image(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Per-image records as the reducer stores them (same Arrow schema, same canonical order)."""
-    return aggregate.deduplicate(pa.Table.from_pylist(rows, schema=aggregate.PER_IMAGE_SCHEMA).to_pandas())
+def _source(votes_source: reduce.VoteSource, storage_options: Mapping[str, Any] | None) -> reduce.VoteSource:
+    """A DataFrame as it is, a path as its RunDir (with ``storage_options``)."""
+    if isinstance(votes_source, pd.DataFrame):
+        return votes_source
+    if isinstance(votes_source, (str, RunDir)):
+        return RunDir.of(votes_source, storage_options)
+    raise TypeError(f"votes must be a load_votes DataFrame or a path, got {type(votes_source).__name__}")
 
 
 def recertify(
-    votes_frame: pd.DataFrame,
+    votes_source: reduce.VoteSource,
     *,
     tau: float | Sequence[float] = 0.75,
     alpha: float | Sequence[float] = 0.001,
     correction: str | Sequence[str] = "holm",
     procedures: Sequence[Any] = ("segcertify",),
     pooling: str = "common",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> reduce.ReduceResult:
     """Certify the stored votes again at every point of ``procedures`` (entries as in ``certify.procedures``;
-    SegCertify by default) over the shared grid ``tau`` x ``alpha`` x ``correction`` (scalars or sequences),
-    and pool per (dataset, method, sigma, point): the reducer's per-image records and metrics (same columns,
-    same numbers as ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in this process, nothing
-    written and no resampling. ``pooling``: ``common`` (like for like) or ``all`` (:func:`aggregate.pool`)."""
+    SegCertify by default) over the shared grid ``tau`` x ``alpha`` x ``correction``, and pool per (dataset,
+    method, sigma, point): the reducer's per-image records and metrics (same columns, same numbers as
+    ``ray-certseg reduce OUTPUT --tau ... --alpha ...``), computed in this process, nothing written and no
+    resampling.
+
+    Args:
+        votes_source: a :func:`load_votes` DataFrame, or an output / votes folder / vote file (local or
+            ``s3://``), read chunk by chunk (:func:`ray_certseg.reduce.fold`): memory holds one chunk of
+            vote rows, never the run.
+        tau, alpha, correction: scalars or sequences; their product is the shared grid.
+        procedures: entries as in the config's ``certify.procedures``.
+        pooling: ``common`` (like for like) or ``all``.
+
+    Returns:
+        A :class:`ray_certseg.reduce.ReduceResult`: ``metrics`` (one row per dataset, method, sigma and
+        point), ``per_image`` (the records, canonical order), ``summary_markdown`` and ``left_out``."""
     corrections = _values("correction", correction)
     bad = [c for c in corrections if c not in CORRECTIONS]
     if bad:
@@ -240,9 +214,19 @@ def recertify(
         corrections,
         tuple(procedures),
     )
-    points = grid.points()
-    rows = [r for rec in records(votes_frame) for r in reduce.image_rows(_require_maps(rec), points)]
-    return reduce.reduce_table(pa.Table.from_pylist(rows, schema=aggregate.PER_IMAGE_SCHEMA), pooling)
+    if pooling not in aggregate.POOLINGS:
+        raise ValueError(f"pooling must be one of {aggregate.POOLINGS}, got {pooling!r}")
+    kept: list[pa.Table] = []  # per-image records (small: matrices, not maps)
+    pools, plan_ = reduce.fold(
+        _source(votes_source, storage_options), reduce.GridRecords(grid), pooling=pooling, each=kept.append
+    )
+    acc = pools["all"]
+    metrics = acc.metrics() if not acc.empty else pd.DataFrame(columns=aggregate.KEY)
+    per_image = aggregate.canonical_order(
+        pa.concat_tables(kept).to_pandas() if kept else aggregate.PER_IMAGE_SCHEMA.empty_table().to_pandas()
+    )
+    left = plan_.left_out if pooling == "common" and not acc.empty else None
+    return reduce.ReduceResult(per_image, metrics, reduce.summary_markdown(metrics, 0, left), left)
 
 
 def noisy_sample(
@@ -297,63 +281,59 @@ def _taus(radii: np.ndarray, sigma: float) -> tuple[float, ...]:
     return tuple(t for t in taus if 0.5 < t < 1.0)
 
 
-def curve_rows(
-    recs: Iterable[votes.VoteRecord],
-    radii: np.ndarray,
-    alpha: float,
-    correction: str,
-    procedures: Sequence[Any] = ("segcertify",),
-) -> list[dict[str, Any]]:
-    """Per-image records (the reducer's, via image_rows) of every vote row at tau(r, sigma), r in radii, for
-    each procedure entry (its tau taken from that grid: an entry that fixes tau has no curve)."""
-    rows = []
-    for rec in recs:
-        taus = _taus(radii, rec.sigma)
-        if taus:
-            grid = reduce.Grid(taus, (alpha,), (correction,), tuple(procedures))
-            rows += reduce.image_rows(_require_maps(rec), grid)
-    return rows
-
-
 class CurveRecords:
-    """Vote rows (Arrow) -> their per-image records at every tau(r, sigma): the reducer's map for a curve
-    (:class:`ray_certseg.reduce.GridRecords`' interface, so :func:`ray_certseg.reduce.chunks` streams it)."""
+    """Vote rows -> their per-image records at every tau(r, sigma) = Phi(r / sigma), r in ``radii``, that the
+    row's sigma can certify, for each procedure entry (its tau taken from that grid): the map of the curves on
+    the one chunked path (:func:`ray_certseg.reduce.fold`), every radius folded in the same pass."""
 
-    columns = CERTIFY_COLUMNS
-
-    def __init__(self, radii: np.ndarray, alpha: float, correction: str):
+    def __init__(
+        self, radii: np.ndarray, alpha: float, correction: str, procedures: Sequence[Any] = ("segcertify",)
+    ):
         self.radii, self.alpha, self.correction = radii, alpha, correction
-        self.per_row = max(1, len(radii))
+        self.procedures = tuple(procedures)
+        self.per_row = max(1, len(radii)) * len(self.procedures)
+        self.columns = reduce.record_columns(self._grid((0.75,)).points())
+
+    def _grid(self, taus: tuple[float, ...]) -> reduce.Grid:
+        return reduce.Grid(taus, (self.alpha,), (self.correction,), self.procedures)
+
+    def from_records(self, recs: Iterable[votes.VoteRecord]) -> pa.Table:
+        grids: dict[float, reduce.GridRecords] = {}
+        tables = []
+        for rec in recs:
+            taus = _taus(self.radii, rec.sigma)
+            if taus:
+                grid = grids.setdefault(rec.sigma, reduce.GridRecords(self._grid(taus)))
+                tables.append(grid.from_records([rec]))
+        return pa.concat_tables(tables) if tables else aggregate.PER_IMAGE_SCHEMA.empty_table()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = curve_rows(
-            votes.read_votes(batch, columns=CERTIFY_COLUMNS), self.radii, self.alpha, self.correction
-        )
-        return pa.Table.from_pylist(rows, schema=aggregate.PER_IMAGE_SCHEMA)
+        return self.from_records(votes.read_votes(batch, columns=self.columns))
 
 
-def _curve_pooled_path(
-    run: RunDir, radii: np.ndarray, alpha: float, correction: str, engine: str
-) -> pd.DataFrame:
-    """The curve's dataset rows from vote files, streamed (:func:`ray_certseg.reduce.chunks`) into one
-    :class:`ray_certseg.aggregate.Pool`: file by file in this process or as a Ray Data stage."""
-    records = CurveRecords(radii, alpha, correction)
-    fs, files, _ = _vote_files(run)
-    with run.io():
-        plan_ = reduce.plan_votes(fs, files, records.per_row)
+def _pooled_curve(source: reduce.VoteSource, records: CurveRecords, engine: str) -> pd.DataFrame:
+    """The curve's dataset rows at every tau(r, sigma) from one chunked pass over the votes: file by file in
+    this process or as a Ray Data stage (``auto``: Ray when it is initialised and the work is large)."""
     if engine == "auto":
         ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-        sizes = load_votes(run, columns=[]) if ray_up else None
-        work = 0 if sizes is None else float((sizes["height"] * sizes["width"]).sum()) * radii.size
+        if ray_up and not isinstance(source, pd.DataFrame):
+            sizes = load_votes(source, columns=[])
+            work = float((sizes["height"] * sizes["width"]).sum()) * records.radii.size
+        else:
+            work = 0.0
         engine = "ray" if work > RAY_MIN_EVALUATIONS else "local"
-    acc = aggregate.Pool("common", plan_.left_out)
-    for chunk in reduce.chunks(run, plan_, records, engine):
-        acc.add(chunk)
-    return acc.metrics() if not acc.empty else pd.DataFrame()
+    pools, _ = reduce.fold(source, records, engine=engine)
+    return pools["all"].metrics() if not pools["all"].empty else pd.DataFrame()
+
+
+def _groups(source: reduce.VoteSource) -> pd.DataFrame:
+    """The (dataset, method, sigma) of the vote rows, from their scalars alone."""
+    frame = source if isinstance(source, pd.DataFrame) else load_votes(source, columns=[])
+    return frame[["dataset", "method", "sigma"]].drop_duplicates()
 
 
 def certified_accuracy_curve(
-    votes_source: pd.DataFrame | RunDir | str,
+    votes_source: reduce.VoteSource,
     radii: Sequence[float],
     *,
     alpha: float = 0.001,
@@ -364,31 +344,27 @@ def certified_accuracy_curve(
 ) -> pd.DataFrame:
     """Certified accuracy as a function of the radius (see the module docstring for what is plotted).
 
-    ``votes_source``: a :func:`load_votes` DataFrame, or an output / votes folder (local or ``s3://``) read
-    one file at a time (``engine``: ``local``; ``ray`` as a Ray Data stage; ``auto``: Ray when it is
-    initialised and the work is large). ``per_sigma``: one row per (dataset, method, sigma, radius) the
-    sigma can certify, with columns :data:`CURVE_COLUMNS`; else the envelope over sigmas, one row per
-    (dataset, method, radius), columns :data:`ENVELOPE_COLUMNS` (``sigma``/``tau``: the maximiser, NaN
-    where no sigma can certify r and the accuracy is 0)."""
+    Args:
+        votes_source: a :func:`load_votes` DataFrame, or an output / votes folder (local or ``s3://``) read
+            chunk by chunk, every radius in one pass (``engine``: ``local``; ``ray`` as a Ray Data stage;
+            ``auto``: Ray when it is initialised and the work is large).
+        radii: the radii r > 0 of the curve.
+        per_sigma: one row per (dataset, method, sigma, radius) the sigma can certify, with columns
+            :data:`CURVE_COLUMNS`; else the envelope over sigmas.
+
+    Returns:
+        With ``per_sigma``, :data:`CURVE_COLUMNS`; else one row per (dataset, method, radius), columns
+        :data:`ENVELOPE_COLUMNS` (``sigma``/``tau``: the maximiser, NaN where no sigma can certify r and the
+        accuracy is 0)."""
     r = check_radii(radii)
     if correction not in CORRECTIONS:
         raise ValueError(f"correction {correction!r} is not one of {CORRECTIONS}")
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise ValueError(f"alpha must be a family-wise error level in (0, 1), got {alpha!r}")
-    if isinstance(votes_source, pd.DataFrame):
-        per_image = _per_image(curve_rows(records(votes_source), r, float(alpha), correction))
-        pooled = aggregate.pool(per_image) if len(per_image) else pd.DataFrame()
-        groups = votes_source[["dataset", "method", "sigma"]].drop_duplicates()
-    elif isinstance(votes_source, (str, RunDir)):
-        run = RunDir.of(votes_source, storage_options)
-        pooled = _curve_pooled_path(run, r, float(alpha), correction, engine)
-        groups = load_votes(run, columns=[])[["dataset", "method", "sigma"]].drop_duplicates()
-    else:
-        raise TypeError(
-            f"votes_source must be a load_votes DataFrame or a path, got {type(votes_source).__name__}"
-        )
+    source = _source(votes_source, storage_options)
+    pooled = _pooled_curve(source, CurveRecords(r, float(alpha), correction), engine)
     curve = _curve_table(pooled, r)
-    return curve if per_sigma else envelope(curve, r, groups)
+    return curve if per_sigma else envelope(curve, r, _groups(source))
 
 
 def _curve_table(pooled: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
@@ -436,24 +412,35 @@ PROCEDURE_CURVE_COLUMNS = ["dataset", "method", "procedure", "radius", "cig", "a
 
 
 def procedure_curve(
-    votes_frame: pd.DataFrame,
+    votes_source: reduce.VoteSource,
     radii: Sequence[float],
     procedures: Sequence[Any],
     *,
     alpha: float = 0.001,
     correction: str = "holm",
+    storage_options: Mapping[str, Any] | None = None,
+    engine: str = "auto",
 ) -> pd.DataFrame:
     """CIG and abstain rate against the radius for each procedure entry (e.g. SegCertify and hierarchical on
     the same votes): per radius r and sigma the procedure at tau(r, sigma) = Phi(r / sigma), then per
     (dataset, method, procedure, radius) the sigma with the largest CIG (its abstain rate, sigma and tau
     kept), as :func:`certified_accuracy_curve`'s envelope does for certified accuracy. Entries that fix tau
-    are left out (their radius is fixed). Columns :data:`PROCEDURE_CURVE_COLUMNS`."""
+    are left out (their radius is fixed).
+
+    Args:
+        votes_source: a :func:`load_votes` DataFrame or a path, read chunk by chunk in one pass for every
+            radius and procedure.
+
+    Returns:
+        Columns :data:`PROCEDURE_CURVE_COLUMNS`."""
     r = check_radii(radii)
     open_tau = [e for e in procedures if not (isinstance(e, Mapping) and "tau" in (e.get("params") or {}))]
-    rows = curve_rows(records(votes_frame), r, float(alpha), correction, open_tau)
-    if not rows:
+    if not open_tau:
         return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
-    pooled = aggregate.pool(_per_image(rows))
+    source = _source(votes_source, storage_options)
+    pooled = _pooled_curve(source, CurveRecords(r, float(alpha), correction, open_tau), engine)
+    if not len(pooled):
+        return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
     lookup = pd.DataFrame(
         [
             (s, x, tau_for_radius(x, s))
@@ -473,7 +460,7 @@ SWEEP_COLUMNS = ["thresholds", "images", "cig", "abstain_rate", "level_accuracy"
 
 
 def sweep_thresholds(
-    votes_frame: pd.DataFrame,
+    votes_source: reduce.VoteSource,
     candidates: Sequence[Sequence[float]],
     *,
     hierarchy: str,
@@ -481,17 +468,27 @@ def sweep_thresholds(
     alpha: float = 0.001,
     correction: str = "holm",
     held_out: Iterable[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """The threshold search of hierarchical certification from stored votes, without sampling again: per
     (dataset, method, sigma) and candidate threshold function (t_0 >= ... >= t_L), the pooled CIG, abstain
-    rate, certified accuracy at the chosen level and certified error of ``recertify``.
+    rate, certified accuracy at the chosen level and certified error, every candidate folded in one chunked
+    pass over the votes (:func:`ray_certseg.reduce.fold`).
 
     Choosing the thresholds on the images they are then reported on is optimistic (a selection on the test
     set; every single point is still a valid certificate at level alpha, the maximum over candidates is not
     an unbiased estimate): a warning is logged unless ``held_out`` names image ids kept apart. Then the
     candidates are scored on the other images (``split == "select"``) and reported on the held-out ones
-    (``split == "held_out"``), so the candidate chosen on the first can be read on the second."""
-    held = None if held_out is None else set(held_out)
+    (``split == "held_out"``), so the candidate chosen on the first can be read on the second.
+
+    Args:
+        votes_source: a :func:`load_votes` DataFrame or a path (read chunk by chunk).
+        candidates: threshold functions, one value per level.
+        hierarchy: the hierarchy's name or file.
+
+    Returns:
+        Columns dataset, method, sigma, split and :data:`SWEEP_COLUMNS`."""
+    held = None if held_out is None else sorted(set(held_out))
     if held is None:
         log.warning(
             "sweep_thresholds: choosing thresholds on the images they are evaluated on is optimistic; pass "
@@ -501,19 +498,18 @@ def sweep_thresholds(
         {"procedure": "hierarchical", "params": {"hierarchy": hierarchy, "thresholds": list(map(float, c))}}
         for c in candidates
     ]
-    splits = (
-        [("all", votes_frame)]
-        if held is None
-        else [
-            ("select", votes_frame[~votes_frame["image_id"].isin(held)]),
-            ("held_out", votes_frame[votes_frame["image_id"].isin(held)]),
-        ]
-    )
+    grid = reduce.Grid((float(tau),), (float(alpha),), (correction,), tuple(entries))
+    if held is None:
+        splits = {"all": None}
+    else:
+        in_held = lambda chunk: pc.is_in(chunk.column("image_id"), value_set=pa.array(held, pa.string()))
+        splits = {"select": lambda chunk: pc.invert(in_held(chunk)), "held_out": in_held}
+    pools, _ = reduce.fold(_source(votes_source, storage_options), reduce.GridRecords(grid), splits=splits)
     out = []
-    for split, frame in splits:
-        if not len(frame):
+    for split, acc in pools.items():
+        if acc.empty:
             raise ValueError(f"sweep_thresholds: no vote rows in the {split!r} split")
-        m = recertify(frame, tau=tau, alpha=alpha, correction=correction, procedures=entries).metrics
+        m = acc.metrics()
         m = m.assign(split=split, thresholds=[str(tuple(json.loads(p)["thresholds"])) for p in m["params"]])
         out.append(m[["dataset", "method", "sigma", "split"] + SWEEP_COLUMNS])
     return pd.concat(out, ignore_index=True)

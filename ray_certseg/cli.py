@@ -143,10 +143,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
     run = rundir.RunDir.of_config(cfg)
     errors = pipeline.gather_errors(cfg)
-    inputs = reduce.inputs_of(run, cfg.to_dict())
+    inputs = reduce.inputs_of(run)
     paths = (
-        f"\nvotes:   {run.votes}/\nmetrics: {run.metrics()}/ (metrics.csv, metrics.parquet, "
-        f"per_image.parquet, summary.md)\nerrors:  {run.path(rundir.ERRORS)} ({errors.num_rows} failed rows)"
+        f"\nfull table (every grid point, Dice, worst-case bounds, clean and majority-vote accuracy, failed "
+        f"rows): {run.metrics()}/summary.md and metrics.csv\nvotes:   {run.votes}/\nmetrics: {run.metrics()}/ "
+        f"(metrics.csv, metrics.parquet, per_image.parquet, summary.md)\n"
+        f"errors:  {run.path(rundir.ERRORS)} ({errors.num_rows} failed rows)"
+    )
+    headline = lambda metrics: reduce.headline_markdown(
+        metrics, reduce.grid_from_output(run, None, None, None), list(cfg.methods), errors.num_rows
     )
     if not job_plan.pending and reduce.is_current(run, inputs):  # a finished job rerun: nothing to redo
         log.info(
@@ -155,11 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             run.url,
             run.url,
         )
-        print(run.read_bytes(rundir.METRICS, "summary.md").decode().rstrip() + "\n" + paths)
+        print(headline(run.read_table(rundir.METRICS, "metrics.parquet").to_pandas()) + "\n" + paths)
         print(f"plots:   {run.plots}/")
         return 1 if errors.num_rows else 0
     result = reduce.reduce_output(run, errors=errors)
-    print(result.summary_markdown + "\n" + paths)
+    print(headline(result.metrics) + "\n" + paths)
     try:
         from ray_certseg import plots
 
@@ -171,8 +176,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             type(exc).__name__,
             run.redact(str(exc)),
         )
-    else:
-        reduce.record_inputs(run, inputs)
     return 1 if errors.num_rows else 0
 
 
@@ -193,8 +196,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     changed = args.tau or args.alpha or args.correction or procedures or args.name or args.all_rows
     if not args.replace_metrics and changed:
         grid = reduce.grid_from_output(run, args.tau, args.alpha, args.correction, procedures)
-        suffix = "_all-rows" if args.all_rows else ""
-        into = f"reductions/{args.name or reduce.reduction_name(grid) + suffix}"
+        into = f"reductions/{args.name or reduce.reduction_name(grid, 'all' if args.all_rows else 'common')}"
     result = reduce.reduce_output(
         run,
         taus=args.tau,
@@ -232,7 +234,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         with open(args.held_out) as f:
             held = [line.strip() for line in f if line.strip()]
     table = analysis.sweep_thresholds(
-        analysis.load_votes(args.output),
+        args.output,
         args.thresholds,
         hierarchy=args.hierarchy or _run_hierarchy(args.output),
         tau=args.tau,

@@ -66,7 +66,9 @@ class VoteSampler:
     skipped, so one bad image costs nothing else.
     """
 
-    def __init__(self, config: dict[str, Any], probe_size: tuple[int, int] | None = None):
+    def __init__(
+        self, config: dict[str, Any], probe_size: tuple[int, int] | None = None, row_counter: Any = None
+    ):
         import torch
 
         from ray_certseg.models.registry import load_denoiser, load_segmenter
@@ -120,6 +122,7 @@ class VoteSampler:
             self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
             self.hierarchy_index = level_index(self.hierarchy.node[1:], self.device)
         self.run = RunDir.of_config(self.cfg)
+        self.row_counter = row_counter  # a RowCounter actor handle (the driver's progress line), or None
         self._device = threading.Lock()  # one call samples at a time; the other reads and decodes meanwhile
 
     def _size_tile_batches(self, name: str, denoiser: Any) -> None:
@@ -147,20 +150,23 @@ class VoteSampler:
         records: list[votes.VoteRecord] = []
         for i in range(len(batch["image_id"])):
             ref = {k: _scalar(v[i]) for k, v in batch.items() if k != "todo"}
+            todo = json.loads(batch["todo"][i])
             try:
                 item = load_item(ref, self.cfg.dataset)
             except storage.StorageError:
                 raise  # the store itself fails: every image would, so the job stops (preflight.job_error)
             except Exception as exc:  # noqa: BLE001 - one bad image must not cost the others
                 self._record_error(ref["image_id"], "", float("nan"), "load", exc)
+                self._finished(len(todo))
                 continue
             failed = []
             with self._device:
-                for method, sigma in json.loads(batch["todo"][i]):
+                for method, sigma in todo:
                     try:
                         records.append(self._sample(item, method, float(sigma)))
                     except Exception as exc:  # noqa: BLE001
                         failed.append((method, float(sigma), exc))
+                    self._finished(1)
             for method, sigma, exc in failed:  # written outside the lock: the device goes on meanwhile
                 self._record_error(ref["image_id"], method, sigma, "sample", exc)
         return votes.make_table(records)
@@ -216,6 +222,12 @@ class VoteSampler:
             c_hat_levels=v.c_hat_levels,
             k_levels=v.k_levels,
         )
+
+    def _finished(self, rows: int) -> None:
+        """Tell the driver's progress line that ``rows`` more rows are done (sampled or failed); a call that
+        waits for nothing, so the device never waits for it."""
+        if self.row_counter is not None:
+            self.row_counter.add.remote(rows)
 
     def _record_error(self, image_id: str, method: str, sigma: float, stage: str, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"
@@ -318,19 +330,31 @@ def completed_rows(run: RunDir) -> set[tuple[str, str, float]]:
     return keys
 
 
-class Progress:
-    """A periodic log line for runs without progress bars (``ray job submit``): rows done / total,
-    images per minute and time left, read from the vote files written so far."""
+class RowCounter:
+    """Rows finished by the sampling actors (sampled or failed), as they finish: a Ray actor of no CPU that the
+    actors add to and the driver's progress line reads, so the count moves before any vote file lands (a
+    file holds many rows). Rows of an actor lost before its file was written count again when redone."""
 
-    def __init__(self, run: RunDir, plan_: Plan, rows_per_image: int, interval: float):
-        self.run, self.plan = run, plan_
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
+
+
+class Progress:
+    """A periodic log line for runs without progress bars (``ray job submit``): rows done / total, images per
+    minute and time left, from the :class:`RowCounter` the actors report to."""
+
+    def __init__(self, plan_: Plan, rows_per_image: int, interval: float, counter: Any):
+        self.plan, self.counter = plan_, counter
         self.rows_per_image, self.interval = rows_per_image, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._t0 = time.monotonic()
-        self._rows: dict[
-            str, int
-        ] = {}  # complete vote files (written once) -> their rows: each footer read once
 
     def __enter__(self) -> Progress:  # noqa: PYI034 - the class is final; Self needs Python 3.11
         if self.interval > 0 and self.plan.pending:
@@ -340,26 +364,28 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
 
-    def _count(self) -> int:
-        fs, files = self.run.vote_files()
-        for path in files:
-            if path not in self._rows:
-                try:
-                    self._rows[path] = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-                except Exception:  # noqa: BLE001, S110 - a file still being written has no footer yet
-                    pass
-        return sum(self._rows.values())
+    def _count(self) -> int | None:
+        """Rows finished in this run so far (None when the counter does not answer within the interval)."""
+        import ray
+
+        try:
+            return min(
+                self.plan.pending, ray.get(self.counter.total.remote(), timeout=max(1.0, self.interval))
+            )
+        except Exception:  # noqa: BLE001 - a progress line must never fail the job
+            return None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            rows = self._count()
-            new = max(0, rows - self.plan.done)
+            new = self._count()
+            if new is None:
+                continue
             dt = time.monotonic() - self._t0
             rate = new / dt if dt > 0 else 0.0
             left = (self.plan.pending - new) / rate if rate > 0 else float("nan")
             log.info(
                 "progress: %d/%d rows, %.1f images/min, about %s left",
-                rows,
+                self.plan.done + new,
                 self.plan.total,
                 60 * rate / self.rows_per_image,
                 _fmt_seconds(left),
@@ -454,10 +480,15 @@ def run_sampling(
     per_batch = images_per_batch(cfg, len(job_plan.rows), job_plan.probe_size)
     per_file = rows_per_file(cfg, job_plan.probe_size, job_plan.pending)
     log.info("%d images per Ray batch, at least %d vote rows per file", per_batch, per_file)
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
     ds = ray.data.from_items(job_plan.rows, override_num_blocks=math.ceil(len(job_plan.rows) / per_batch))
     ds = ds.map_batches(
         VoteSampler,
-        fn_constructor_kwargs={"config": cfg.to_dict(redact=False), "probe_size": job_plan.probe_size},
+        fn_constructor_kwargs={
+            "config": cfg.to_dict(redact=False),
+            "probe_size": job_plan.probe_size,
+            "row_counter": counter,
+        },
         compute=compute,
         batch_size=per_batch,
         batch_format="numpy",
@@ -465,7 +496,7 @@ def run_sampling(
         num_gpus=r.num_gpus_per_actor,
     )
     pa_fs, pa_path = run.pyarrow_filesystem(rundir.VOTES)
-    with Progress(run, job_plan, rows_per_image, progress_interval):
+    with Progress(job_plan, rows_per_image, progress_interval, counter):
         try:
             ds.write_parquet(
                 pa_path,
@@ -537,6 +568,11 @@ def prepare_output(cfg: JobConfig, *, overwrite: bool) -> None:
     if fs.isfile(root):
         raise ConfigError(f"output: {cfg.output} is a file, not a folder: choose another --output")
     if overwrite and fs.exists(root):
+        if not (run.exists(rundir.CONFIG) or run.exists(rundir.VOTES) or not fs.ls(root)):
+            raise ConfigError(
+                f"--overwrite: {cfg.output} is neither a run folder (no config.json, no votes/) nor empty, "
+                "so nothing was removed; give --output a new or a run folder"
+            )
         log.info("--overwrite: removing %s", cfg.output)
         fs.rm(root, recursive=True)
     if run.exists(rundir.VOTES):
@@ -571,6 +607,10 @@ SELECTION_KEYS = ("limit", "subset")  # which images are in scope; the rows of e
 PRESENTATION_KEYS = ("palette", "class_names")  # how results are drawn and named, not what is sampled
 
 
+RECORDED_SECTIONS = ("dataset", "methods", "models")
+"""The sections of a recorded config.json that resuming compares (sampling may be absent: its defaults)."""
+
+
 def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Votes already in an output folder may only be reused when the new config would produce the same
     rows: same dataset (up to ``limit``/``subset``), same models, the same VOTE_KEYS, and the same definition
@@ -578,6 +618,13 @@ def check_resumable(old: dict[str, Any], new: dict[str, Any]) -> None:
     changed batch_size is allowed with a warning (see VOTE_KEYS above)."""
     from ray_certseg.config import SamplingConfig
 
+    missing = [k for k in RECORDED_SECTIONS if not isinstance(old, dict) or not isinstance(old.get(k), dict)]
+    if missing:
+        raise ValueError(
+            f"output folder {new.get('output')!r} holds votes whose config.json lacks "
+            f"{', '.join(missing)}: it was written by another tool or a version of ray_certseg too old to "
+            "check that resumed rows are comparable. Use another --output, or --overwrite to start over."
+        )
     old = {**old, "dataset": DatasetConfig.upgrade_recorded(old.get("dataset") or {})}
     problems = []
     same_items = lambda d: {

@@ -31,8 +31,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ray_certseg import analysis, rundir
-from ray_certseg.certify import ABSTAIN, radius
+from ray_certseg import analysis, reduce, rundir
+from ray_certseg.certify import ABSTAIN, certify, radius
 from ray_certseg.config import JobConfig
 from ray_certseg.rundir import RunDir
 
@@ -283,7 +283,15 @@ def plot_example(
     mosaic = np.full((len(rows) * (h + pad) + pad, len(EXAMPLE_COLUMNS) * (w + pad) + pad, 3), 0.6)
     row_labels, notes = [], []
     for r, row in enumerate(rows.to_dict("records")):
-        cert = analysis.certify_row(row, tau=tau, alpha=alpha, correction=correction)
+        cert = certify(
+            row["c_hat"],
+            row["k"],
+            n=int(row["n"]),
+            sigma=float(row["sigma"]),
+            tau=tau,
+            alpha=alpha,
+            correction=correction,
+        )
         noisy, denoised = (samples or {}).get((row["method"], float(row["sigma"])), (None, None))
         panels = [
             None if image is None else image / 255.0,
@@ -473,15 +481,16 @@ def write_plots(
     if cfg.dataset.hierarchy is not None:
         written += _write_levels(run, cfg, ids, (tau, alpha, correction))
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
-    return written + [_write(run, json.dumps(shown, indent=1).encode(), "plots.json")]
+    written.append(_write(run, json.dumps(shown, indent=1).encode(), "plots.json"))
+    reduce.record_plotted(run)  # last: plots/ now shows what metrics/ holds
+    return written
 
 
 def _write_procedure_curve(
     run: RunDir, cfg: JobConfig, radii: Sequence[float], alpha: float, correction: str
 ) -> list[str]:
-    """``procedures_vs_radius.png`` and ``.csv`` from the votes (read whole into memory: a demo-sized run)."""
-    frame = analysis.load_votes(run)
-    curve = analysis.procedure_curve(frame, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
+    """``procedures_vs_radius.png`` and ``.csv`` from the votes (one chunked pass, every radius)."""
+    curve = analysis.procedure_curve(run, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
     csv = _write(run, curve.to_csv(index=False, float_format="%.6g").encode(), "procedures_vs_radius.csv")
     fig = plot_procedures_vs_radius(curve, alpha=alpha, correction=correction)
     return [csv, _save(fig, run, "procedures_vs_radius.png")]
@@ -498,12 +507,11 @@ def _write_examples(
     """One strip per image id: ``plots/examples/<image_id>.png``; noisy / denoised panels only for images of
     at most ``max_sample_pixels`` pixels."""
     tau, alpha, correction = point
-    frame = analysis.load_votes(run, columns=analysis.CERTIFY_COLUMNS, image_ids=ids)
     images = load_images(cfg, ids)
     sampler = ExampleSampler(cfg)
     written = []
-    for image_id in ids:
-        rows = frame[frame["image_id"] == image_id]
+    for image_id in ids:  # one image's rows at a time: only what this strip draws
+        rows = analysis.load_votes(run, columns=analysis.CERTIFY_COLUMNS, image_ids=[image_id])
         image = images.get(image_id)
         if image is None:
             log.warning(
@@ -544,12 +552,20 @@ LEVEL_RGB = (
 """Colours of certified pixels by hierarchy level (0 = a fine class, then coarser), cycled past the fifth."""
 
 
+def level_legend(num_levels: int) -> list[Patch]:
+    """Legend entries of a levels map: one per level of the hierarchy (0 = a fine class), then abstain."""
+    levels = [
+        Patch(facecolor=LEVEL_RGB[lv % len(LEVEL_RGB)], edgecolor="0.5", label=f"level {lv}")
+        for lv in range(num_levels)
+    ]
+    return levels + [Patch(facecolor=ABSTAIN_RGB, edgecolor="0.5", label="abstain")]
+
+
 def plot_levels(rows: pd.DataFrame, point: Any, *, palette: Sequence[str] | None = None) -> Figure:
     """One image's hierarchical certificate: a row per vote row (method, sigma): ground truth | SegCertify's
     certified map at the point's tau, alpha, correction | the hierarchical map coloured by the level each
     certified pixel got (``LEVEL_RGB``; abstain white, ignore black). ``point``: a ``HierarchicalParams``;
     ``rows``: ``load_votes`` rows of one image with the hierarchy columns."""
-    from ray_certseg.certify import certify
     from ray_certseg.certify.hierarchical import certify_hierarchical
 
     rows = rows.sort_values(["method", "sigma"])
@@ -576,9 +592,8 @@ def plot_levels(rows: pd.DataFrame, point: Any, *, palette: Sequence[str] | None
             ax.set_axis_off()
         ax_row[0].text(-0.05, 0.5, f"{row.method}\nsigma={row.sigma:g}", transform=ax_row[0].transAxes,
                        ha="right", va="center", fontsize="small")  # fmt: skip
-    levels = [Patch(facecolor=c, edgecolor="0.5", label=f"level {lv}") for lv, c in enumerate(LEVEL_RGB[:3])]
-    fig.legend(handles=levels + [Patch(facecolor=ABSTAIN_RGB, edgecolor="0.5", label="abstain")],
-               loc="outside lower center", ncols=4, fontsize="small", frameon=False)  # fmt: skip
+    legend = level_legend(cert.hierarchy.num_levels)
+    fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize="small", frameon=False)
     fig.suptitle(f"{rows.iloc[0]['image_id']}: thresholds {list(point.thresholds)}, tau={point.tau:g}, "
                  f"alpha={point.alpha:g}, {point.correction}", fontsize="small")  # fmt: skip
     return fig
@@ -599,9 +614,9 @@ def _write_levels(
     if not found:
         return []
     columns = analysis.CERTIFY_COLUMNS + ["margin", "c_hat_levels", "k_levels"]
-    frame = analysis.load_votes(run, columns=columns, image_ids=ids)
     written = []
-    for image_id in ids:
-        fig = plot_levels(frame[frame["image_id"] == image_id], found[0].params, palette=palette_of(cfg))
+    for image_id in ids:  # one image's rows at a time
+        rows = analysis.load_votes(run, columns=columns, image_ids=[image_id])
+        fig = plot_levels(rows, found[0].params, palette=palette_of(cfg))
         written.append(_save(fig, run, "examples", f"{image_id}_levels.png"))
     return written

@@ -18,12 +18,13 @@ engine, writes byte-identical files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
 import posixpath
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -140,12 +141,8 @@ def record_columns(points: Sequence[certify.Point]) -> list[str]:
 
 
 def certify_table(table: pa.Table, grid: Grid | Sequence[certify.Point]) -> pa.Table:
-    """Vote rows (Arrow) -> per-image records (Arrow). The unit of work of the reducer, in or out of Ray."""
-    points = tuple(grid)
-    rows = [
-        r for rec in votes.read_votes(table, columns=record_columns(points)) for r in image_rows(rec, points)
-    ]
-    return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
+    """Vote rows (Arrow) -> per-image records (Arrow): :class:`GridRecords` of the grid on one table."""
+    return GridRecords(grid)(table)
 
 
 CHUNK_BYTES = 64 * 1024**2
@@ -216,26 +213,43 @@ def plan_votes(fs: Any, paths: Sequence[str], records_per_row: int) -> VotePlan:
     return VotePlan(files, aggregate.left_out(keys[~dup]), widest)
 
 
+class Records(Protocol):
+    """A map from vote rows to per-image records (:class:`GridRecords`, ``analysis.CurveRecords``): the map of
+    the one chunked path (:func:`fold`)."""
+
+    columns: list[str]  # the vote array columns it reads
+    per_row: int  # records per vote row, for the chunk size
+
+    def from_records(self, recs: Iterable[votes.VoteRecord]) -> pa.Table: ...
+
+    def __call__(self, table: pa.Table) -> pa.Table: ...
+
+
 class GridRecords:
-    """Vote rows (Arrow) -> their per-image records at every point of a grid (:func:`certify_table`); the
-    vote columns it reads in ``columns``. The map of the reducer (``analysis`` has one for its curves)."""
+    """Vote rows -> their per-image records at every point of a grid (:func:`image_rows`); the vote columns
+    it reads in ``columns``. The map of the reducer, of ``recertify`` and of the threshold sweep."""
 
     def __init__(self, grid: Grid | Sequence[certify.Point]):
         self.points = tuple(grid)
         self.columns = record_columns(self.points)
         self.per_row = len(self.points)
 
+    def from_records(self, recs: Iterable[votes.VoteRecord]) -> pa.Table:
+        rows = [r for rec in recs for r in image_rows(_require_maps(rec, self.columns), self.points)]
+        return pa.Table.from_pylist(rows, schema=PER_IMAGE_SCHEMA)
+
     def __call__(self, table: pa.Table) -> pa.Table:
-        return certify_table(table, self.points)
+        return self.from_records(votes.read_votes(table, columns=self.columns))
 
 
-class Records(Protocol):
-    """A map from vote rows to per-image records (:class:`GridRecords`, ``analysis.CurveRecords``)."""
-
-    columns: list[str]  # the vote array columns it reads
-    per_row: int  # records per vote row, for the chunk size
-
-    def __call__(self, table: pa.Table) -> pa.Table: ...
+def _require_maps(rec: votes.VoteRecord, columns: Sequence[str]) -> votes.VoteRecord:
+    absent = [c for c in columns if c in ("label", "c_hat", "k", "clean_pred") and getattr(rec, c) is None]
+    if absent:
+        raise ValueError(
+            f"vote row {rec.image_id}/{rec.method}/sigma={rec.sigma} has no {absent}: load the votes with "
+            f"columns including {[c for c in columns if c in votes.ARRAY_COLUMNS]}"
+        )
+    return rec
 
 
 def plan_run(run: RunDir, records_per_row: int) -> VotePlan:
@@ -304,6 +318,97 @@ def chunks(run: RunDir, plan_: VotePlan, records: Records, engine: str = "local"
             yield block.cast(PER_IMAGE_SCHEMA)
     finally:
         context.execution_options.preserve_order = kept
+
+
+@dataclass
+class FramePlan(VotePlan):
+    """:class:`VotePlan` of vote rows already in memory (a ``load_votes`` DataFrame): the rows, deduplicated."""
+
+    frame: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+    chunk_rows: int = 1
+
+
+def plan_frame(frame: pd.DataFrame, records_per_row: int) -> FramePlan:
+    """:func:`plan_votes` for a DataFrame of vote rows: duplicated (image, method, sigma) rows counted once (the
+    first), the like-for-like left-outs from the keys, and chunks of about CHUNK_BYTES of maps and records."""
+    if not len(frame):
+        return FramePlan([], aggregate.left_out(pd.DataFrame(columns=KEY_COLUMNS)), 1, frame, 1)
+    dup = frame.duplicated(aggregate.ROW).to_numpy()
+    if dup.any():
+        log.warning("%d duplicated vote rows (same image, method, sigma) ignored", int(dup.sum()))
+    frame = frame[~dup]
+    widest = int(frame["num_classes"].max())
+    first = frame.iloc[0]
+    row_bytes = sum(getattr(first[c], "nbytes", 0) for c in votes.ARRAY_COLUMNS if c in frame.columns)
+    rows = max(
+        1, min(MAX_CHUNK_ROWS, int(CHUNK_BYTES // (row_bytes + records_per_row * record_bytes(widest))))
+    )
+    return FramePlan([], aggregate.left_out(frame[KEY_COLUMNS]), widest, frame, rows)
+
+
+def source_files(run: RunDir) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem, vote files) of an output folder (its ``votes/``), a votes folder or one file."""
+    source = run.votes if not run.url.endswith(".parquet") and run.exists(rundir.VOTES) else run.url
+    fs, files = votes.parquet_files(source, storage_options=run.storage_options)
+    if not files:
+        raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
+    return fs, files
+
+
+VoteSource = RunDir | str | pd.DataFrame
+"""Where a results step reads vote rows from: an output folder, a votes folder or one vote file (local or
+``s3://``), read file by file and chunk by chunk; or a ``load_votes`` DataFrame already in memory."""
+
+
+def plan_source(source: VoteSource, records_per_row: int) -> VotePlan:
+    """The first pass of :func:`fold` (:func:`plan_votes` or :func:`plan_frame`): keys only, never maps."""
+    if isinstance(source, pd.DataFrame):
+        return plan_frame(source, records_per_row)
+    run = RunDir.of(source)
+    fs, files = source_files(run)
+    with run.io():
+        return plan_votes(fs, files, records_per_row)
+
+
+def source_chunks(
+    source: VoteSource, plan_: VotePlan, records: Records, engine: str = "local"
+) -> Iterator[pa.Table]:
+    """The per-image records of every planned vote row, chunk by chunk (:func:`chunks` for files)."""
+    if isinstance(plan_, FramePlan):
+        frame = plan_.frame
+        for start in range(0, len(frame), plan_.chunk_rows):
+            yield records.from_records(votes.records_of(frame.iloc[start : start + plan_.chunk_rows]))
+        return
+    yield from chunks(RunDir.of(source), plan_, records, engine)
+
+
+def fold(
+    source: VoteSource,
+    records: Records,
+    *,
+    pooling: str = "common",
+    engine: str = "local",
+    splits: Mapping[str, Callable[[pa.Table], pa.Array] | None] | None = None,
+    each: Callable[[pa.Table], None] | None = None,
+    plan_: VotePlan | None = None,
+) -> tuple[dict[str, aggregate.Pool], VotePlan]:
+    """The one chunked path from stored votes to dataset rows, which every results step takes (the reducer,
+    ``recertify``, the curves, the threshold sweep, the plots, the report): the keys of every vote row first
+    (:func:`plan_source`: duplicates, like-for-like left-outs), then the records of ``records`` chunk by chunk,
+    each chunk passed to ``each`` (e.g. a file writer) and folded into one :class:`ray_certseg.aggregate.Pool`
+    per split. Memory: one chunk, the keys and the pools' sums, never every vote row.
+
+    ``splits``: name -> a mask of the chunk's records to pool there (None: all); default one split ``all``.
+    ``plan_``: the first pass, when the caller made it already. Returns (the pools by split name, the plan)."""
+    plan_ = plan_ if plan_ is not None else plan_source(source, records.per_row)
+    splits = splits if splits is not None else {"all": None}
+    pools = {name: aggregate.Pool(pooling, plan_.left_out) for name in splits}
+    for chunk in source_chunks(source, plan_, records, engine):
+        if each is not None:
+            each(chunk)
+        for name, mask in splits.items():
+            pools[name].add(chunk if mask is None else chunk.filter(mask(chunk)))
+    return pools, plan_
 
 
 class PerImageWriter:
@@ -412,6 +517,69 @@ def left_out_markdown(left: pd.DataFrame | None, metrics: pd.DataFrame) -> str:
         "\n\n**Like for like**: per dataset and sigma, every method is pooled over the images that all "
         f"methods have; {len(left)} (image, sigma) pairs left out because a method's row is missing "
         "(`ray-certseg reduce OUT --all-rows` pools everything):\n" + "\n".join(lines)
+    )
+
+
+HEADLINE_COLUMNS = ["certified_accuracy", "certified_error", "miou", "worst_miou", "abstain_rate"]
+
+
+def headline_markdown(metrics: pd.DataFrame, grid: Grid, methods: Sequence[str] = (), errors: int = 0) -> str:
+    """The table printed at the end of a run: per method and sigma, at the grid's first point (its first
+    procedure, first tau, alpha and correction), certified accuracy and error, mIoU, worst-case mIoU and
+    abstain rate; then one line per other procedure comparing its mean abstain rate and CIG with the first's
+    at the same tau, alpha and correction. ``methods``: the order to show them in (the config's)."""
+    if metrics.empty:
+        return "No vote rows to certify." + (f" {errors} rows failed: see errors.parquet." if errors else "")
+    points = grid.points()
+    first = points[0]
+    base = _at_point(metrics, first)
+    order = {m: i for i, m in enumerate(methods)}
+    base = base.sort_values(
+        ["dataset", "sigma", "method"], key=lambda c: c.map(order) if c.name == "method" and order else c
+    )
+    several = base["dataset"].nunique() > 1
+    shared = {k: v for k, v in first.params.model_dump().items() if k in POINT_COLUMNS}
+    where = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in shared.items())
+    infeasible = base.get("infeasible_images", pd.Series(0, index=base.index))
+    lines = [
+        f"{first.procedure.name}{f' ({where})' if where else ''}, the first point of the grid:",
+        "",
+        "| " + " | ".join(["dataset"] * several + ["sigma", "radius", "method", *HEADLINE_COLUMNS]) + " |",
+        "|" + "---|" * (several + 3 + len(HEADLINE_COLUMNS)),
+    ]
+    for (_, row), bad in zip(base.iterrows(), infeasible):
+        cells = [row["dataset"]] * several + [f"{row['sigma']:g}", f"{row['radius']:.3f}", row["method"]]
+        cells += [f"{row[c]:.3f}" for c in HEADLINE_COLUMNS]
+        if bad:
+            cells[-len(HEADLINE_COLUMNS)] += f" ({bad} of {row['images']} images infeasible)"
+        lines.append("| " + " | ".join(cells) + " |")
+    comparisons = [line for point in points[1:] if (line := _comparison(metrics, base, first, point))]
+    lines += [""] + comparisons if comparisons else []
+    if errors:
+        lines.append(f"\n**{errors} (image, method, sigma) rows failed**: see errors.parquet.")
+    return "\n".join(lines)
+
+
+def _at_point(metrics: pd.DataFrame, point: certify.Point) -> pd.DataFrame:
+    return metrics[(metrics["procedure"] == point.procedure.name) & (metrics["params"] == point.key)]
+
+
+def _comparison(metrics: pd.DataFrame, base: pd.DataFrame, first: certify.Point, point: certify.Point) -> str:
+    """One line: ``point``'s mean abstain rate and CIG against the first point's, over the (dataset, method,
+    sigma) rows both have; empty for a point of the first procedure or with other shared parameters."""
+    shared = lambda p: {k: v for k, v in p.params.model_dump().items() if k in POINT_COLUMNS}
+    if point.procedure.name == first.procedure.name or shared(point) != shared(first):
+        return ""
+    keys = ["dataset", "method", "sigma"]
+    both = base.merge(_at_point(metrics, point), on=keys, suffixes=("", "_other"))
+    if both.empty:
+        return ""
+    a, b = both["abstain_rate"].mean(), both["abstain_rate_other"].mean()
+    change = f" ({(b - a) / a:+.1%})" if a > 0 else ""
+    return (
+        f"- {point.procedure.name} {_shown_params(point.procedure.name, point.key)} vs {first.procedure.name}, "
+        f"mean of {len(both)} method x sigma rows: abstain rate {a:.3f} -> {b:.3f}{change}, "
+        f"CIG {both['cig'].mean():.3f} -> {both['cig_other'].mean():.3f}"
     )
 
 
@@ -536,13 +704,41 @@ class ReduceResult:
         return self._per_image
 
 
-def reduction_name(grid: Grid) -> str:
-    """A folder name for a re-reduction: ``tau0.6-0.75_alpha0.001_holm-bonferroni``, followed by the
-    procedures' names when they are not SegCertify alone (``..._segcertify-threshold``)."""
+def grid_record(grid: Grid, pooling: str = "common") -> dict[str, Any]:
+    """What a reduction certified: every point (procedure name and canonical params) and the pooling; two
+    reductions with equal records have equal rows."""
+    return {"points": [[p.procedure.name, p.key] for p in grid.points()], "pooling": pooling}
+
+
+def reduction_name(grid: Grid, pooling: str = "common") -> str:
+    """A folder name for a re-reduction, readable and unique per grid: ``tau0.6-0.75_alpha0.001_holm-bonferroni``,
+    followed by the procedures' names when they are not SegCertify alone (``..._segcertify-hierarchical``),
+    ``_all-rows`` for ``pooling="all"``, and the first 8 hex digits of the sha256 of :func:`grid_record`
+    (so thresholds or other procedure parameters that the readable part omits still give another folder)."""
     join = lambda values: "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
     name = f"tau{join(grid.taus)}_alpha{join(grid.alphas)}_{join(grid.corrections)}"
     procedures = list(dict.fromkeys(p.procedure.name for p in grid.points()))
-    return name if procedures == ["segcertify"] else f"{name}_{join(procedures)}"
+    if procedures != ["segcertify"]:
+        name += f"_{join(procedures)}"
+    if pooling == "all":
+        name += "_all-rows"
+    digest = hashlib.sha256(json.dumps(grid_record(grid, pooling), sort_keys=True).encode()).hexdigest()
+    return f"{name}_{digest[:8]}"
+
+
+def check_reduction_folder(run: RunDir, into: str, record: dict[str, Any]) -> None:
+    """Refuse to reduce into ``<into>/`` (a re-reduction's folder, never the run's own metrics/) when it
+    holds a reduction of another grid, or files without a record of their grid: the new rows would replace
+    rows that were not theirs."""
+    if into == rundir.METRICS or not run.files(into, suffix=""):
+        return
+    found = run.read_json(into, rundir.INPUTS).get("grid") if run.exists(into, rundir.INPUTS) else None
+    if found != json.loads(json.dumps(record)):
+        what = "another grid" if found is not None else "files without a record of their grid"
+        raise ValueError(
+            f"{run.path(into)} holds {what}; reducing there would replace its rows. Pass --name NAME "
+            "to write this reduction to reductions/NAME, or remove that folder"
+        )
 
 
 def grid_from_output(run: RunDir | str, taus, alphas, corrections, procedures=None) -> Grid:
@@ -597,18 +793,20 @@ def reduce_output(
         import sys
 
         engine = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
+    record = grid_record(grid, pooling)
+    check_reduction_folder(run, into, record)
+    if run.exists(into, rundir.INPUTS):  # what is about to change no longer holds until rewritten below
+        run.remove(into, rundir.INPUTS)
     records = GridRecords(grid)
     plan_ = plan_run(run, records.per_row)
-    acc = aggregate.Pool(pooling, plan_.left_out)
     group_rows = max(64, PER_IMAGE_GROUP_BYTES // record_bytes(plan_.widest))
     with run.io(into):
         writer = PerImageWriter(run, into, group_rows)
         try:
-            for chunk in chunks(run, plan_, records, engine):
-                writer.write(chunk)
-                acc.add(chunk)
+            pools, _ = fold(run, records, pooling=pooling, engine=engine, each=writer.write, plan_=plan_)
         finally:
             writer.close()
+    acc = pools["all"]
     if errors is None and run.exists(rundir.ERRORS):
         errors = run.read_table(rundir.ERRORS)
     metrics = acc.metrics() if not acc.empty else pd.DataFrame(columns=aggregate.KEY)
@@ -617,6 +815,7 @@ def reduce_output(
         summary_markdown(metrics, errors.num_rows if errors is not None else 0, left), errors
     )
     write_metrics(run, None, metrics, summary, into=into)
+    run.write_json(inputs_of(run, grid, pooling), into, rundir.INPUTS)
     per_image = lambda: aggregate.canonical_order(run.read_table(into, "per_image.parquet").to_pandas())
     return ReduceResult(per_image, metrics, summary, left)
 
@@ -641,31 +840,43 @@ def reduce_table(
     return ReduceResult(per_image, metrics, summary, left)
 
 
-def inputs_of(run: RunDir, config: dict[str, Any]) -> dict[str, Any]:
-    """What a run's metrics and plots are a function of: this package's version, the job config (without its
-    ``ray`` resources, which change no result), and the vote files and errors.parquet by path and size (one
-    listing). A vote file is written once and never changed, so equal listings mean equal votes."""
+def inputs_of(run: RunDir, grid: Grid | None = None, pooling: str = "common") -> dict[str, Any]:
+    """What a reduction of the run (and the plots drawn from it) is a function of: this package's version,
+    the recorded job config (``config.json``, without its ``ray`` resources, which change no result), the
+    grid certified (:func:`grid_record`; default: the config's), and the vote files and errors.parquet by path
+    and size (one listing). A vote file is written once and never changed, so equal listings mean equal votes."""
     from ray_certseg import __version__
 
-    return {
-        "version": __version__,
-        "config": {k: v for k, v in config.items() if k not in ("ray", "output", "storage_options")},
-        "vote_files": run.sizes(rundir.VOTES),
-        "errors": run.size(rundir.ERRORS),
-    }
+    config = run.read_json(rundir.CONFIG) if run.exists(rundir.CONFIG) else {}
+    grid = grid if grid is not None else grid_from_output(run, None, None, None)
+    return json.loads(
+        json.dumps(
+            {
+                "version": __version__,
+                "config": {k: v for k, v in config.items() if k not in ("ray", "output", "storage_options")},
+                "grid": grid_record(grid, pooling),
+                "vote_files": run.sizes(rundir.VOTES),
+                "errors": run.size(rundir.ERRORS),
+            }
+        )
+    )
 
 
 def is_current(run: RunDir, inputs: dict[str, Any]) -> bool:
-    """Whether metrics/ and plots/ exist and were made from exactly ``inputs`` (:func:`record_inputs`)."""
-    wanted = ((rundir.METRICS, rundir.INPUTS), (rundir.METRICS, "summary.md"), (rundir.PLOTS,))
+    """Whether metrics/ (its summary too) and plots/ were both made from exactly ``inputs``: reduce_output
+    records what metrics/ was made from in ``metrics/inputs.json``, and the plots copy that record to
+    ``plots/inputs.json`` once drawn (:func:`record_plotted`). A ``reduce --replace-metrics`` with another
+    grid, new votes, or plots that failed leave the two unequal to the config's inputs."""
+    wanted = ((rundir.METRICS, rundir.INPUTS), (rundir.METRICS, "summary.md"), (rundir.PLOTS, rundir.INPUTS))
     if not all(run.exists(*parts) for parts in wanted):
         return False
-    return run.read_json(rundir.METRICS, rundir.INPUTS) == json.loads(json.dumps(inputs))
+    return all(run.read_json(part, rundir.INPUTS) == inputs for part in (rundir.METRICS, rundir.PLOTS))
 
 
-def record_inputs(run: RunDir, inputs: dict[str, Any]) -> None:
-    """Note that metrics/ and plots/ now reflect ``inputs``; written last, after both."""
-    run.write_json(inputs, rundir.METRICS, rundir.INPUTS)
+def record_plotted(run: RunDir) -> None:
+    """Note that plots/ now shows what metrics/ holds (its ``inputs.json``, copied); written last."""
+    if run.exists(rundir.METRICS, rundir.INPUTS):
+        run.write_json(run.read_json(rundir.METRICS, rundir.INPUTS), rundir.PLOTS, rundir.INPUTS)
 
 
 def write_metrics(

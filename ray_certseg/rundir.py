@@ -31,9 +31,7 @@ from ray_certseg import storage
 
 CONFIG, VOTES, ERROR_PARTS, ERRORS, PARTIAL = "config.json", "votes", "_errors", "errors.parquet", "_partial"
 METRICS, PLOTS, REPORT = "metrics", "plots", "report.md"
-INPUTS = (
-    "inputs.json"  # metrics/inputs.json: what metrics/ and plots/ were made from (a no-op rerun skips both)
-)
+INPUTS = "inputs.json"  # what metrics/ (or a reduction) and plots/ were made from: a no-op rerun skips both
 
 
 @dataclass(frozen=True)
@@ -106,6 +104,12 @@ class RunDir:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         storage.write_bytes(self.path(*parts), data, self.storage_options)
+
+    def remove(self, *parts: str) -> None:
+        """Delete the file at ``parts``."""
+        fs, path = self.filesystem(*parts)
+        with storage.translate_errors(self.path(*parts), self.storage_options):
+            fs.rm(path)
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))

@@ -373,6 +373,19 @@ def read_votes(
     return records
 
 
+RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(VoteRecord))
+
+
+def records_of(frame: Any) -> Iterable[VoteRecord]:
+    """The rows of a DataFrame of vote rows (``analysis.load_votes``'s columns) as VoteRecords, their arrays
+    shared, never copied."""
+    missing = [c for c in RECORD_FIELDS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"votes DataFrame lacks column(s) {missing}: pass the result of load_votes(...)")
+    for row in frame[list(RECORD_FIELDS)].itertuples(index=False, name=None):
+        yield VoteRecord(*(v.item() if isinstance(v, np.generic) else v for v in row))
+
+
 def _file_versions(fs: Any, file: str) -> set[int]:
     """The schema version(s) of one file: its metadata, else the distinct values of its column."""
     schema = pq.read_schema(file, filesystem=fs)

@@ -362,3 +362,32 @@ def test_a_plotting_failure_never_fails_the_job(job, monkeypatch, caplog):
         "plots not written" in r.getMessage() and "no display today" in r.getMessage() for r in caplog.records
     )
     assert (job["out"] / "metrics" / "metrics.parquet").exists()
+
+
+class MapReads:
+    """Spy on ``votes.read_votes``: the number of vote rows each call decodes maps for."""
+
+    def __init__(self, monkeypatch):
+        self.rows: list[int] = []
+        real = votes.read_votes
+
+        def spy(source, **kwargs):
+            out = real(source, **kwargs)
+            if kwargs.get("columns") is None or list(kwargs["columns"]):
+                self.rows.append(len(out))
+            return out
+
+        monkeypatch.setattr(votes, "read_votes", spy)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_plots_and_report_read_the_votes_a_chunk_or_one_strip_at_a_time(job, monkeypatch):
+    """Every reader of stored votes takes the chunked path: with chunks of one vote row, drawing every plot
+    again and writing the report decode the maps of at most one image's rows at once (an example strip: 2
+    methods x 2 sigmas), never the run's 16 rows."""
+    monkeypatch.setattr(reduce, "CHUNK_BYTES", 1)  # one vote row per chunk
+    reads = MapReads(monkeypatch)
+    assert cli.main(["report", str(job["out"]), "--replot"]) == 0
+    assert reads.rows and max(reads.rows) <= 4
+    assert sum(n == 1 for n in reads.rows) >= 16  # the curves went through the vote rows one at a time

@@ -302,7 +302,7 @@ def test_the_job_stores_every_level_and_the_reducer_certifies_both_procedures(tm
     # from the stored votes, by the CLI: other threshold functions (the run's hierarchy), and the sweep
     out = str(tmp_path / "out")
     assert cli.main(["reduce", out, "--procedure", "hierarchical", "--thresholds", "0.5,0", "1,0"]) == 0
-    folder = tmp_path / "out" / "reductions" / "tau0.6_alpha0.1_holm-bonferroni_hierarchical"
+    (folder,) = (tmp_path / "out" / "reductions").glob("tau0.6_alpha0.1_holm-bonferroni_hierarchical_*")
     again = pd.read_parquet(folder / "metrics.parquet")
     assert {tuple(json.loads(p)["thresholds"]) for p in again["params"]} == {(0.5, 0.0), (1.0, 0.0)}
     assert cli.main(["sweep", out, "--thresholds", "0,0", "0.5,0", "--tau", "0.6", "--alpha", "0.1"]) == 0
@@ -349,3 +349,20 @@ def test_choosing_the_level_from_s_fails_under_holm_where_s0_holds():
     assert not by_correction["holm"].passed, wrong.to_markdown()
     assert by_correction["holm"].rate > 0.5
     assert by_correction["bonferroni"].passed
+
+
+@pytest.mark.parametrize(("tree", "levels"), [("demo", 3), ("pascal_context59", 4), ("cityscapes", 3)])
+def test_the_levels_picture_has_a_legend_entry_for_every_level_of_its_hierarchy(tree, levels):
+    """plots/examples/*_levels.png: pascal_context59 has 4 levels (the legend used to stop at 3); each gets one."""
+    import pandas as pd
+
+    from ray_certseg import plots
+
+    h = hierarchy.load(tree)
+    assert h.num_levels == levels
+    rec = _record(3, h)
+    frame = pd.DataFrame([{f: getattr(rec, f) for f in rec.__dataclass_fields__}])
+    point = HierarchicalParams(hierarchy=tree, thresholds=(0.9,) * (levels - 1) + (0,), tau=0.6, alpha=0.05)
+    fig = plots.plot_levels(frame, point)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [f"level {lv}" for lv in range(levels)] + ["abstain"]

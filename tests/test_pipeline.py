@@ -197,12 +197,10 @@ def test_reduce_cli_recertifies_at_another_tau(world, tmp_path, ray_session):
     own = (out / "metrics" / "metrics.parquet").read_bytes()
     assert cli.main(["reduce", str(out), "--tau", "0.9", "--alpha", "0.1"]) == 0
     assert (out / "metrics" / "metrics.parquet").read_bytes() == own  # the run's own rows stay
-    after = pq.read_table(
-        out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni" / "metrics.parquet"
-    ).to_pandas()
-    pd.testing.assert_frame_equal(
-        after, analysis.load_metrics(str(out / "reductions" / "tau0.9_alpha0.1_holm-bonferroni"))
-    )
+    (folder,) = (out / "reductions").iterdir()
+    assert folder.name.startswith("tau0.9_alpha0.1_holm-bonferroni_")  # then the grid's short hash
+    after = pq.read_table(folder / "metrics.parquet").to_pandas()
+    pd.testing.assert_frame_equal(after, analysis.load_metrics(str(folder)))
     assert set(after["tau"]) == {0.9}
     assert (after["radius"] > before["radius"].max()).all()
     # a higher tau can only certify fewer pixels
@@ -440,3 +438,84 @@ def test_a_failed_row_logs_its_own_traceback(world, tmp_path, monkeypatch, caplo
     text = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
     assert "Traceback" in text and "broken_sample" in text and "out of device memory" in text
     assert "NoneType: None" not in text
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run_and_deletes_nothing(world, tmp_path, capsys):
+    """``--output ~/data --overwrite`` by a slip: a non-empty folder without config.json or votes/ is refused
+    with one line and exit 2, before Ray, and every file in it stays."""
+    data = tmp_path / "out"
+    (data / "photos").mkdir(parents=True)
+    (data / "photos" / "holiday.jpg").write_bytes(b"precious")
+    (data / "notes.txt").write_text("keep me")
+    code, _, _ = run(world, tmp_path, extra=["--overwrite"])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "neither a run folder" in err[0] and "nothing was removed" in err[0]
+    assert (data / "photos" / "holiday.jpg").read_bytes() == b"precious"
+    assert (data / "notes.txt").read_text() == "keep me"
+    assert not (data / "config.json").exists()
+
+
+def test_overwrite_may_remove_a_run_folder_or_an_empty_one(world, tmp_path):
+    """What --overwrite may remove: a folder with config.json (a run's, even without votes yet), one with
+    votes/, and an empty one; the check itself runs before anything is written."""
+    cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], tmp_path / "out"))
+    out = tmp_path / "out"
+    for marker in ("config.json", "votes", None):
+        out.mkdir()
+        if marker == "config.json":
+            (out / marker).write_text("{}")
+        elif marker == "votes":
+            (out / marker).mkdir()
+        if marker is not None:
+            (out / "leftover.txt").write_text("from an earlier run")
+        pipeline.prepare_output(cfg, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # removed, then this run's config
+        shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("recorded", [{"dataset": {}, "methods": {}}, ["not", "a", "config"], {}])
+def test_resume_into_a_foreign_or_old_config_json_names_the_problem(recorded):
+    """A config.json without the sections resuming compares (here: no models) is one clear sentence naming
+    what is missing and the fix, not ``error: 'models'``."""
+    cfg = JobConfig.from_dict(
+        jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o"))
+    )
+    with pytest.raises(ValueError, match=r"config.json lacks .*models.*--overwrite to start over"):
+        pipeline.check_resumable(recorded, cfg.to_dict())
+
+
+def test_progress_counts_rows_before_the_first_vote_file_lands(world, tmp_path, ray_session):
+    """A piped run's progress line counts rows as the actors finish them (a RowCounter actor), not as vote
+    files land: with every image in one Ray batch (one file at the end), a line with rows > 0 is logged while
+    votes/ still holds no file."""
+    import logging
+    import re
+
+    seen: list[tuple[int, int]] = []  # (rows in the line, vote files at that moment)
+    out = tmp_path / "out"
+
+    class Snapshot(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = re.match(r"progress: (\d+)/", record.getMessage())
+            if match:
+                files = list((out / "votes").glob("*.parquet")) if (out / "votes").exists() else []
+                seen.append((int(match.group(1)), len(files)))
+
+    handler, logger = Snapshot(), logging.getLogger("ray_certseg")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        code, _, _ = run(
+            world,
+            tmp_path,
+            extra=["--set", "ray.batch_size=3", "--set", "dataset.limit=3", "--progress-interval", "0.2"],
+            n=60,  # about a second per image here: several lines while the one batch samples
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert code == 0
+    assert any(rows > 0 and files == 0 for rows, files in seen), seen
+    assert all(rows <= 12 for rows, _ in seen)  # 3 images x 2 methods x 2 sigmas (the world's 4th is corrupt)

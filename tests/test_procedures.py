@@ -134,7 +134,7 @@ def test_the_cli_reduces_at_a_procedure_given_as_yaml(output):
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    folder = output / "reductions" / "tau0.6_alpha0.1_holm_segcertify-toy-threshold"
+    (folder,) = (output / "reductions").glob("tau0.6_alpha0.1_holm_segcertify-toy-threshold_*")  # + hash
     metrics = pd.read_parquet(folder / "metrics.parquet")
     assert metrics["procedure"].tolist() == ["segcertify", "toy-threshold"]
     assert '| toy-threshold | {"min_votes": 35} |' in done.stdout
