@@ -150,8 +150,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"(metrics.csv, metrics.parquet, per_image.parquet, summary.md)\n"
         f"errors:  {run.path(rundir.ERRORS)} ({errors.num_rows} failed rows)"
     )
-    headline = lambda metrics: reduce.headline_markdown(
-        metrics, reduce.grid_from_output(run, None, None, None), list(cfg.methods), errors.num_rows
+    headline = lambda metrics: reduce.with_errors(  # the failed rows next to the numbers they miss
+        reduce.headline_markdown(
+            metrics, reduce.grid_from_output(run, None, None, None), list(cfg.methods), errors.num_rows
+        ),
+        errors,
     )
     if not job_plan.pending and reduce.is_current(run, inputs):  # a finished job rerun: nothing to redo
         log.info(

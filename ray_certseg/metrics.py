@@ -337,3 +337,21 @@ def level_stats(
         certified=count(is_cert),
         wrong=count(is_cert & ~correct),
     )
+
+
+def flat_level_stats(confusion: np.ndarray) -> LevelStats:
+    """:func:`level_stats` of a flat certificate (level 0 everywhere, every node one class) from its
+    (C+1) x (C+1) confusion matrix alone, without another pass over the pixels: the labelled pixels are the
+    matrix's sum, the correct ones its diagonal over the C classes, the certified ones its first C columns;
+    each correct pixel gains log C - log 1 (summed as the per-pixel pass sums them, so the float is the same)."""
+    C = confusion.shape[0] - 1
+    labelled, correct = int(confusion.sum()), int(np.trace(confusion[:C, :C]))
+    certified = int(confusion[:, :C].sum())
+    return LevelStats(
+        num_labelled=labelled,
+        num_correct=correct,
+        info_gain=float(np.full(correct, math.log(C) - np.log(1.0)).sum()),
+        pixels=np.array([labelled], dtype=np.int64),
+        certified=np.array([certified], dtype=np.int64),
+        wrong=np.array([certified - correct], dtype=np.int64),
+    )

@@ -581,10 +581,13 @@ def plot_levels(rows: pd.DataFrame, point: Any, *, palette: Sequence[str] | None
         by_level[cert.labels == ABSTAIN] = ABSTAIN_RGB
         by_level[np.asarray(row.label) == ignore] = IGNORE_RGB
         abstain = [float(np.mean(m == ABSTAIN)) for m in (seg.labels, cert.labels)]
+        # every s-th pixel, s = ceil(max(H, W) / MAX_PANEL_SIDE), as the example strips: a 1024 x 2048
+        # panel would be a 50 MB float image for a picture drawn a few hundred pixels wide
+        s = slice(None, None, -(-max(row.label.shape) // MAX_PANEL_SIDE))
         panels = (
-            (colourize(row.label, C, ignore, palette), "ground truth"),
-            (colourize(seg.labels, C, ignore, palette), f"segcertify: {abstain[0]:.0%} abstain"),
-            (by_level, f"hierarchical by level: {abstain[1]:.0%} abstain"),
+            (colourize(row.label[s, s], C, ignore, palette), "ground truth"),
+            (colourize(seg.labels[s, s], C, ignore, palette), f"segcertify: {abstain[0]:.0%} abstain"),
+            (by_level[s, s], f"hierarchical by level: {abstain[1]:.0%} abstain"),
         )
         for ax, (panel, title) in zip(ax_row, panels):
             ax.imshow(panel, interpolation="nearest")

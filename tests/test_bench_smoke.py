@@ -237,3 +237,12 @@ def test_votes_quick_runs_and_reports_efficiency(capsys):
         assert positive(bare) and positive(total) and positive(efficiency)
     gb_before, gb_now = (float(v) for v in re.findall(r"([0-9.]+) GB", out))
     assert gb_now < gb_before  # one read of the logits instead of three passes
+
+
+def test_results_quick_runs_every_step_of_the_results_stage(capsys):
+    assert load("results").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    steps = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:2][-1:] == ["now"]}
+    assert set(steps) == {"reduce", "plots", "sweep", "report", "recertify"}
+    for name, cells in steps.items():  # wall s, peak RSS MiB, I/O floor s, wall / floor
+        assert finite(float(cells[2])) and positive(float(cells[3])), name

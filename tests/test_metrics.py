@@ -247,3 +247,28 @@ def test_worst_case_bounds_are_the_minimum_over_every_outcome_of_the_abstentions
         assert m.worst_iou[c] == pytest.approx(min(o[1 + c][0] for o in outcomes))
         assert m.worst_dice[c] == pytest.approx(min(o[1 + c][1] for o in outcomes))
         assert m.worst_iou[c] <= m.iou[c] and m.worst_dice[c] <= m.dice[c]
+
+
+def test_flat_level_stats_from_the_confusion_equal_the_per_pixel_pass():
+    """The reducer's shortcut for a flat certificate gives the very numbers (the float gain to the bit) of
+    level_stats over the pixels, ignore labels and abstentions included."""
+    from ray_certseg.metrics import confusion_matrix, flat_level_stats, level_stats
+
+    rng = np.random.default_rng(3)
+    for C in (2, 7, 19):
+        label = rng.integers(0, C, (40, 50)).astype(np.uint8)
+        label[rng.random(label.shape) < 0.1] = 255
+        pred = np.where(rng.random(label.shape) < 0.7, label, rng.integers(0, C, label.shape)).astype(
+            np.int16
+        )
+        pred[rng.random(label.shape) < 0.2] = ABSTAIN
+        pred[label == 255] = np.where(rng.random(label.shape) < 0.5, 0, ABSTAIN)[label == 255]
+        want = level_stats(label, pred, None, np.arange(C)[None], np.ones((1, C), dtype=np.int64), 255)
+        got = flat_level_stats(confusion_matrix(label, pred, C, 255))
+        assert (got.num_labelled, got.num_correct, got.info_gain) == (
+            want.num_labelled,
+            want.num_correct,
+            want.info_gain,
+        )
+        for name in ("pixels", "certified", "wrong"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))

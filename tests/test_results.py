@@ -177,3 +177,43 @@ def test_every_consumer_of_a_path_reads_one_chunk_of_vote_rows_at_a_time(tmp_pat
         assert reads.rows and max(reads.rows) == 1, name
         assert sum(reads.rows) == 24, name  # every vote row read once: one pass for every point
         pd.testing.assert_frame_equal(streamed, call(frame), obj=name)
+
+
+def test_segcertify_records_from_counts_equal_those_from_the_certified_map():
+    """SegCertifyCounts (one pass over a row for every SegCertify point) gives the records that certify()'s map
+    through image_stats gives, field for field: ignore labels, ties in k, Holm and Bonferroni, many taus."""
+    import dataclasses
+
+    import numpy as np
+
+    from ray_certseg import certify
+
+    generic = dataclasses.replace(certify.SEGCERTIFY, name="segcertify-by-map")  # the map path, same maths
+    shared = {
+        "taus": (0.55, 0.6, 0.75, 0.9, 0.95),
+        "alphas": (0.001, 0.2),
+        "corrections": ("holm", "bonferroni"),
+    }
+    fast, slow = (
+        certify.points(["segcertify"], shared),
+        [certify.Point(generic, p.params) for p in certify.points(["segcertify"], shared)],
+    )
+    for seed in range(4):
+        rec = record(f"img{seed}", seed=seed, n=[40, 12, 100, 7][seed])
+        rng = np.random.default_rng(seed)
+        rec.label = rec.label.copy()
+        rec.label[rng.random(rec.label.shape) < 0.2] = 255
+        rec.k = rng.integers(0, rec.n + 1, rec.k.shape).astype(np.uint16)
+        rec.k[0, 0] = rec.n
+        got, want = reduce.image_rows(rec, fast), reduce.image_rows(rec, slow)
+        assert len(got) == len(want) == 20
+        for g, w in zip(got, want):
+            assert g.pop("procedure") == "segcertify" and w.pop("procedure") == "segcertify-by-map"
+            assert g.keys() == w.keys()
+            for key in g:
+                np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+    bad = record("bad", seed=9)
+    bad.c_hat = bad.c_hat.copy()
+    bad.c_hat[0, 0] = 3  # num_classes = 3
+    with pytest.raises(ValueError, match="c_hat holds classes outside"):
+        reduce.image_rows(bad, fast)

@@ -23,11 +23,14 @@ from ray_certseg.certify.segcertify import (
     SegCertifyParams,
     can_certify,
     certify,
+    check_votes,
     max_tau,
     min_n,
     pvalues,
     radius,
+    reject_by_votes,
     select,
+    vote_histogram,
 )
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "SegCertifyParams",
     "can_certify",
     "certify",
+    "check_votes",
     "columns",
     "get",
     "max_tau",
@@ -51,5 +55,7 @@ __all__ = [
     "pvalues",
     "radius",
     "register",
+    "reject_by_votes",
     "select",
+    "vote_histogram",
 ]

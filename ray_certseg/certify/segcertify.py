@@ -170,12 +170,10 @@ def certify(
     alpha = float(alpha)
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
-    _check_classes(c_hat, num_classes)
-    _check_counts(k, n)
+    check_votes(c_hat, k, n=n, num_classes=num_classes)
 
     histogram = _histogram(k, n)
-    p = pvalues(np.arange(n + 1), n, tau)
-    reject = _holm(p, histogram, alpha) if correction == "holm" else p <= alpha / float(c_hat.size)
+    reject = reject_by_votes(histogram, n=n, tau=tau, alpha=alpha, correction=correction)
 
     labels = c_hat.astype(_LABEL_DTYPE)
     labels += 1
@@ -193,6 +191,29 @@ def certify(
         sigma=sigma,
         n=n,
     )
+
+
+def check_votes(c_hat: np.ndarray, k: np.ndarray, *, n: int, num_classes: int | None = None) -> None:
+    """Raise ValueError unless every c_hat lies in [0, num_classes) and every k in [0, n]."""
+    _check_classes(c_hat, num_classes)
+    _check_counts(k, n)
+
+
+def vote_histogram(k: np.ndarray, n: int) -> np.ndarray:
+    """h[j] = #{pixels with k = j}, j = 0..n (what :func:`reject_by_votes` decides from)."""
+    return _histogram(np.asarray(k), n)
+
+
+def reject_by_votes(
+    histogram: np.ndarray, *, n: int, tau: float, alpha: float, correction: str
+) -> np.ndarray:
+    """reject[j] for j = 0..n: whether the pixels with k = j are certified, from the image's vote histogram
+    h[j] = #{pixels with k = j} alone (the family is every pixel, N = h.sum()): Holm's blocks or Bonferroni's
+    p(j) <= alpha / N (see :func:`certify`). Every pixel with the same k gets the same decision."""
+    p = pvalues(np.arange(n + 1), n, tau)
+    if correction == "holm":
+        return _holm(p, histogram, alpha)
+    return p <= alpha / float(histogram.sum())
 
 
 def can_certify(n: int, tau: float, alpha: float, num_pixels: int) -> bool:
