@@ -2,8 +2,8 @@
 
 Per image the pipeline keeps a small record (``image_stats``): a (C+1) x (C+1) confusion matrix M whose last
 row/column is ABSTAIN (rows = ground truth, columns = prediction, ignore-label pixels dropped), the number of
-pixels and the number of abstained pixels. ``dataset_metrics`` sums the matrices over images (SegCertify pools
-pixels over the dataset) and derives every metric from the sum; ``pool`` does both from a list of records.
+pixels and the number of abstained pixels. The reducer sums the matrices over images (SegCertify pools pixels
+over the dataset; ``ray_certseg.aggregate.Pool``) and ``pooled_metrics`` derives every metric from the sum.
 
 The same functions serve plain (uncertified) predictions such as the clean and majority-vote rows: such a
 prediction never abstains, so its abstain column is zero and accuracy, mIoU are the usual ones.
@@ -14,7 +14,6 @@ Pure numpy: no torch, no Ray.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
@@ -42,33 +41,6 @@ class ImageStats:
     def abstain_fraction(self) -> float:
         """num_abstained / num_pixels: abstained share of ALL the image's pixels (SegCertify's term)."""
         return self.num_abstained / self.num_pixels
-
-    def to_record(self) -> dict[str, Any]:
-        """Flat row for a table/Parquet file: the confusion matrix flattened row-major, both pixel counts."""
-        return {
-            "confusion": self.confusion.reshape(-1),
-            "num_pixels": self.num_pixels,
-            "num_abstained": self.num_abstained,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> ImageStats:
-        """Inverse of ``to_record``; C+1 is the square root of the flattened matrix's length."""
-        flat = np.asarray(record["confusion"])
-        side = round(np.sqrt(flat.size))
-        if flat.ndim != 1 or side < 2 or side * side != flat.size:
-            raise ValueError(
-                "record['confusion'] must be a flattened (C+1) x (C+1) matrix with C >= 1, "
-                f"got shape {flat.shape}"
-            )
-        confusion = _check_confusion(flat.reshape(side, side))
-        num_pixels, num_abstained = int(record["num_pixels"]), int(record["num_abstained"])
-        if not 0 <= num_abstained <= num_pixels or num_pixels < confusion.sum():
-            raise ValueError(
-                f"record counts are inconsistent: num_pixels={num_pixels}, num_abstained={num_abstained}, "
-                f"non-ignored pixels in confusion={confusion.sum()}"
-            )
-        return cls(confusion=confusion, num_pixels=num_pixels, num_abstained=num_abstained)
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,30 +158,6 @@ def image_stats(label: np.ndarray, pred: np.ndarray, num_classes: int, ignore_in
     )
 
 
-def dataset_metrics(
-    confusion: np.ndarray | Sequence[np.ndarray], abstain_fractions: Sequence[float]
-) -> DatasetMetrics:
-    """Metrics of ``DatasetMetrics`` from per-image confusion matrices ((M, C+1, C+1), summed here) or their
-    sum ((C+1, C+1)), and the per-image abstained fractions of all pixels (one per image; zeros for plain
-    predictions)."""
-    matrices = np.asarray(confusion)
-    fractions = np.asarray(abstain_fractions, dtype=np.float64)
-    if fractions.ndim != 1 or fractions.size == 0:
-        raise ValueError(
-            f"abstain_fractions must be a non-empty 1-D sequence (one per image), got shape {fractions.shape}"
-        )
-    if not np.all((fractions >= 0) & (fractions <= 1)):
-        raise ValueError("abstain_fractions must lie in [0, 1] (abstained pixels / all pixels of an image)")
-    if matrices.ndim == 3:
-        if matrices.shape[0] != fractions.size:
-            raise ValueError(
-                f"got {matrices.shape[0]} confusion matrices but {fractions.size} abstain fractions; "
-                "pass one per image"
-            )
-        matrices = _check_confusion(matrices).sum(axis=0)
-    return pooled_metrics(matrices, float(fractions.mean()), int(fractions.size))
-
-
 def pooled_metrics(confusion: np.ndarray, abstain_rate: float, num_images: int) -> DatasetMetrics:
     """``DatasetMetrics`` from the summed confusion matrix ((C+1, C+1)), the mean over the ``num_images``
     images of their abstained fraction of all pixels, and that number of images (what a streaming pool keeps)."""
@@ -256,20 +204,6 @@ def pooled_metrics(confusion: np.ndarray, abstain_rate: float, num_images: int) 
         worst_iou=worst_iou,
         worst_dice=worst_dice,
     )
-
-
-def pool(stats: Iterable[ImageStats]) -> DatasetMetrics:
-    """``dataset_metrics`` of per-image records: sum of their confusion matrices, their abstain fractions."""
-    stats = list(stats)
-    if not stats:
-        raise ValueError("pool needs at least one ImageStats")
-    sizes = {s.num_classes for s in stats}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"ImageStats disagree on num_classes ({sorted(sizes)}); pool images of one label set"
-        )
-    total = np.sum([s.confusion for s in stats], axis=0)
-    return dataset_metrics(total, [s.abstain_fraction for s in stats])
 
 
 def _check_num_classes(num_classes: int) -> int:

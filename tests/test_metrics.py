@@ -11,9 +11,8 @@ from ray_certseg.metrics import (
     DatasetMetrics,
     ImageStats,
     confusion_matrix,
-    dataset_metrics,
     image_stats,
-    pool,
+    pooled_metrics,
 )
 
 A = ABSTAIN
@@ -26,6 +25,13 @@ CONFUSION_1 = [[1, 1, 0, 1], [1, 2, 0, 0], [1, 0, 2, 1], [0, 0, 0, 0]]
 LABEL_2 = np.array([[0, 255], [1, 1]], dtype=np.uint8)
 PRED_2 = np.array([[0, A], [1, A]], dtype=np.int16)
 CONFUSION_2 = [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def pool(stats: list[ImageStats]) -> DatasetMetrics:
+    """Dataset metrics of per-image records as the reducer pools them (``aggregate.Pool``): the sum of their
+    confusion matrices and the mean of their abstained fractions."""
+    fractions = [s.abstain_fraction for s in stats]
+    return pooled_metrics(np.sum([s.confusion for s in stats], axis=0), float(np.mean(fractions)), len(stats))
 
 
 def test_confusion_matrix_by_hand():
@@ -54,13 +60,10 @@ def test_image_stats_record():
     assert stats.confusion.tolist() == CONFUSION_1
     assert (stats.num_pixels, stats.num_abstained, stats.num_classes) == (12, 3, 3)
     assert stats.abstain_fraction == 0.25
-    back = ImageStats.from_record(stats.to_record())
-    assert back.confusion.tolist() == CONFUSION_1
-    assert (back.num_pixels, back.num_abstained) == (12, 3)
 
 
 def test_dataset_metrics_one_image_by_hand():
-    m = dataset_metrics(np.array(CONFUSION_1), [0.25])
+    m = pooled_metrics(np.array(CONFUSION_1), 0.25, 1)
     assert isinstance(m, DatasetMetrics)
     assert (m.num_classes, m.num_images, m.num_pixels) == (3, 1, 10)
     assert m.accuracy == pytest.approx(5 / 10)
@@ -88,8 +91,6 @@ def test_pooling_sums_pixels_and_averages_abstain_per_image():
     # pos = (4, 5, 4), res = (4, 4, 2)
     assert m.iou == pytest.approx([2 / 6, 3 / 6, 2 / 4])
     assert m.miou == pytest.approx(4 / 9)
-    stacked = dataset_metrics(np.stack([CONFUSION_1, CONFUSION_2]), [0.25, 0.5])
-    assert stacked.as_dict() == m.as_dict()
 
 
 def test_absent_classes_count_as_zero_in_miou():
@@ -138,7 +139,7 @@ def test_uint16_labels_need_an_ignore_index_outside_the_classes():
 
 
 def test_as_dict_is_plain_python():
-    d = dataset_metrics(np.array(CONFUSION_1), [0.25]).as_dict()
+    d = pooled_metrics(np.array(CONFUSION_1), 0.25, 1).as_dict()
     assert isinstance(d["iou"], list) and isinstance(d["miou"], float) and isinstance(d["num_pixels"], int)
 
 
@@ -165,49 +166,25 @@ def test_confusion_matrix_rejects_bad_input(label, pred, num_classes, ignore_ind
 
 
 @pytest.mark.parametrize(
-    "confusion, fractions, error, match",
+    "confusion, rate, images, error, match",
     [
-        (np.array(CONFUSION_1), [], ValueError, "non-empty"),
-        (np.array(CONFUSION_1), [1.5], ValueError, r"\[0, 1\]"),
-        (np.stack([CONFUSION_1, CONFUSION_1]), [0.1], ValueError, "one per image"),
-        (np.array(CONFUSION_1, dtype=float), [0.1], TypeError, "integer"),
-        (np.array(CONFUSION_1)[:3], [0.1], ValueError, r"\(C\+1\) x \(C\+1\)"),
-        (np.array(CONFUSION_1) - 2, [0.1], ValueError, "negative"),
-        (np.ones((4, 4), dtype=np.int64), [0.1], ValueError, "ground truth never abstains"),
-        (np.zeros((4, 4), dtype=np.int64), [0.1], ValueError, "no non-ignored pixel"),
+        (np.array(CONFUSION_1), 0.1, 0, ValueError, "num_images"),
+        (np.array(CONFUSION_1), 1.5, 1, ValueError, r"\[0, 1\]"),
+        (np.array(CONFUSION_1, dtype=float), 0.1, 1, TypeError, "integer"),
+        (np.array(CONFUSION_1)[:3], 0.1, 1, ValueError, r"\(C\+1\) x \(C\+1\)"),
+        (np.array(CONFUSION_1) - 2, 0.1, 1, ValueError, "negative"),
+        (np.ones((4, 4), dtype=np.int64), 0.1, 1, ValueError, "ground truth never abstains"),
+        (np.zeros((4, 4), dtype=np.int64), 0.1, 1, ValueError, "no non-ignored pixel"),
     ],
 )
-def test_dataset_metrics_rejects_bad_input(confusion, fractions, error, match):
+def test_pooled_metrics_rejects_bad_input(confusion, rate, images, error, match):
     with pytest.raises(error, match=match):
-        dataset_metrics(confusion, fractions)
-
-
-def test_pool_rejects_empty_and_mixed_label_sets():
-    with pytest.raises(ValueError, match="at least one"):
-        pool([])
-    with pytest.raises(ValueError, match="num_classes"):
-        pool([image_stats(LABEL_2, PRED_2, 3), image_stats(LABEL_2, PRED_2, 4)])
-
-
-FLAT_1 = np.array(CONFUSION_1).reshape(-1)
-
-
-@pytest.mark.parametrize(
-    "record, match",
-    [
-        ({"confusion": np.arange(15), "num_pixels": 20, "num_abstained": 0}, "flattened"),
-        ({"confusion": FLAT_1, "num_pixels": 5, "num_abstained": 0}, "inconsistent"),
-        ({"confusion": FLAT_1, "num_pixels": 12, "num_abstained": 13}, "inconsistent"),
-    ],
-)
-def test_from_record_rejects_bad_records(record, match):
-    with pytest.raises(ValueError, match=match):
-        ImageStats.from_record(record)
+        pooled_metrics(confusion, rate, images)
 
 
 def test_dice_and_worst_case_bounds_by_hand():
     """CONFUSION_1: pos = (3, 3, 4), res = (3, 3, 2), tp = (1, 2, 2); abstained A_c = (1, 0, 1), A = 2."""
-    m = dataset_metrics(np.array(CONFUSION_1), [0.25])
+    m = pooled_metrics(np.array(CONFUSION_1), 0.25, 1)
     assert m.dice == pytest.approx([2 / 6, 4 / 6, 4 / 6])
     assert m.mdice == pytest.approx((2 / 6 + 4 / 6 + 4 / 6) / 3) == m.mdice_present
     # every other class's abstentions become false positives of the class scored: A - A_c = (1, 2, 1)
@@ -235,7 +212,7 @@ def test_worst_case_bounds_are_the_minimum_over_every_outcome_of_the_abstentions
     label = rng.integers(0, C, 9)
     pred = np.where(rng.random(9) < 0.35, A, rng.integers(0, C, 9)).astype(np.int64)
     pred[0], label[0] = A, 1  # at least one abstention
-    m = dataset_metrics(confusion_matrix(label, pred, C), [float(np.mean(pred == A))])
+    m = pooled_metrics(confusion_matrix(label, pred, C), float(np.mean(pred == A)), 1)
     holes = np.flatnonzero(pred == A)
     outcomes = []
     for fill in itertools.product(range(C), repeat=len(holes)):

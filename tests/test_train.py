@@ -212,7 +212,7 @@ def _shipped_segmenter(name: str):
 def _certified_metrics(segmenter, denoiser, sigma: float, num_images: int):
     from ray_certseg.certify import certify
     from ray_certseg.data import list_items, load_item
-    from ray_certseg.metrics import image_stats, pool
+    from ray_certseg.metrics import image_stats, pooled_metrics
     from ray_certseg.sampling import count_votes
 
     cfg = {
@@ -239,7 +239,8 @@ def _certified_metrics(segmenter, denoiser, sigma: float, num_images: int):
         )
         cert = certify(votes.c_hat, votes.k, n=100, sigma=sigma, tau=0.75, alpha=0.001, correction="holm")
         stats.append(image_stats(item["label"], cert.labels, 7))
-    return pool(stats)
+    fractions = [s.abstain_fraction for s in stats]  # pooled as the reducer pools (aggregate.Pool)
+    return pooled_metrics(np.sum([s.confusion for s in stats], axis=0), float(np.mean(fractions)), len(stats))
 
 
 @pytest.mark.slow
