@@ -23,7 +23,8 @@ Per step: wall seconds, peak RSS (``ru_maxrss``) and the ratio of its wall time 
 ``--before REV`` the ``plots`` and ``sweep`` steps also run on the package at git revision REV (a temporary
 worktree), side by side, where they load every vote row into memory.
 
-Run: ``python bench/results.py --images 10`` (``--quick``: 2 images of 64 x 128, a smoke run).
+Run: ``python bench/results.py --images 10`` (``--quick``: 2 images of 64 x 128, every step in this process,
+a smoke run).
 """
 
 from __future__ import annotations
@@ -174,7 +175,15 @@ def step(name: str, out: str, before: bool) -> float:
     return time.perf_counter() - start
 
 
-def run_step(name: str, out: Path, src: Path = REPO, before: bool = False, columns: list[str] = ()) -> dict:
+def run_step(
+    name: str, out: Path, src: Path = REPO, before: bool = False, columns: list[str] = (), quick: bool = False
+) -> dict:
+    """The step in a fresh process (its own peak RSS); in this process with ``quick`` (a smoke run: the
+    peak is then this process's)."""
+    if quick:
+        os.environ["BENCH_COLUMNS"] = json.dumps(list(columns))
+        seconds = step(name, str(out), before)
+        return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     env = {**os.environ, "PYTHONPATH": str(src), "BENCH_COLUMNS": json.dumps(list(columns))}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--out", str(out)]
     done = subprocess.run(
@@ -218,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, columns in COLUMNS.items():
             key = tuple(columns)
             if key not in floors:
-                floors[key] = run_step("floor", out, columns=columns) if columns else {"seconds": 0.0}
-            rows.append((name, "now", run_step(name, out), floors[key]))
+                floors[key] = (
+                    run_step("floor", out, columns=columns, quick=args.quick) if columns else {"seconds": 0.0}
+                )
+            rows.append((name, "now", run_step(name, out, quick=args.quick), floors[key]))
         if args.before:
             worktree = Path(tmp) / "before"
             subprocess.run(

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from ray_certseg import preflight, rundir, storage, votes
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
+from ray_certseg.rowcount import RowCounter
 from ray_certseg.rundir import RunDir
 
 log = logging.getLogger("ray_certseg")
@@ -330,21 +331,6 @@ def completed_rows(run: RunDir) -> set[tuple[str, str, float]]:
     return keys
 
 
-class RowCounter:
-    """Rows finished by the sampling actors (sampled or failed), as they finish: a Ray actor of no CPU that the
-    actors add to and the driver's progress line reads, so the count moves before any vote file lands (a
-    file holds many rows). Rows of an actor lost before its file was written count again when redone."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-
-    def add(self, rows: int) -> None:
-        self.rows += rows
-
-    def total(self) -> int:
-        return self.rows
-
-
 class Progress:
     """A periodic log line for runs without progress bars (``ray job submit``): rows done / total, images per
     minute and time left, from the :class:`RowCounter` the actors report to."""
@@ -480,7 +466,7 @@ def run_sampling(
     per_batch = images_per_batch(cfg, len(job_plan.rows), job_plan.probe_size)
     per_file = rows_per_file(cfg, job_plan.probe_size, job_plan.pending)
     log.info("%d images per Ray batch, at least %d vote rows per file", per_batch, per_file)
-    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()  # its worker imports only ray_certseg.rowcount
     ds = ray.data.from_items(job_plan.rows, override_num_blocks=math.ceil(len(job_plan.rows) / per_batch))
     ds = ds.map_batches(
         VoteSampler,
