@@ -381,7 +381,9 @@ def records_of(frame: Any) -> Iterable[VoteRecord]:
     shared, never copied."""
     missing = [c for c in RECORD_FIELDS if c not in frame.columns]
     if missing:
-        raise ValueError(f"votes DataFrame lacks column(s) {missing}: pass the result of load_votes(...)")
+        raise ValueError(
+            f"votes DataFrame lacks column(s) {missing}: pass a frame made by analysis.load_votes"
+        )
     for row in frame[list(RECORD_FIELDS)].itertuples(index=False, name=None):
         yield VoteRecord(*(v.item() if isinstance(v, np.generic) else v for v in row))
 
