@@ -69,8 +69,7 @@ RAY_MIN_EVALUATIONS = 2e8
 # ------------------------------------------------------------------------------------------------- loading
 def votes_dir(path: RunDir | str, storage_options: Mapping[str, Any] | None = None) -> str:
     """``<output>/votes`` for an output folder, else ``path`` itself (a votes folder or one Parquet file)."""
-    run = RunDir.of(path, storage_options)
-    return run.votes if not run.url.endswith(".parquet") and run.exists(rundir.VOTES) else run.url
+    return reduce.votes_location(RunDir.of(path, storage_options))
 
 
 def _vote_files(run: RunDir) -> tuple[Any, list[str], str]:

@@ -403,9 +403,14 @@ def plan_frame(frame: pd.DataFrame, records_per_row: int) -> FramePlan:
     return FramePlan([], aggregate.left_out(frame[KEY_COLUMNS]), widest, frame, rows)
 
 
+def votes_location(run: RunDir) -> str:
+    """``<output>/votes`` for an output folder, else the folder's own URL (a votes folder or one vote file)."""
+    return run.votes if not run.url.endswith(".parquet") and run.exists(rundir.VOTES) else run.url
+
+
 def source_files(run: RunDir) -> tuple[Any, list[str]]:
     """(pyarrow filesystem, vote files) of an output folder (its ``votes/``), a votes folder or one file."""
-    source = run.votes if not run.url.endswith(".parquet") and run.exists(rundir.VOTES) else run.url
+    source = votes_location(run)
     fs, files = votes.parquet_files(source, storage_options=run.storage_options)
     if not files:
         raise FileNotFoundError(f"no vote files (*.parquet) at {source}: pass a job's output folder")
