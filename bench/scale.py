@@ -189,6 +189,12 @@ def measure(size: int, tmp: Path, data: Path, weights: Path, per_image: bool = F
     return result
 
 
+def seconds(x: float) -> str:
+    """A duration for the table: one decimal from 10 s up, two significant digits below, so that a step of a
+    smoke run (a 40-row reduction takes well under 0.05 s on a fast machine) never prints as 0.0."""
+    return f"{x:.1f}" if x >= 10 else f"{x:.2g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000,10000")
@@ -233,11 +239,22 @@ def main(argv: list[str] | None = None) -> int:
         reducers: dict[int, dict[str, Any]] = {}
         for size, per_image in [(s, p) for s in sizes for p in ((True, False) if s in before else (False,))]:
             r = measure(size, tmp, data, tmp / "seg.safetensors", per_image)
-            cells = [f"{r['images']}{' (per image)' if per_image else ''}", r["rows"], f"{r['startup_s']:.1f}", f"{r['planning_s']:.1f}",
-                     f"{r['sampling_s']:.1f}", f"{r['reducing_s']:.1f}", r["files"], f"{r['bytes_per_row']:.0f}",
-                     f"{r['rss_planned_mib']:.0f} / {r['rss_peak_mib']:.0f}", f"{r['rows'] / r['sampling_s']:.1f}",
-                     f"{r['actor_cpu_per_row_ms']:.1f}", f"{r['count_votes_per_row_ms']:.1f}",
-                     f"{r['rows'] / r['reducing_s']:.0f}", f"{r['rerun_s']:.1f} / {r['noop_rerun_s']:.1f}"]  # fmt: skip
+            cells = [
+                f"{r['images']}{' (per image)' if per_image else ''}",
+                r["rows"],
+                seconds(r["startup_s"]),
+                seconds(r["planning_s"]),
+                seconds(r["sampling_s"]),
+                seconds(r["reducing_s"]),
+                r["files"],
+                f"{r['bytes_per_row']:.0f}",
+                f"{r['rss_planned_mib']:.0f} / {r['rss_peak_mib']:.0f}",
+                f"{r['rows'] / r['sampling_s']:.1f}",
+                f"{r['actor_cpu_per_row_ms']:.1f}",
+                f"{r['count_votes_per_row_ms']:.1f}",
+                f"{r['rows'] / r['reducing_s']:.0f}",
+                f"{seconds(r['rerun_s'])} / {seconds(r['noop_rerun_s'])}",
+            ]
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
             if not per_image:
                 reducers[size] = measure_reducer(tmp / f"out{size}")
@@ -248,8 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers), flush=True)
         for size, r in reducers.items():
             s, m = r["stream"], r["memory"]
-            cells = [points, size, f"{s['grown_mib']:.0f} / {s['seconds']:.1f}", f"{m['grown_mib']:.0f} / {m['seconds']:.1f}",
-                     f"{m['grown_mib'] / max(1.0, s['grown_mib']):.1f}"]  # fmt: skip
+            cells = [
+                points,
+                size,
+                f"{s['grown_mib']:.0f} / {seconds(s['seconds'])}",
+                f"{m['grown_mib']:.0f} / {seconds(m['seconds'])}",
+                f"{m['grown_mib'] / max(1.0, s['grown_mib']):.1f}",
+            ]
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
     return 0
 
