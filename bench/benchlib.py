@@ -399,8 +399,8 @@ def run_job(cfg_dict: dict[str, Any]) -> JobTiming:
     """``pipeline.run_sampling`` into a fresh output folder (``overwrite``), timed, CPU monitored."""
     import pyarrow.parquet as pq
 
-    from ray_certseg import pipeline
     from ray_certseg.config import JobConfig
+    from ray_certseg.job import pipeline
 
     cfg = JobConfig.from_dict(cfg_dict)
     start = time.perf_counter()

@@ -36,12 +36,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_certseg import hierarchy as hierarchies
 from ray_certseg.certify import ABSTAIN, select
+from ray_certseg.certify import class_tree as hierarchies
 from ray_certseg.certify.hierarchical import certify_levels
 from ray_certseg.config import load_config
 from ray_certseg.data import list_items, load_item
-from ray_certseg.pipeline import VoteSampler
+from ray_certseg.job.pipeline import VoteSampler
 
 DEMO_THRESHOLDS = (0.7, 0.5, 0.0)
 

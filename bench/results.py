@@ -60,7 +60,8 @@ COLUMNS = {  # the vote columns each step reads (its I/O floor)
 
 def write_run(root: Path, images: int, height: int, width: int) -> None:
     """The synthetic vote files (one per image) and a config.json with the paper's certify section."""
-    from ray_certseg import hierarchy, votes
+    from ray_certseg import votes
+    from ray_certseg.certify import class_tree as hierarchy
 
     h = hierarchy.load(TREE)
     rng = np.random.default_rng(0)
@@ -149,7 +150,8 @@ def step(name: str, out: str, before: bool) -> float:
     """One step in this process (its own peak RSS); the seconds it took, imports excluded."""
     import pyarrow.parquet as pq
 
-    from ray_certseg import analysis, plots, reduce, report
+    from ray_certseg import analysis
+    from ray_certseg.results import plots, reduce, report
 
     procedures = ["segcertify", HIERARCHICAL]
     start = time.perf_counter()

@@ -78,9 +78,10 @@ def one_size(config_path: str) -> dict[str, Any]:
     """Runs in its own process: the job's stages on a fresh output, timed one by one."""
     import pyarrow.parquet as pq
 
-    from ray_certseg import pipeline, reduce
     from ray_certseg.config import load_config
-    from ray_certseg.rundir import RunDir
+    from ray_certseg.job import pipeline
+    from ray_certseg.job.rundir import RunDir
+    from ray_certseg.results import reduce
 
     cfg = load_config(config_path)
     t = time.perf_counter()
@@ -125,8 +126,8 @@ def reduce_one(output: str, mode: str) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_certseg import reduce
-    from ray_certseg.rundir import RunDir
+    from ray_certseg.job.rundir import RunDir
+    from ray_certseg.results import reduce
 
     run = RunDir(output)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -35,8 +35,8 @@ DEMO_CONFIG = B.REPO / "configs" / "demo.yaml"
 
 def demo_votes(out: Path, images: int) -> Path:
     """Run the demo job's sampling stage on ``images`` images into ``out``; returns the votes folder."""
-    from ray_certseg import pipeline
     from ray_certseg.config import load_config
+    from ray_certseg.job import pipeline
 
     cfg = load_config(
         DEMO_CONFIG,
@@ -118,8 +118,8 @@ def tiled_table(votes: Path, height: int, width: int, rows: int):
 
 def reducer_rate(votes: Path, grid) -> tuple[float, float]:
     """(seconds, pixel-grid-points per second) of one pass of the reducer's map over ``votes`` (best of 3)."""
-    from ray_certseg import reduce
-    from ray_certseg.rundir import RunDir
+    from ray_certseg.job.rundir import RunDir
+    from ray_certseg.results import reduce
 
     run = RunDir(str(votes.parent))  # the run folder whose votes/ this is
     records = reduce.GridRecords(grid)
@@ -134,8 +134,8 @@ def reducer_rate(votes: Path, grid) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_certseg import reduce
     from ray_certseg import votes as V
+    from ray_certseg.results import reduce
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--votes", type=Path, help="measure this votes folder instead of running the demo job")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ray_certseg.demo_data import write_demo_dataset
+from ray_certseg.data.demo import write_demo_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ray_certseg.constants import CORRECTIONS
+from ray_certseg.certify import CORRECTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -124,8 +124,9 @@ def _resolve_config_path(path: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ray_certseg import pipeline, reduce, rundir
     from ray_certseg.config import load_config
+    from ray_certseg.job import pipeline, rundir
+    from ray_certseg.results import reduce
 
     overrides = list(args.set or [])
     if args.output:
@@ -169,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = reduce.reduce_output(run, errors=errors)
     print(headline(result.metrics) + "\n" + paths)
     try:
-        from ray_certseg import plots
+        from ray_certseg.results import plots
 
         plots.write_plots(run, config=cfg)
         print(f"plots:   {run.plots}/ (`ray-certseg report {run.url}` writes report.md)")
@@ -183,8 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    from ray_certseg import reduce
-    from ray_certseg.rundir import METRICS, RunDir
+    from ray_certseg.job.rundir import METRICS, RunDir
+    from ray_certseg.results import reduce
 
     run, into = RunDir.of(args.output), METRICS
     procedures = [_procedure_entry(text) for text in args.procedure or []]
@@ -219,7 +220,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
 def _run_hierarchy(output: str) -> str:
     """The run's ``dataset.hierarchy`` (its config.json), for ``--thresholds`` without ``--hierarchy``."""
-    from ray_certseg.analysis import load_config
+    from ray_certseg.results.analysis import load_config
 
     tree = load_config(output).dataset.hierarchy
     if tree is None:
@@ -230,13 +231,13 @@ def _run_hierarchy(output: str) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ray_certseg import analysis
+    from ray_certseg.results import curves
 
     held = None
     if args.held_out:
         with open(args.held_out) as f:
             held = [line.strip() for line in f if line.strip()]
-    table = analysis.sweep_thresholds(
+    table = curves.sweep_thresholds(
         args.output,
         args.thresholds,
         hierarchy=args.hierarchy or _run_hierarchy(args.output),
@@ -273,7 +274,7 @@ def _procedure_entry(text: str) -> Any:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from ray_certseg.selftest import run_hierarchical_selftest, run_selftest
+    from ray_certseg.job.selftest import run_hierarchical_selftest, run_selftest
 
     common = {
         "images": args.images,
@@ -307,7 +308,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ray_certseg import report
+    from ray_certseg.results import report
 
     print(report.write_report(args.output, replot=args.replot))
     return 0
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
-    from ray_certseg.preflight import JobError
+    from ray_certseg.job.preflight import JobError
     from ray_certseg.storage import StorageError
 
     try:

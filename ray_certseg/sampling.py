@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ray_certseg.classes import class_dtype
+from ray_certseg.dtypes import class_dtype
 from ray_certseg.models.util import resolve_dtype
 
 SELECTION, ESTIMATION = 0, 1

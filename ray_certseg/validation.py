@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from ray_certseg import storage
-from ray_certseg.constants import MAX_UINT16
+from ray_certseg.dtypes import MAX_UINT16
 
 NAME_RULE = "a name of letters, digits, '_' and '-'"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

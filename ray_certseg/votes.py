@@ -34,14 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_certseg import storage
-from ray_certseg.constants import MAX_UINT16
+from ray_certseg.dtypes import MAX_UINT16, UINT8_LABEL_CLASSES
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 """Versions this code reads (and may resume into): 2 adds the hierarchy columns, null in version 1 files."""
 VERSION_KEY = b"ray_certseg.schema_version"
 PARQUET_ARGS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
-UINT8_CLASSES = 254  # class maps (and the ignore label) fit in uint8 up to this many classes
 CLASS_MAP_COLUMNS = ("label", "c_hat", "clean_pred")
 ARRAY_COLUMNS = ("label", "c_hat", "k", "clean_pred", "counts", "margin", "c_hat_levels", "k_levels")
 
@@ -52,7 +51,7 @@ class SchemaVersionError(ValueError):
 
 def class_map_type(num_classes: int) -> pa.DataType:
     """uint8 for class maps when num_classes <= 254 (room for the ignore label 255), else uint16."""
-    return pa.uint8() if num_classes <= UINT8_CLASSES else pa.uint16()
+    return pa.uint8() if num_classes <= UINT8_LABEL_CLASSES else pa.uint16()
 
 
 def schema_for(num_classes: int) -> pa.Schema:
@@ -87,7 +86,7 @@ def schema_for(num_classes: int) -> pa.Schema:
     return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
-SCHEMA = schema_for(UINT8_CLASSES)
+SCHEMA = schema_for(UINT8_LABEL_CLASSES)
 SCALAR_COLUMNS = tuple(name for name in SCHEMA.names if name not in ARRAY_COLUMNS)
 
 
@@ -215,7 +214,7 @@ def _validated(r: VoteRecord, i: int) -> dict[str, np.ndarray | None]:
         _check_range(i, "margin", margin, 0, r.n0)
         _check_range(i, "c_hat_levels", c_levels, 0, top)
         _check_range(i, "k_levels", k_levels, 0, r.n)
-    if r.num_classes <= UINT8_CLASSES and not 0 <= r.ignore_index <= 255:
+    if r.num_classes <= UINT8_LABEL_CLASSES and not 0 <= r.ignore_index <= 255:
         raise ValueError(
             f"vote row {i}: ignore_index must be in [0, 255] for uint8 labels, got {r.ignore_index}"
         )

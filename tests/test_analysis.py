@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from scipy.stats import norm
 
-from ray_certseg import analysis, cli, plots, reduce, votes
+from ray_certseg import analysis, cli, votes
 from ray_certseg.certify import ABSTAIN, certify
+from ray_certseg.job.rundir import RunDir
 from ray_certseg.models.segmenters import Segmenter
 from ray_certseg.models.tiny import tiny_segnet
-from ray_certseg.rundir import RunDir
+from ray_certseg.results import plots, reduce
 from ray_certseg.sampling import count_votes
 
 ALPHA = 0.1

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-from ray_certseg.pipeline import FILES_PER_ACTOR
+from ray_certseg.job.pipeline import FILES_PER_ACTOR
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ray_certseg import demo_data
-from ray_certseg.demo_data import (
+from ray_certseg.data import demo as demo_data
+from ray_certseg.data.demo import (
     CLASSES,
     IGNORE_INDEX,
     NUM_CLASSES,

@@ -16,11 +16,12 @@ import pytest
 import torch
 import yaml
 
-from ray_certseg import analysis, certify, cli, hierarchy, votes
+from ray_certseg import analysis, certify, cli, votes
+from ray_certseg.certify import class_tree as hierarchy
 from ray_certseg.certify.hierarchical import HierarchicalParams, certify_hierarchical, choose_level
 from ray_certseg.config import ConfigError, JobConfig, load_config
-from ray_certseg.metrics import level_stats
-from ray_certseg.preflight import check_hierarchies
+from ray_certseg.job.preflight import check_hierarchies
+from ray_certseg.results.metrics import level_stats
 from ray_certseg.sampling import level_index, level_votes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -314,7 +315,7 @@ def test_the_job_stores_every_level_and_the_reducer_certifies_both_procedures(tm
 def test_the_hierarchical_guarantee_holds_on_an_analytic_model_under_both_corrections():
     """300 images with known per-node probabilities: the rate of images holding a false certificate stays
     within alpha (one-sided binomial test at 0.001), for Holm and Bonferroni."""
-    from ray_certseg.selftest import run_hierarchical_selftest
+    from ray_certseg.job.selftest import run_hierarchical_selftest
 
     report = run_hierarchical_selftest(images=300, alpha=0.2, seed=1)
     assert report.passed, report.to_markdown()
@@ -326,7 +327,7 @@ def test_the_hierarchical_guarantee_holds_on_an_analytic_model_under_both_correc
 def test_choosing_the_level_from_s_gives_more_false_certificates_than_from_s0():
     """The wrong variant on the same seeds of the boundary model: more images with a false certificate (within
     alpha there; the model where it fails is the next test's)."""
-    from ray_certseg.selftest import run_hierarchical_selftest
+    from ray_certseg.job.selftest import run_hierarchical_selftest
 
     right = run_hierarchical_selftest(images=300, alpha=0.2, seed=2, corrections=("holm",))
     wrong = run_hierarchical_selftest(images=300, alpha=0.2, seed=2, corrections=("holm",), level_from_s=True)
@@ -339,7 +340,7 @@ def test_choosing_the_level_from_s_fails_under_holm_where_s0_holds():
     lets only the nulls that S favours into Holm's family, and the self-test must fail; the procedure's S0
     rule holds on the same seeds under both corrections. Bonferroni's fixed threshold survives the mistake
     (docs/hierarchical.md)."""
-    from ray_certseg.selftest import run_hierarchical_selftest
+    from ray_certseg.job.selftest import run_hierarchical_selftest
 
     right = run_hierarchical_selftest(images=300, alpha=0.2, seed=3, model="coarse-sure")
     assert right.passed, right.to_markdown()
@@ -356,7 +357,7 @@ def test_the_levels_picture_has_a_legend_entry_for_every_level_of_its_hierarchy(
     """plots/examples/*_levels.png: pascal_context59 has 4 levels (the legend used to stop at 3); each gets one."""
     import pandas as pd
 
-    from ray_certseg import plots
+    from ray_certseg.results import plots
 
     h = hierarchy.load(tree)
     assert h.num_levels == levels

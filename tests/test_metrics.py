@@ -1,4 +1,4 @@
-"""ray_certseg.metrics against hand-computed cases and scikit-learn's confusion matrix."""
+"""ray_certseg.results.metrics against hand-computed cases and scikit-learn's confusion matrix."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from ray_certseg.certify import ABSTAIN
-from ray_certseg.metrics import (
+from ray_certseg.results.metrics import (
     DatasetMetrics,
     ImageStats,
     confusion_matrix,
@@ -229,7 +229,7 @@ def test_worst_case_bounds_are_the_minimum_over_every_outcome_of_the_abstentions
 def test_flat_level_stats_from_the_confusion_equal_the_per_pixel_pass():
     """The reducer's shortcut for a flat certificate gives the very numbers (the float gain to the bit) of
     level_stats over the pixels, ignore labels and abstentions included."""
-    from ray_certseg.metrics import confusion_matrix, flat_level_stats, level_stats
+    from ray_certseg.results.metrics import confusion_matrix, flat_level_stats, level_stats
 
     rng = np.random.default_rng(3)
     for C in (2, 7, 19):

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ray_certseg import aggregate, plots, reduce
 from ray_certseg.certify import can_certify, certify, max_tau, min_n
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
 from ray_certseg.data import ItemError, list_items, load_item
 from ray_certseg.data.load import decode_image
+from ray_certseg.results import aggregate, plots, reduce
 
 
 def png_bytes(array: np.ndarray, path: Path) -> bytes:
@@ -140,7 +140,7 @@ def test_summary_marks_infeasible_rows_and_says_what_would_certify():
 
 
 def test_infeasible_grid_is_named_when_the_config_loads(tmp_path, caplog):
-    from ray_certseg import preflight
+    from ray_certseg.job import preflight
 
     cfg = JobConfig.from_dict(
         {
@@ -166,8 +166,8 @@ def test_missing_factory_package_points_at_runtime_env():
 
 
 def test_runtime_env_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
-    from ray_certseg import preflight
     from ray_certseg.config import load_config
+    from ray_certseg.job import preflight
 
     (tmp_path / "mine_nets").mkdir()
     (tmp_path / "mine_nets" / "__init__.py").write_text("")

@@ -15,8 +15,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ray_certseg import analysis, cli, pipeline, reduce, votes
+from ray_certseg import analysis, cli, votes
 from ray_certseg.config import JobConfig
+from ray_certseg.job import pipeline
+from ray_certseg.results import reduce
 
 pytestmark = pytest.mark.ray
 

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ray_certseg import aggregate, reduce, votes
+from ray_certseg import votes
+from ray_certseg.results import aggregate, reduce
 
 GRID = reduce.Grid((0.6,), (0.1,), ("holm",))
 

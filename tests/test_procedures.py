@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ray_certseg import analysis, certify, reduce, votes
+from ray_certseg import analysis, certify, votes
 from ray_certseg.config import ConfigError, JobConfig
+from ray_certseg.results import reduce
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from test_procedures import output, record  # noqa: F401 (output: a fixture)
 
-from ray_certseg import cli, reduce, votes
-from ray_certseg.rundir import RunDir
+from ray_certseg import cli, votes
+from ray_certseg.job.rundir import RunDir
+from ray_certseg.results import reduce
 
 DEMO_TREE = "demo"
 
@@ -121,7 +122,7 @@ def hierarchical_run(root: Path, images: int = 6) -> Path:
     image, in files of 5 rows, and a config.json with SegCertify and a hierarchical entry."""
     from test_hierarchical import _record
 
-    from ray_certseg import hierarchy
+    from ray_certseg.certify import class_tree as hierarchy
 
     h = hierarchy.load(DEMO_TREE)
     recs = []

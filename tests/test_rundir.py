@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 from s3server import start_moto_server
 
-from ray_certseg import rundir
-from ray_certseg.rundir import RunDir
+from ray_certseg.job import rundir
+from ray_certseg.job.rundir import RunDir
 from ray_certseg.storage import StorageError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ray_certseg"

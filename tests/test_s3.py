@@ -218,7 +218,7 @@ def test_denied_and_no_credentials_become_storage_errors(monkeypatch, error, mes
 def test_listings_see_what_another_process_wrote_or_removed(endpoint):
     """Ray's workers write the vote files through their own S3 clients: every listing on the driver (glob,
     exists, the run folder's files and the vote files) must see them, and must not list a file since moved."""
-    from ray_certseg.rundir import RunDir
+    from ray_certseg.job.rundir import RunDir
     from ray_certseg.votes import parquet_files
 
     other = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)

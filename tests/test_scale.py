@@ -9,8 +9,9 @@ import copy
 import numpy as np
 import pytest
 
-from ray_certseg import pipeline, votes
+from ray_certseg import votes
 from ray_certseg.config import JobConfig
+from ray_certseg.job import pipeline
 
 BASE = {
     "dataset": {"kind": "manifest", "manifest": "m.csv", "num_classes": 4},

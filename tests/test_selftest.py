@@ -9,8 +9,7 @@ import torch
 from scipy.stats import binom
 
 from ray_certseg import cli
-from ray_certseg.sampling import count_votes
-from ray_certseg.selftest import (
+from ray_certseg.job.selftest import (
     LinearThresholdSegmenter,
     SharedNoise,
     boundary_probabilities,
@@ -19,6 +18,7 @@ from ray_certseg.selftest import (
     run_selftest,
     selection_probabilities,
 )
+from ray_certseg.sampling import count_votes
 
 ALPHA = 0.2
 

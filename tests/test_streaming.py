@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_pooling import record
 
-from ray_certseg import aggregate, analysis, reduce, votes
+from ray_certseg import analysis, votes
+from ray_certseg.results import aggregate, reduce
 
 GRID = {"taus": [0.6, 0.75], "alphas": [0.1, 0.001], "corrections": ["holm", "bonferroni"]}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ray_certseg.demo_data import NUM_CLASSES, write_demo_dataset
+from ray_certseg.data.demo import NUM_CLASSES, write_demo_dataset
 from ray_certseg.train import LOG_NAME, SEGMENTER_SPEC_NAME, TrainConfig, ddpm_scheduler, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def _shipped_segmenter(name: str):
 def _certified_metrics(segmenter, denoiser, sigma: float, num_images: int):
     from ray_certseg.certify import certify
     from ray_certseg.data import list_items, load_item
-    from ray_certseg.metrics import image_stats, pooled_metrics
+    from ray_certseg.results.metrics import image_stats, pooled_metrics
     from ray_certseg.sampling import count_votes
 
     cfg = {

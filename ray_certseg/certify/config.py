@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ray_certseg.certify.procedure import points
-from ray_certseg.constants import CORRECTIONS
+from ray_certseg.certify.segcertify import CORRECTIONS
 from ray_certseg.validation import Invalid, Section, list_of, rule
 
 Tau = rule(float, "a number with 0.5 < tau < 1", gt=0.5, lt=1)

@@ -1,7 +1,7 @@
 """Hierarchical certification (after Anani, Lorenz, Schiele, Fritz, "Adaptive Hierarchical Certification for
 Segmentation using Randomized Smoothing", ICML 2024), from stored votes, with any denoiser.
 
-A hierarchy (:mod:`ray_certseg.hierarchy`) partitions the C fine classes into nodes at levels 0 (the classes)
+A hierarchy (:mod:`ray_certseg.certify.class_tree`) partitions the C fine classes into nodes at levels 0 (the classes)
 to L, coarser as l grows. Per pixel i, from the selection set S0 only (never S, never the labels):
 
     m_i   = (first - second largest fine-class vote count in S0) / n0        (the S0 margin, in [0, 1])
@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from ray_certseg import hierarchy as hierarchies
+from ray_certseg.certify import class_tree as hierarchies
 from ray_certseg.certify.procedure import CertifiedMap, Params, Procedure
 from ray_certseg.certify.segcertify import can_certify, certify
 

@@ -46,7 +46,7 @@ class CertifiedMap:
     """A procedure's answer for one vote row: ``labels`` (the certified class per pixel, ``ABSTAIN`` elsewhere)
     and ``radius``, the L2 radius of every certified pixel in [0, 1] pixel units. A hierarchical procedure
     also gives ``level`` (the level of each pixel's node; labels are then node ids of that level) and the
-    ``hierarchy`` (:class:`ray_certseg.hierarchy.Hierarchy`) the nodes belong to; without them every label
+    ``hierarchy`` (:class:`ray_certseg.certify.class_tree.Hierarchy`) the nodes belong to; without them every label
     is a fine class (level 0)."""
 
     labels: np.ndarray

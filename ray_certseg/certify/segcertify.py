@@ -29,13 +29,13 @@ from pydantic import Field
 from scipy.stats import binom, norm
 
 from ray_certseg.certify.procedure import Params, Procedure
-from ray_certseg.classes import class_dtype
-from ray_certseg.constants import CORRECTIONS
+from ray_certseg.dtypes import class_dtype
 
+#: family-wise corrections of the per-pixel tests of one image (:func:`certify`)
+CORRECTIONS = ("holm", "bonferroni")
 _LABEL_DTYPE = np.int16
-_CHUNK = (
-    1 << 16
-)  # pixels per np.bincount call: np.bincount casts its input to int64, so feed it cache-sized slices
+#: pixels per np.bincount call: np.bincount casts its input to int64, so feed it cache-sized slices
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from ray_certseg import storage
-from ray_certseg.constants import MAX_UINT16, UINT8_LABEL_CLASSES
+from ray_certseg.dtypes import MAX_UINT16, UINT8_LABEL_CLASSES
 from ray_certseg.validation import (
     Count,
     Invalid,
@@ -135,7 +135,7 @@ class DatasetConfig(Section):
     @field_validator("root", "manifest", "hierarchy")
     @classmethod
     def _paths(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from ray_certseg import hierarchy
+        from ray_certseg.certify import class_tree as hierarchy
 
         if value is None or (info.field_name == "hierarchy" and value in hierarchy.SHIPPED):
             return value
@@ -203,7 +203,7 @@ class DatasetConfig(Section):
                 rule = f"a class id in [0, {c}) or the ignore index {self.ignore_index}"
                 raise Invalid(f"label_map.{key}", requirement=rule, value=target)
         if self.hierarchy is not None:
-            from ray_certseg import hierarchy
+            from ray_certseg.certify import class_tree as hierarchy
 
             try:
                 hierarchy.check_classes(hierarchy.load(self.hierarchy), c, self.class_names)

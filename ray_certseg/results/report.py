@@ -8,8 +8,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_certseg import aggregate, analysis, plots, reduce, rundir, storage
-from ray_certseg.rundir import RunDir
+from ray_certseg import storage
+from ray_certseg.job import rundir
+from ray_certseg.job.rundir import RunDir
+from ray_certseg.results import aggregate, analysis, plots, reduce
 
 CURVE_NOTE = (
     "Certified accuracy at radius r: for each sigma, CERTIFY at tau = Phi(r / sigma) (the tau whose radius "

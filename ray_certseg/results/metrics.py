@@ -3,7 +3,7 @@
 Per image the pipeline keeps a small record (``image_stats``): a (C+1) x (C+1) confusion matrix M whose last
 row/column is ABSTAIN (rows = ground truth, columns = prediction, ignore-label pixels dropped), the number of
 pixels and the number of abstained pixels. The reducer sums the matrices over images (SegCertify pools pixels
-over the dataset; ``ray_certseg.aggregate.Pool``) and ``pooled_metrics`` derives every metric from the sum.
+over the dataset; ``ray_certseg.results.aggregate.Pool``) and ``pooled_metrics`` derives every metric from the sum.
 
 The same functions serve plain (uncertified) predictions such as the clean and majority-vote rows: such a
 prediction never abstains, so its abstain column is zero and accuracy, mIoU are the usual ones.

@@ -1,6 +1,6 @@
 """Pooling per-image records into dataset rows, one chunk at a time.
 
-A per-image record (:data:`ray_certseg.reduce.PER_IMAGE_SCHEMA`) holds one vote row certified at one grid point:
+A per-image record (:data:`ray_certseg.results.reduce.PER_IMAGE_SCHEMA`) holds one vote row certified at one grid point:
 its (C+1) x (C+1) confusion matrices (certified, clean, majority vote), pixel counts and per-level counts. A
 dataset row sums them per KEY group (dataset, method, denoiser, segmenter, sigma, point, n0, n):
 
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ray_certseg.metrics import pooled_metrics
+from ray_certseg.results.metrics import pooled_metrics
 
 log = logging.getLogger("ray_certseg")
 
@@ -89,7 +89,7 @@ PER_IMAGE_SCHEMA = pa.schema(
         ("sample_seconds", pa.float64()),
     ]
 )
-"""One vote row certified at one grid point (``metrics/per_image.parquet``; :func:`ray_certseg.reduce.image_rows`)."""
+"""One vote row certified at one grid point (``metrics/per_image.parquet``; :func:`ray_certseg.results.reduce.image_rows`)."""
 
 
 class ExactSum:

@@ -59,7 +59,8 @@ def check_class_counts(cfg: JobConfig) -> None:
 def check_hierarchies(cfg: JobConfig) -> None:
     """A procedure that certifies at hierarchy levels needs votes counted for its hierarchy: the one named by
     ``dataset.hierarchy``, from which the sampler counts each level's c_hat and k."""
-    from ray_certseg import certify, hierarchy
+    from ray_certseg import certify
+    from ray_certseg.certify import class_tree as hierarchy
 
     shared = {"taus": cfg.certify.taus, "alphas": cfg.certify.alphas, "corrections": cfg.certify.corrections}
     for point in certify.points(cfg.certify.procedures, shared):

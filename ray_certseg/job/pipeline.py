@@ -30,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import preflight, rundir, storage, votes
+from ray_certseg import storage, votes
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
-from ray_certseg.rowcount import RowCounter
-from ray_certseg.rundir import RunDir
+from ray_certseg.job import preflight, rundir
+from ray_certseg.job.rowcount import RowCounter
+from ray_certseg.job.rundir import RunDir
 
 log = logging.getLogger("ray_certseg")
 
@@ -117,7 +118,7 @@ class VoteSampler:
                 preflight.check_denoiser(name, denoiser, *probe_size)
         self.hierarchy = None
         if self.cfg.dataset.hierarchy is not None:  # per-level votes for hierarchical certification
-            from ray_certseg import hierarchy
+            from ray_certseg.certify import class_tree as hierarchy
             from ray_certseg.sampling import level_index
 
             self.hierarchy = hierarchy.load(self.cfg.dataset.hierarchy)
@@ -466,7 +467,7 @@ def run_sampling(
     per_batch = images_per_batch(cfg, len(job_plan.rows), job_plan.probe_size)
     per_file = rows_per_file(cfg, job_plan.probe_size, job_plan.pending)
     log.info("%d images per Ray batch, at least %d vote rows per file", per_batch, per_file)
-    counter = ray.remote(num_cpus=0)(RowCounter).remote()  # its worker imports only ray_certseg.rowcount
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()  # its worker imports only ray_certseg.job.rowcount
     ds = ray.data.from_items(job_plan.rows, override_num_blocks=math.ceil(len(job_plan.rows) / per_batch))
     ds = ds.map_batches(
         VoteSampler,
@@ -534,7 +535,7 @@ def rows_per_file(cfg: JobConfig, probe: tuple[int, int] | None, rows: int) -> i
         return 1
     levels = 0
     if cfg.dataset.hierarchy is not None:
-        from ray_certseg import hierarchy
+        from ray_certseg.certify import class_tree as hierarchy
 
         levels = hierarchy.load(cfg.dataset.hierarchy).num_levels - 1
     size = votes.row_nbytes(

@@ -9,7 +9,7 @@ and ``summary.md``.
 
 It streams (:func:`reduce_output`): the key columns of every vote row first (duplicates, like-for-like
 left-outs), then the vote files chunk by chunk, in this process or as a Ray Data stage; each chunk's records
-go to per_image.parquet and into :class:`ray_certseg.aggregate.Pool`'s sums, so the driver holds a chunk, the
+go to per_image.parquet and into :class:`ray_certseg.results.aggregate.Pool`'s sums, so the driver holds a chunk, the
 sums (O(groups x C^2)) and the row keys, never every record. Output is a deterministic function of the vote
 files (file order, exact sums, fixed row groups, no timestamps): a re-run over the same votes, in either
 engine, writes byte-identical files.
@@ -33,11 +33,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_certseg import aggregate, certify, rundir, votes
-from ray_certseg.aggregate import PER_IMAGE_SCHEMA
+from ray_certseg import certify, votes
 from ray_certseg.certify import ABSTAIN, max_tau, min_n
-from ray_certseg.metrics import ImageStats, flat_level_stats, image_stats, level_stats
-from ray_certseg.rundir import RunDir
+from ray_certseg.job import rundir
+from ray_certseg.job.rundir import RunDir
+from ray_certseg.results import aggregate
+from ray_certseg.results.aggregate import PER_IMAGE_SCHEMA
+from ray_certseg.results.metrics import ImageStats, flat_level_stats, image_stats, level_stats
 
 log = logging.getLogger("ray_certseg")
 
@@ -230,7 +232,7 @@ class VoteFile:
 @dataclass
 class VotePlan:
     """What the reducer knows from the keys of every vote row (read before any map): the files to certify,
-    and the images like-for-like pooling leaves out (:func:`ray_certseg.aggregate.left_out`)."""
+    and the images like-for-like pooling leaves out (:func:`ray_certseg.results.aggregate.left_out`)."""
 
     files: list[VoteFile]
     left_out: pd.DataFrame
@@ -271,7 +273,7 @@ def plan_votes(fs: Any, paths: Sequence[str], records_per_row: int) -> VotePlan:
 
 
 class Records(Protocol):
-    """A map from vote rows to per-image records (:class:`GridRecords`, ``analysis.CurveRecords``): the map of
+    """A map from vote rows to per-image records (:class:`GridRecords`, ``curves.CurveRecords``): the map of
     the one chunked path (:func:`fold`)."""
 
     columns: list[str]  # the vote array columns it reads
@@ -457,7 +459,7 @@ def fold(
     """The one chunked path from stored votes to dataset rows, which every results step takes (the reducer,
     ``recertify``, the curves, the threshold sweep, the plots, the report): the keys of every vote row first
     (:func:`plan_source`: duplicates, like-for-like left-outs), then the records of ``records`` chunk by chunk,
-    each chunk passed to ``each`` (e.g. a file writer) and folded into one :class:`ray_certseg.aggregate.Pool`
+    each chunk passed to ``each`` (e.g. a file writer) and folded into one :class:`ray_certseg.results.aggregate.Pool`
     per split. Memory: one chunk, the keys and the pools' sums, never every vote row.
 
     ``splits``: name -> a mask of the chunk's records to pool there (None: all); default one split ``all``.
@@ -746,7 +748,7 @@ def infeasible_note(metrics: pd.DataFrame) -> str:
 class ReduceResult:
     """What a reduction made: the dataset rows (``metrics``), the summary, the images like-for-like pooling
     left out (None for ``pooling="all"``) and the per-image records, in canonical order
-    (:func:`ray_certseg.aggregate.canonical_order`). A streamed reduction (:func:`reduce_output`) never held
+    (:func:`ray_certseg.results.aggregate.canonical_order`). A streamed reduction (:func:`reduce_output`) never held
     the records: ``per_image`` reads them back from the file it wrote, on first use."""
 
     def __init__(
@@ -839,12 +841,12 @@ def reduce_output(
 
     It streams: a first pass reads the key columns of every vote row (:func:`plan_votes`: duplicates, the
     like-for-like left-outs), then the vote files are certified chunk by chunk; each chunk's records are
-    written to per_image.parquet and folded into :class:`ray_certseg.aggregate.Pool`'s sums, so memory holds
+    written to per_image.parquet and folded into :class:`ray_certseg.results.aggregate.Pool`'s sums, so memory holds
     a chunk, the sums (groups x C^2) and the keys, never every record.
 
     ``engine``: ``ray`` runs the map as a Ray Data stage (the job, a cluster), ``local`` in this process;
     ``auto`` picks ``ray`` when Ray is initialised. Both give identical files. ``pooling``: see
-    :func:`ray_certseg.aggregate.pool`."""
+    :func:`ray_certseg.results.aggregate.pool`."""
     run = RunDir.of(output, storage_options)
     grid = grid_from_output(run, taus, alphas, corrections, procedures)
     if pooling not in aggregate.POOLINGS:
@@ -892,7 +894,7 @@ def reduce_table(
 ) -> ReduceResult:
     """Per-image records held in memory (:func:`certify_table`'s) -> deduplicated rows, dataset metrics, the
     like-for-like left-outs and the summary (with the failed rows of ``errors``, if any): the same
-    :class:`ray_certseg.aggregate.Pool` as :func:`reduce_output`, for ``analysis.recertify``."""
+    :class:`ray_certseg.results.aggregate.Pool` as :func:`reduce_output`, for ``analysis.recertify``."""
     frame = table.to_pandas() if isinstance(table, pa.Table) else table
     per_image = aggregate.deduplicate(frame)
     metrics = aggregate.pool(per_image, pooling) if len(per_image) else pd.DataFrame(columns=aggregate.KEY)

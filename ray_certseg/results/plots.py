@@ -1,12 +1,12 @@
 """Pictures of a job's output, written into ``<output>/plots/`` (PNG, matplotlib's Agg canvas, no pyplot):
 
 - ``certified_accuracy.png``: certified accuracy vs L2 radius, one line per method (the envelope over sigma,
-  :mod:`ray_certseg.analysis`), at the alpha and correction of :func:`grid_point`;
+  :mod:`ray_certseg.results.analysis`), at the alpha and correction of :func:`grid_point`;
   ``certified_accuracy_per_sigma.png`` the per-sigma curves it is the maximum of;
   ``certified_accuracy.csv`` the numbers behind both; ``plots.json`` the grid point and radii shown;
 - ``procedures_vs_radius.png`` (when ``certify.procedures`` has more than SegCertify, e.g. hierarchical): CIG
   and abstain rate vs L2 radius, one line per (method, procedure), the sigma with the largest CIG per radius
-  (:func:`ray_certseg.analysis.procedure_curve`), numbers in ``procedures_vs_radius.csv``;
+  (:func:`ray_certseg.results.curves.procedure_curve`), numbers in ``procedures_vs_radius.csv``;
 - ``iou_per_class.png``: certified IoU per class, one bar per method, one panel per sigma, at
   :func:`grid_point` (the run's first tau, alpha, correction);
 - ``examples/<image_id>_levels.png`` (a run with a hierarchical procedure): ground truth, SegCertify's
@@ -14,7 +14,7 @@
 - ``examples/<image_id>.png``: for the first few images, one row per (method, sigma): image | ground truth |
   clean prediction | certified map (abstain white, ignore label black) | one noisy sample | its denoised
   version. The noisy sample is estimation draw 0 of the job (same seed rule,
-  :func:`ray_certseg.analysis.noisy_sample`), re-drawn here on the CPU with the run's models, for images of
+  :func:`ray_certseg.results.analysis.noisy_sample`), re-drawn here on the CPU with the run's models, for images of
   at most ``MAX_SAMPLE_PIXELS`` pixels (larger ones would make the driver run the models on the CPU).
 """
 
@@ -31,10 +31,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ray_certseg import analysis, reduce, rundir
 from ray_certseg.certify import ABSTAIN, certify, radius
 from ray_certseg.config import JobConfig
-from ray_certseg.rundir import RunDir
+from ray_certseg.job import rundir
+from ray_certseg.job.rundir import RunDir
+from ray_certseg.results import analysis, curves, reduce
 
 log = logging.getLogger("ray_certseg")
 
@@ -144,7 +145,7 @@ def class_names(cfg: JobConfig | None, num_classes: int) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- curves
 def plot_certified_accuracy(curve: pd.DataFrame, *, alpha: float, correction: str) -> Figure:
-    """The envelope curve (``analysis.certified_accuracy_curve``), one line per method, one panel per
+    """The envelope curve (``curves.certified_accuracy_curve``), one line per method, one panel per
     dataset."""
     datasets = sorted(curve["dataset"].unique()) or [""]
     fig = Figure(figsize=(5.2 * len(datasets), 3.8), dpi=DPI, layout="constrained")
@@ -184,7 +185,7 @@ def plot_certified_accuracy_per_sigma(curve: pd.DataFrame, *, alpha: float, corr
 
 
 def plot_procedures_vs_radius(curve: pd.DataFrame, *, alpha: float, correction: str) -> Figure:
-    """``analysis.procedure_curve``: CIG (left) and abstain rate (right) vs radius, one line per (method,
+    """``curves.procedure_curve``: CIG (left) and abstain rate (right) vs radius, one line per (method,
     procedure): solid SegCertify, dashed the others; one row of panels per dataset."""
     datasets = sorted(curve["dataset"].unique()) or [""]
     fig = Figure(figsize=(10.4, 3.6 * len(datasets)), dpi=DPI, layout="constrained")
@@ -429,7 +430,7 @@ def write_plots(
 ) -> list[str]:
     """Write the plots of the module docstring into ``<output>/plots/`` and return their paths. Curves use the
     alpha and correction of :func:`grid_point`, bars and strips also its tau; ``radii`` default to
-    :func:`ray_certseg.analysis.radius_grid`. ``config``: the run's configuration (the job passes its own,
+    :func:`ray_certseg.results.curves.radius_grid`. ``config``: the run's configuration (the job passes its own,
     with the secrets that ``config.json`` redacts), by default read from ``<output>/config.json``. An output
     without votes gets no plots."""
     run = RunDir.of(output, storage_options)
@@ -443,17 +444,17 @@ def write_plots(
     tau, alpha, correction = grid_point(metrics, cfg)
     written = []
     if radii is None:
-        radii = analysis.radius_grid(
+        radii = curves.radius_grid(
             scalars["sigma"].unique(),
             int(scalars["n"].max()),
             alpha,
             int((scalars["height"] * scalars["width"]).min()),
         )
-    per_sigma = analysis.certified_accuracy_curve(
+    per_sigma = curves.certified_accuracy_curve(
         run, radii, alpha=alpha, correction=correction, per_sigma=True, engine=engine
     )
-    curve = analysis.envelope(
-        per_sigma, analysis.check_radii(radii), scalars[["dataset", "method"]].drop_duplicates()
+    curve = curves.envelope(
+        per_sigma, curves.check_radii(radii), scalars[["dataset", "method"]].drop_duplicates()
     )
     written.append(
         _write(run, per_sigma.to_csv(index=False, float_format="%.6g").encode(), "certified_accuracy.csv")
@@ -490,7 +491,7 @@ def _write_procedure_curve(
     run: RunDir, cfg: JobConfig, radii: Sequence[float], alpha: float, correction: str
 ) -> list[str]:
     """``procedures_vs_radius.png`` and ``.csv`` from the votes (one chunked pass, every radius)."""
-    curve = analysis.procedure_curve(run, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
+    curve = curves.procedure_curve(run, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
     csv = _write(run, curve.to_csv(index=False, float_format="%.6g").encode(), "procedures_vs_radius.csv")
     fig = plot_procedures_vs_radius(curve, alpha=alpha, correction=correction)
     return [csv, _save(fig, run, "procedures_vs_radius.png")]

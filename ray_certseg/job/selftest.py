@@ -567,7 +567,7 @@ def run_hierarchical_selftest(
     wrong variant fails under Holm); ``thresholds`` default to the model's in :data:`HIERARCHICAL_MODELS`."""
     from types import SimpleNamespace
 
-    from ray_certseg import hierarchy
+    from ray_certseg.certify import class_tree as hierarchy
     from ray_certseg.certify.hierarchical import certify_levels
 
     if model not in HIERARCHICAL_MODELS:

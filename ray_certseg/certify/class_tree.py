@@ -5,7 +5,7 @@ levels nest: every node of level l + 1 is a union of nodes of level l. It is sto
 node id at level l of fine class c (``node[0]`` is the identity), node ids numbered 0.. per level in the order
 the file lists them.
 
-File format (YAML or JSON; ``ray_certseg/hierarchies/*.yaml`` are shipped, a user's own is accepted by path):
+File format (YAML or JSON; ``ray_certseg/certify/class_trees/*.yaml`` are shipped, a user's own is accepted by path):
 
     name: cityscapes
     classes: [road, sidewalk, ...]                 # level 0: the dataset's classes, in train-id order
@@ -149,7 +149,7 @@ def load(source: str | Path) -> Hierarchy:
     import yaml
 
     if str(source) in SHIPPED:
-        text = resources.files("ray_certseg").joinpath(f"hierarchies/{source}.yaml").read_text()
+        text = resources.files("ray_certseg.certify").joinpath(f"class_trees/{source}.yaml").read_text()
     else:
         path = Path(source).expanduser()
         if not path.is_file():

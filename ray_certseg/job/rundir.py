@@ -10,8 +10,8 @@
       _partial/            vote files a crash left half-written, set aside on resume (their rows are resampled)
       metrics/             per_image.parquet, metrics.parquet, summary.md (``reduce``; other names for recertify),
                            inputs.json (the votes, errors and config they and plots/ were made from)
-      plots/               figures (ray_certseg.plots); plots/examples/ per image
-      report.md            the report (ray_certseg.report)
+      plots/               figures (ray_certseg.results.plots); plots/examples/ per image
+      report.md            the report (ray_certseg.results.report)
 
 Every read and write goes through :meth:`RunDir.io`, which turns object-store failures into errors naming the
 bucket and never a credential (:func:`ray_certseg.storage.translate_errors`); ``repr`` shows no options.

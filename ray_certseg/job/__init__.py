@@ -1,0 +1,1 @@
+"""The Ray job: the driver's steps, preflight, the sampling actor, the run folder."""
