@@ -57,18 +57,67 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("conv", "matmul/attention", "norm", "elementwise", "copies/casts")
 aten = torch.ops.aten
 VIEWS = {
-    "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "slice", "split", "split_with_sizes",
-    "chunk", "unsqueeze", "squeeze", "t", "alias", "as_strided", "detach", "select", "unbind", "lift_fresh",
-    "_reshape_alias", "unflatten", "flatten", "narrow",
-}  # fmt: skip
-NORMS = {"native_group_norm", "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
-         "_native_batch_norm_legit", "group_norm", "layer_norm"}  # fmt: skip
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "transpose",
+    "permute",
+    "expand",
+    "slice",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "alias",
+    "as_strided",
+    "detach",
+    "select",
+    "unbind",
+    "lift_fresh",
+    "_reshape_alias",
+    "unflatten",
+    "flatten",
+    "narrow",
+}
+NORMS = {
+    "native_group_norm",
+    "native_layer_norm",
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "group_norm",
+    "layer_norm",
+}
 ALLOCATIONS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}  # no kernel
-COPIES = {"_to_copy", "copy_", "clone", "cat", "contiguous", "constant_pad_nd", "reflection_pad2d",
-          "replication_pad2d", "stack", "zeros_like", "fill_"}  # fmt: skip
-MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "_softmax", "_safe_softmax", "_scaled_dot_product_flash_attention",
-           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
-           "_scaled_dot_product_cudnn_attention", "scaled_dot_product_attention"}  # fmt: skip
+COPIES = {
+    "_to_copy",
+    "copy_",
+    "clone",
+    "cat",
+    "contiguous",
+    "constant_pad_nd",
+    "reflection_pad2d",
+    "replication_pad2d",
+    "stack",
+    "zeros_like",
+    "fill_",
+}
+MATMULS = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "matmul",
+    "_softmax",
+    "_safe_softmax",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_cudnn_attention",
+    "scaled_dot_product_attention",
+}
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -301,14 +350,18 @@ def main(argv: list[str] | None = None) -> int:
         total_flops = sum(per_sample.flops.values())
         predicted = sum(seconds.values())
         non_matmul = sum(per_sample.bytes[c] for c in ("norm", "elementwise", "copies/casts"))
-        print(f"\n## {shape['name']}: {shape['height']}x{shape['width']}, {shape['resolution']} "
-              f"({forwards} ADM forwards per sample), {shape['samples'] + 1} samples per (image, sigma)\n")  # fmt: skip
+        print(
+            f"\n## {shape['name']}: {shape['height']}x{shape['width']}, {shape['resolution']} "
+            f"({forwards} ADM forwards per sample), {shape['samples'] + 1} samples per (image, sigma)\n"
+        )
         print(
             "| op class | launches | TFLOP | GB moved | predicted ms | share of time |\n|---|---|---|---|---|---|"
         )
         for c in CLASSES:
-            print(f"| {c} | {per_sample.launches[c]:.0f} | {per_sample.flops[c] / 1e12:.3f} | "
-                  f"{per_sample.bytes[c] / 1e9:.2f} | {1e3 * seconds[c]:.1f} | {seconds[c] / predicted:.2f} |")  # fmt: skip
+            print(
+                f"| {c} | {per_sample.launches[c]:.0f} | {per_sample.flops[c] / 1e12:.3f} | "
+                f"{per_sample.bytes[c] / 1e9:.2f} | {1e3 * seconds[c]:.1f} | {seconds[c] / predicted:.2f} |"
+            )
         row = {
             "config": shape["name"],
             "forwards_per_sample": forwards,

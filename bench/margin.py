@@ -36,8 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_certseg.certify import ABSTAIN, select
-from ray_certseg.certify import class_tree as hierarchies
+from ray_certseg.certify import ABSTAIN, class_tree, select
 from ray_certseg.certify.hierarchical import certify_levels
 from ray_certseg.config import load_config
 from ray_certseg.data import list_items, load_item
@@ -80,7 +79,7 @@ def softmax_margin(mean_softmax: np.ndarray) -> np.ndarray:
 
 
 def score(
-    rec: Any, h: hierarchies.Hierarchy, thresholds: tuple[float, ...], tau: float, alpha: float
+    rec: Any, h: class_tree.Hierarchy, thresholds: tuple[float, ...], tau: float, alpha: float
 ) -> np.ndarray:
     """(labelled pixels, certified pixels, correct pixels, information gained) of one row."""
     cert = certify_levels(rec, h, thresholds, tau=tau, alpha=alpha, correction="holm")
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.batch_size < s.n0:
         raise SystemExit(f"sampling.batch_size {s.batch_size} < n0 {s.n0}: S0 must fit in the first batch")
     tau, alpha = c.taus[0], c.alphas[0]
-    h = hierarchies.load(cfg.dataset.hierarchy)
+    h = class_tree.load(cfg.dataset.hierarchy)
     sigmas = s.sigmas[:1] if args.quick else s.sigmas
     refs = list_items(cfg.dataset)[: 2 if args.quick else args.images]
     candidates = sorted(set(grid(0.5 if args.quick else 0.1)) | {DEMO_THRESHOLDS})
@@ -134,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         f"demo margins: {len(refs)} images, sigmas {list(sigmas)}, n0={s.n0}, n={s.n}, tau={tau}, alpha={alpha}, "
         f"holm, hierarchy {h.name}, {len(candidates)} threshold functions (t2 = 0)\n"
     )
-    print("| method | sigma | margin | abstain @0.7,0.5,0 | CIG @0.7,0.5,0 | best on all: thresholds | abstain | CIG "
-          "| 2-fold held out: abstain | CIG |")  # fmt: skip
+    print(
+        "| method | sigma | margin | abstain @0.7,0.5,0 | CIG @0.7,0.5,0 | best on all: thresholds | abstain | CIG "
+        "| 2-fold held out: abstain | CIG |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         name = cfg.methods[method].segmenter

@@ -61,9 +61,9 @@ COLUMNS = {  # the vote columns each step reads (its I/O floor)
 def write_run(root: Path, images: int, height: int, width: int) -> None:
     """The synthetic vote files (one per image) and a config.json with the paper's certify section."""
     from ray_certseg import votes
-    from ray_certseg.certify import class_tree as hierarchy
+    from ray_certseg.certify import class_tree
 
-    h = hierarchy.load(TREE)
+    h = class_tree.load(TREE)
     rng = np.random.default_rng(0)
     shape = (height, width)
     # files as the job writes them (ray.rows_per_file auto): as many rows as fit 64 MiB in memory

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ray_certseg.results import image_records
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as B
@@ -61,17 +63,29 @@ def config(manifest: Path, weights: Path, output: Path, images: int) -> dict[str
     return {
         "name": "scale",
         "output": str(output),
-        "dataset": {"kind": "manifest", "manifest": str(manifest), "name": "scale", "num_classes": CLASSES,
-                    "limit": images},
-        "models": {"segmenters": {"seg": {
-            "kind": "module", "factory": "ray_certseg.models.tiny:tiny_segnet",
-            "kwargs": {"num_classes": CLASSES, "width": 8}, "weights": str(weights), "num_classes": CLASSES,
-        }}},
+        "dataset": {
+            "kind": "manifest",
+            "manifest": str(manifest),
+            "name": "scale",
+            "num_classes": CLASSES,
+            "limit": images,
+        },
+        "models": {
+            "segmenters": {
+                "seg": {
+                    "kind": "module",
+                    "factory": "ray_certseg.models.tiny:tiny_segnet",
+                    "kwargs": {"num_classes": CLASSES, "width": 8},
+                    "weights": str(weights),
+                    "num_classes": CLASSES,
+                }
+            }
+        },
         "methods": {"plain": {"segmenter": "seg"}},
         "sampling": {"sigmas": [0.25], "n0": 1, "n": 20, "batch_size": 21, "seed": 0, "device": "cpu"},
         "certify": {"taus": [0.6], "alphas": [0.1], "corrections": ["holm"]},
         "ray": {"actors": 2, "num_cpus_per_actor": 0.875},
-    }  # fmt: skip
+    }
 
 
 def one_size(config_path: str) -> dict[str, Any]:
@@ -104,12 +118,19 @@ def one_size(config_path: str) -> dict[str, Any]:
     reduce.reduce_output(run, engine="local")
     reducing = time.perf_counter() - t
     return {
-        "images": cfg.dataset.limit, "rows": rows, "startup_s": startup, "planning_s": planning,
-        "sampling_s": sampling, "reducing_s": reducing, "files": len(files), "bytes_per_row": nbytes / rows,
-        "rss_planned_mib": rss_planned, "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "images": cfg.dataset.limit,
+        "rows": rows,
+        "startup_s": startup,
+        "planning_s": planning,
+        "sampling_s": sampling,
+        "reducing_s": reducing,
+        "files": len(files),
+        "bytes_per_row": nbytes / rows,
+        "rss_planned_mib": rss_planned,
+        "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "actor_cpu_per_row_ms": 1000 * (actors1 - actors0) / rows,
         "count_votes_per_row_ms": 1000 * float(seconds.mean()),
-    }  # fmt: skip
+    }
 
 
 REDUCER_GRID = {
@@ -135,10 +156,11 @@ def reduce_one(output: str, mode: str) -> dict[str, Any]:
     if mode == "stream":
         reduce.reduce_output(run, **REDUCER_GRID, engine="local", into="reductions/bench")
     else:
-        grid = reduce.Grid(*(tuple(REDUCER_GRID[k]) for k in ("taus", "alphas", "corrections")))
+        grid = image_records.Grid(*(tuple(REDUCER_GRID[k]) for k in ("taus", "alphas", "corrections")))
         fs, files = run.vote_files()
         tables = [
-            reduce.certify_table(pq.read_table(f, filesystem=fs, partitioning=None), grid) for f in files
+            image_records.certify_table(pq.read_table(f, filesystem=fs, partitioning=None), grid)
+            for f in files
         ]
         reduce.reduce_table(pa.concat_tables(tables))
     seconds = time.perf_counter() - t
@@ -181,8 +203,11 @@ def measure(size: int, tmp: Path, data: Path, weights: Path, per_image: bool = F
         start = time.perf_counter()
         rerun = subprocess.run(
             [sys.executable, str(ROOT / "jobs" / "certify.py"), "--config", str(path)],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         result[name] = time.perf_counter() - start
         as_expected = "0 to sample" in rerun.stderr and ("up to date with votes/" in rerun.stderr) == skipped
         if rerun.returncode != 0 or not as_expected:
@@ -232,9 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{B.machine()}\n{max(sizes)} images written in {time.perf_counter() - start:.0f} s\n", flush=True
         )
-        headers = ["images", "rows", "ray start s", "plan s", "sample+write s", "reduce s", "vote files",
-                   "bytes/row", "driver MiB (planned / peak)", "sampler rows/s", "actor ms/row",
-                   "of which count_votes", "reducer rows/s", "rerun s (certify + plot / no-op)"]  # fmt: skip
+        headers = [
+            "images",
+            "rows",
+            "ray start s",
+            "plan s",
+            "sample+write s",
+            "reduce s",
+            "vote files",
+            "bytes/row",
+            "driver MiB (planned / peak)",
+            "sampler rows/s",
+            "actor ms/row",
+            "of which count_votes",
+            "reducer rows/s",
+            "rerun s (certify + plot / no-op)",
+        ]
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers), flush=True)
         before = {int(s) for s in args.per_image.split(",") if s}
         reducers: dict[int, dict[str, Any]] = {}
@@ -260,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
             if not per_image:
                 reducers[size] = measure_reducer(tmp / f"out{size}")
         points = len(REDUCER_GRID["taus"]) * len(REDUCER_GRID["alphas"]) * len(REDUCER_GRID["corrections"])
-        headers = ["grid points", "images", "streamed: driver MiB grown / s", "in memory: driver MiB grown / s",
-                   "memory ratio (in memory / streamed)"]  # fmt: skip
+        headers = [
+            "grid points",
+            "images",
+            "streamed: driver MiB grown / s",
+            "in memory: driver MiB grown / s",
+            "memory ratio (in memory / streamed)",
+        ]
         print("\nReducer alone, in its own process per mode, side by side on the same votes:\n")
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers), flush=True)
         for size, r in reducers.items():

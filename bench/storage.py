@@ -7,7 +7,7 @@ per-pixel column (label, c_hat, k, clean_pred; compressed column-chunk sizes fro
 of everything else (per-row scalars, footers); the hierarchy columns of vote schema 2 (margin, c_hat_levels,
 k_levels) are reported apart, what a job naming ``dataset.hierarchy`` adds. Target: <= 1.5 B/pixel (raw: 1 + 1 + 2 + 1 = 5 B/pixel).
 
-Reducer: the map of ``reduce.reduce_output`` (``reduce.chunks`` in this process: read, CERTIFY for every
+Reducer: the map of ``reduce.reduce_output`` (``stream.chunks`` in this process: read, CERTIFY for every
 grid point, confusion matrices; the reducer's unit of work in or out of Ray) on those votes and on a Cityscapes-sized table (1024 x 2048
 maps tiled from the demo votes; for throughput only: tiling makes it compress unrealistically well), in
 pixels per second, counting each pixel once per grid point (tau 0.75, alpha 1e-3, Holm and Bonferroni).
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ray_certseg.results import image_records, stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -119,13 +121,12 @@ def tiled_table(votes: Path, height: int, width: int, rows: int):
 def reducer_rate(votes: Path, grid) -> tuple[float, float]:
     """(seconds, pixel-grid-points per second) of one pass of the reducer's map over ``votes`` (best of 3)."""
     from ray_certseg.job.rundir import RunDir
-    from ray_certseg.results import reduce
 
     run = RunDir(str(votes.parent))  # the run folder whose votes/ this is
-    records = reduce.GridRecords(grid)
+    records = image_records.GridRecords(grid)
 
     def one_pass() -> None:
-        for _ in reduce.chunks(run, reduce.plan_run(run, records.per_row), records):
+        for _ in stream.chunks(run, stream.plan_run(run, records.per_row), records):
             pass
 
     seconds = min(B.timed(one_pass) for _ in range(3))
@@ -135,14 +136,13 @@ def reducer_rate(votes: Path, grid) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     from ray_certseg import votes as V
-    from ray_certseg.results import reduce
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--votes", type=Path, help="measure this votes folder instead of running the demo job")
     p.add_argument("--images", type=int, default=8, help="demo images to sample (without --votes)")
     p.add_argument("--quick", action="store_true", help="random tiny models, 2 images (a smoke run)")
     args = p.parse_args(argv)
-    grid = reduce.Grid(taus=(0.75,), alphas=(0.001,), corrections=("holm", "bonferroni"))
+    grid = image_records.Grid(taus=(0.75,), alphas=(0.001,), corrections=("holm", "bonferroni"))
     with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             f"hierarchy columns (dataset.hierarchy; raw 2 + 3 L B) {sum(s[c] for c in HIERARCHY_COLUMNS) / px:.3f}"
         ),
         "",
-        B.table(["reducer: reduce.chunks, 1 process", "rows", "seconds", "Mpixel-gridpoints/s"], reducer),
+        B.table(["reducer: stream.chunks, 1 process", "rows", "seconds", "Mpixel-gridpoints/s"], reducer),
         f"grid: {len(list(grid))} points (tau 0.75, alpha 0.001, holm + bonferroni)",
     ]
     print("\n".join(lines))

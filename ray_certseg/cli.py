@@ -22,7 +22,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,82 +39,6 @@ def _setup_logging() -> None:
     )
 
 
-_started_ray = False  # whether this process's init_ray connected or started Ray (so main may shut it down)
-
-
-def init_ray(address: str | None, runtime_env: dict | None = None) -> None:
-    """Attach to ``address`` / ``RAY_ADDRESS`` when given, else start a private local instance. ``runtime_env``
-    (``ray.runtime_env``) is the job's: Ray uploads its local ``py_modules`` / ``working_dir`` and merges it
-    with the runtime env of a job submitted with ``ray job submit``."""
-    global _started_ray
-    import ray
-
-    if ray.is_initialized():
-        if runtime_env:
-            log.warning(
-                "Ray is already initialised in this process: ray.runtime_env %s is not applied",
-                sorted(runtime_env),
-            )
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=True,
-            logging_level="warning",
-            runtime_env=runtime_env,
-        )
-    _started_ray = True
-
-
-def _stop_ray() -> None:
-    """Shut down the Ray connection this process made (flushing the workers' log lines first), so that the
-    job's own error is the last line a person reads."""
-    global _started_ray
-    if _started_ray:
-        import ray
-
-        ray.shutdown()
-        _started_ray = False
-
-
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a `ray job submit` driver
-
-
-def interactive_terminal(stream: Any = None, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether a person watches this driver: its stderr is a terminal, it is not a `ray job submit` entrypoint
-    (whose output goes to the job log) and RAY_DATA_DISABLE_PROGRESS_BARS is not 1."""
-    stream = sys.stderr if stream is None else stream
-    environ = os.environ if environ is None else environ
-    isatty = getattr(stream, "isatty", None)
-    return (
-        bool(isatty and isatty())
-        and SUBMITTED_JOB_ENV not in environ
-        and environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
-    )
-
-
-CORE_WORKER_NOTE = (
-    "Ray logs one core_worker.cc error per sampling actor, 'has constructor arguments in the object store "
-    "and max_restarts > 0' (ray-project/ray#53727). Ray Data itself passes its context and the sampler "
-    "through the object store and restarts pool actors by default; those objects live as long as the job, "
-    "so an actor that is restarted (e.g. after a lost node) still finds them. It is expected here; turning "
-    "restarts off to silence it would cost that fault tolerance."
-)
-
-
-def _configure_ray_data(interactive: bool) -> None:
-    """Progress bars for a person at a terminal; periodic log lines (see pipeline.Progress) otherwise."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = interactive
-    ctx.print_on_execution_start = interactive
-
-
 def _resolve_config_path(path: str) -> str:
     p = Path(path)
     if not p.exists() and not p.is_absolute() and (REPO / p).exists():
@@ -125,113 +48,40 @@ def _resolve_config_path(path: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ray_certseg.config import load_config
-    from ray_certseg.job import pipeline, rundir
-    from ray_certseg.results import reduce
+    from ray_certseg.job.run import run_job
 
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"output={args.output}")
     cfg = load_config(_resolve_config_path(args.config), overrides)
-    job_plan = pipeline.prepare_run(cfg, overwrite=args.overwrite)  # job-level faults fail here, before Ray
-    if job_plan.pending:  # a finished job resumes without starting Ray: it only reduces again
-        init_ray(cfg.ray.address, cfg.ray.runtime_env)
-        interactive = interactive_terminal()
-        _configure_ray_data(interactive)
-        interval = (
-            args.progress_interval if args.progress_interval is not None else (0.0 if interactive else 30.0)
-        )
-        log.info("%s", CORE_WORKER_NOTE)
-        pipeline.run_sampling(cfg, progress_interval=interval, job_plan=job_plan)
-    run = rundir.RunDir.of_config(cfg)
-    errors = pipeline.gather_errors(cfg)
-    inputs = reduce.inputs_of(run)
-    paths = (
-        f"\nfull table (every grid point, Dice, worst-case bounds, clean and majority-vote accuracy, failed "
-        f"rows): {run.metrics()}/summary.md and metrics.csv\nvotes:   {run.votes}/\nmetrics: {run.metrics()}/ "
-        f"(metrics.csv, metrics.parquet, per_image.parquet, summary.md)\n"
-        f"errors:  {run.path(rundir.ERRORS)} ({errors.num_rows} failed rows)"
-    )
-    headline = lambda metrics: reduce.with_errors(  # the failed rows next to the numbers they miss
-        reduce.headline_markdown(
-            metrics, reduce.grid_from_output(run, None, None, None), list(cfg.methods), errors.num_rows
-        ),
-        errors,
-    )
-    if not job_plan.pending and reduce.is_current(run, inputs):  # a finished job rerun: nothing to redo
-        log.info(
-            "metrics/ and plots/ are up to date with votes/ and the config: not certified again "
-            "(`ray-certseg reduce %s` does, `ray-certseg report %s --replot` redraws)",
-            run.url,
-            run.url,
-        )
-        print(headline(run.read_table(rundir.METRICS, "metrics.parquet").to_pandas()) + "\n" + paths)
-        print(f"plots:   {run.plots}/")
-        return 1 if errors.num_rows else 0
-    result = reduce.reduce_output(run, errors=errors)
-    print(headline(result.metrics) + "\n" + paths)
-    try:
-        from ray_certseg.results import plots
-
-        plots.write_plots(run, config=cfg)
-        print(f"plots:   {run.plots}/ (`ray-certseg report {run.url}` writes report.md)")
-    except Exception as exc:  # noqa: BLE001 - pictures are a convenience: the results above are complete
-        log.warning(
-            "plots not written (%s: %s); the votes and metrics are complete",
-            type(exc).__name__,
-            run.redact(str(exc)),
-        )
-    return 1 if errors.num_rows else 0
+    result = run_job(cfg, overwrite=args.overwrite, progress_interval=args.progress_interval)
+    print(result.summary())
+    return result.exit_code
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    from ray_certseg.job.rundir import METRICS, RunDir
     from ray_certseg.results import reduce
 
-    run, into = RunDir.of(args.output), METRICS
     procedures = [_procedure_entry(text) for text in args.procedure or []]
-    if args.thresholds:  # --procedure hierarchical --thresholds 0.5,0.3,0 [--hierarchy NAME]
-        tree = args.hierarchy or _run_hierarchy(args.output)
-        procedures = [
-            {"procedure": "hierarchical", "params": {"hierarchy": tree, "thresholds": t}}
-            for e in procedures or ["hierarchical"]
-            if e == "hierarchical"
-            for t in args.thresholds
-        ] + [e for e in procedures if e != "hierarchical"]
-    changed = args.tau or args.alpha or args.correction or procedures or args.name or args.all_rows
-    if not args.replace_metrics and changed:
-        grid = reduce.grid_from_output(run, args.tau, args.alpha, args.correction, procedures)
-        into = f"reductions/{args.name or reduce.reduction_name(grid, 'all' if args.all_rows else 'common')}"
-    result = reduce.reduce_output(
-        run,
+    result, into = reduce.reduce_again(
+        args.output,
         taus=args.tau,
         alphas=args.alpha,
         corrections=args.correction,
-        procedures=procedures or None,
-        into=into,
+        procedures=procedures,
+        thresholds=args.thresholds,
+        hierarchy=args.hierarchy,
+        name=args.name,
         pooling="all" if args.all_rows else "common",
+        replace_metrics=args.replace_metrics,
     )
-    print(result.summary_markdown)
-    print(
-        f"\nmetrics: {run.metrics(into=into)}/ (metrics.csv, metrics.parquet, per_image.parquet, "
-        "summary.md)" + ("" if into == METRICS else f"; the run's own rows stay in {run.metrics()}/")
-    )
+    print(result.summary_markdown + "\n\n" + reduce.where_written(args.output, into))
     return 0
-
-
-def _run_hierarchy(output: str) -> str:
-    """The run's ``dataset.hierarchy`` (its config.json), for ``--thresholds`` without ``--hierarchy``."""
-    from ray_certseg.results.analysis import load_config
-
-    tree = load_config(output).dataset.hierarchy
-    if tree is None:
-        raise ValueError(
-            f"{output} was sampled without dataset.hierarchy: hierarchical certification needs it"
-        )
-    return tree
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ray_certseg.results import curves
+    from ray_certseg.results.reduce import run_hierarchy
 
     held = None
     if args.held_out:
@@ -240,7 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     table = curves.sweep_thresholds(
         args.output,
         args.thresholds,
-        hierarchy=args.hierarchy or _run_hierarchy(args.output),
+        hierarchy=args.hierarchy or run_hierarchy(args.output),
         tau=args.tau,
         alpha=args.alpha,
         correction=args.correction,
@@ -274,7 +124,7 @@ def _procedure_entry(text: str) -> Any:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from ray_certseg.job.selftest import run_hierarchical_selftest, run_selftest
+    from ray_certseg.selftest import run_hierarchical_selftest, run_selftest
 
     common = {
         "images": args.images,
@@ -470,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
+    from ray_certseg.job import session
     from ray_certseg.job.preflight import JobError
     from ray_certseg.storage import StorageError
 
@@ -478,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError, StorageError, JobError) as exc:
         if args.debug or os.environ.get("RAY_CERTSEG_DEBUG"):
             raise
-        _stop_ray()
+        session.stop_ray()
         print(f"ray-certseg: error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,17 +216,7 @@ class _BaseClassifier:
         return labels, torch.isfinite(top).all()
 
 
-def _vote(
-    classify: _BaseClassifier,
-    x: Tensor,
-    *,
-    sigma: float,
-    n0: int,
-    n: int,
-    batch_size: int,
-    base: int,
-    num_classes: int,
-) -> tuple[Tensor, Tensor]:
+def _vote(classify: _BaseClassifier, x: Tensor, spec: SamplingSpec, base: int) -> tuple[Tensor, Tensor]:
     """Both sample sets in one stream of n0 + n draws, in ceil((n0 + n) / batch_size) batches:
 
         counts[0, c, i] = #{j < n0 : f_i(x + sigma eps_j^(0)) = c}      (S0, selection)
@@ -238,7 +230,8 @@ def _vote(
     Returns (counts (2 C, H*W) int32 on x's device, S0's then S's; 0-d bool: all logits were finite).
     """
     _, h, w = x.shape
-    total = n0 + n
+    sigma, n0, batch_size, num_classes = spec.sigma, spec.n0, spec.batch_size, spec.num_classes
+    total = n0 + spec.n
     b_max = min(batch_size, total)
     counts = torch.zeros(2 * num_classes, h * w, dtype=torch.int32, device=x.device)
     ones = torch.ones(b_max, h * w, dtype=torch.int32, device=x.device)
@@ -258,83 +251,101 @@ def _vote(
     return counts, finite
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How one image is sampled at one sigma: n0 selection and n estimation draws of f(x + delta),
+    delta ~ N(0, sigma^2 I), ``batch_size`` draws per model call, noise seeded from ``seed`` (per image and
+    draw, :func:`sample_seed`), C = ``num_classes``. ``device`` (default CPU) holds the models' inputs and the
+    counts; ``autocast_dtype`` (bf16/fp16) runs the models under ``torch.autocast``; ``channels_last`` feeds
+    channels_last batches; ``return_counts`` copies the (C, H, W) counts to the host; ``hierarchy_index``
+    (:func:`level_index` of ``Hierarchy.node[1:]``) also counts the votes of every level. Checked when made."""
+
+    sigma: float
+    n0: int
+    n: int
+    num_classes: int
+    batch_size: int
+    seed: int
+    device: torch.device | str | None = None
+    autocast_dtype: torch.dtype | str | None = None
+    channels_last: bool = False
+    return_counts: bool = False
+    hierarchy_index: Sequence[tuple[Tensor, int]] | None = None
+
+    def __post_init__(self) -> None:
+        sigma = float(self.sigma)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+        object.__setattr__(self, "sigma", sigma)
+        for name in ("n0", "n", "num_classes", "batch_size"):
+            object.__setattr__(self, name, _check_count(name, getattr(self, name), 1))
+
+    def at(self, sigma: float) -> SamplingSpec:
+        """The same sampling at another sigma."""
+        return dataclasses.replace(self, sigma=sigma)
+
+
 def count_votes(
     image: Tensor | np.ndarray,
     segmenter: SegmenterFn,
+    spec: SamplingSpec | None = None,
     *,
     denoiser: Denoiser | None = None,
-    sigma: float,
-    n0: int,
-    n: int,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
     image_id: str = "",
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | str | None = None,
-    channels_last: bool = False,
-    return_counts: bool = False,
-    hierarchy_index: Sequence[tuple[Tensor, int]] | None = None,
+    **fields: Any,
 ) -> Votes:
     """Draw n0 selection and n estimation samples of f(x + delta), delta ~ N(0, sigma^2 I), and count votes.
 
     image: float (3, H, W) in [0, 1] or uint8 H x W x 3. segmenter: (B, 3, H, W) in [0, 1] -> logits
     (B, num_classes, H, W). denoiser: ``(noisy, sigma) -> denoised`` or None (no denoising, SegCertify).
+    ``spec``: the :class:`SamplingSpec`, or its fields as keywords (``sigma=0.25, n0=10, ...``).
     The noise is added here, in [0, 1] space at the image resolution; the denoiser gets sigma to pick its
     timestep. Exactly n0 and n draws whatever ``batch_size``, in 1 + ceil((n0 + n) / batch_size) model calls
-    (the clean image, then both sets in one stream); memory O(C H W + batch_size H W).
-    ``device`` (default CPU) holds the models' inputs and the counts; ``autocast_dtype`` (bf16/fp16) runs the
-    models under ``torch.autocast``; ``channels_last`` feeds channels_last batches.
-    ``hierarchy_index``: for hierarchical certification, :func:`level_index` of ``Hierarchy.node[1:]`` (made
-    once per actor); the S0 margin and every level's c_hat and k are then counted on the device
+    (the clean image, then both sets in one stream); memory O(C H W + batch_size H W). With
+    ``hierarchy_index`` the S0 margin and every level's c_hat and k are counted on the device
     (:func:`level_votes`) and returned as ``margin``, ``c_hat_levels``, ``k_levels``.
     Raises ValueError if the segmenter produces non-finite (NaN/Inf) logits.
     """
-    sigma = float(sigma)
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    n0, n = _check_count("n0", n0, 1), _check_count("n", n, 1)
-    num_classes, batch_size = (
-        _check_count("num_classes", num_classes, 1),
-        _check_count("batch_size", batch_size, 1),
-    )
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if spec is None:
+        spec = SamplingSpec(**fields)
+    elif fields:
+        spec = dataclasses.replace(spec, **fields)
+    C = spec.num_classes
+    dev = torch.device(spec.device) if spec.device is not None else torch.device("cpu")
     classify = _BaseClassifier(
-        segmenter, denoiser, num_classes, dev, resolve_dtype(autocast_dtype), channels_last
+        segmenter, denoiser, C, dev, resolve_dtype(spec.autocast_dtype), spec.channels_last
     )
-    base = noise_seed(seed, image_id, sigma)
+    base = noise_seed(spec.seed, image_id, spec.sigma)
     start = time.perf_counter()
     with torch.inference_mode():
         x = _as_image(image).to(dev)
         clean, clean_ok = classify(x[None], 0.0)
-        both, ok = _vote(
-            classify, x, sigma=sigma, n0=n0, n=n, batch_size=batch_size, base=base, num_classes=num_classes
-        )
+        both, ok = _vote(classify, x, spec, base)
         if not bool(clean_ok & ok):
             raise ValueError(
                 f"the segmenter produced non-finite logits (NaN/Inf) for image {image_id!r} at "
-                f"sigma={sigma}; check the model weights, the autocast dtype (fp16 overflow) and its input"
+                f"sigma={spec.sigma}; check the model weights, the autocast dtype (fp16 overflow) and its input"
             )
         _, h, w = x.shape
         levels = None
-        if hierarchy_index is not None:
+        if spec.hierarchy_index is not None:
             levels = [
                 a.reshape(-1, h, w).cpu().numpy()
-                for a in level_votes(both[:num_classes], both[num_classes:], hierarchy_index)
+                for a in level_votes(both[:C], both[C:], spec.hierarchy_index)
             ]
-        counts0, counts = both.reshape(2, num_classes, h, w)
+        counts0, counts = both.reshape(2, C, h, w)
         c_hat_t, k_t = select_on_device(counts0, counts)
         # (H, W) maps are what reaches the host, narrowed on the device first (1 byte per pixel for c_hat and
         # the clean prediction when C <= 256, instead of int64's 8)
-        small = getattr(torch, np.dtype(class_dtype(num_classes)).name)
+        small = getattr(torch, np.dtype(class_dtype(C)).name)
         c_hat = c_hat_t.to(small).cpu().numpy()
         k = k_t.cpu().numpy()
         clean_np = clean[0].to(small).cpu().numpy()
-        kept = (counts0.cpu().numpy(), counts.cpu().numpy()) if return_counts else (None, None)
+        kept = (counts0.cpu().numpy(), counts.cpu().numpy()) if spec.return_counts else (None, None)
     return Votes(
         counts0=kept[0],
         c_hat=c_hat,
-        k=k.astype(np.uint16 if n < 2**16 else np.int32),
+        k=k.astype(np.uint16 if spec.n < 2**16 else np.int32),
         clean_pred=clean_np.astype(c_hat.dtype),
         seconds=time.perf_counter() - start,
         counts=kept[1],

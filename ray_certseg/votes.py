@@ -122,6 +122,27 @@ class VoteRecord:
     c_hat_levels: np.ndarray | None = None
     k_levels: np.ndarray | None = None
 
+    @classmethod
+    def from_votes(
+        cls, v: Any, spec: Any, *, label: np.ndarray, hierarchy: str | None = None, **ids: Any
+    ) -> VoteRecord:
+        """The row of one image's votes: ``v`` (``sampling.Votes``: the maps and the sampling time) counted
+        as ``spec`` says (``sampling.SamplingSpec``), with the ground truth ``label``, the digest of the
+        ``hierarchy`` whose levels ``v`` holds (if any) and the row's ``ids`` (image_id, dataset, method,
+        denoiser, segmenter, ignore_index)."""
+        maps = ("c_hat", "k", "clean_pred", "counts", "margin", "c_hat_levels", "k_levels")
+        height, width = v.c_hat.shape
+        return cls(
+            **ids,
+            **{name: getattr(spec, name) for name in ("sigma", "n0", "n", "seed", "num_classes")},
+            **{name: getattr(v, name) for name in maps},
+            height=height,
+            width=width,
+            label=label,
+            sample_seconds=v.seconds,
+            hierarchy=hierarchy,
+        )
+
 
 def _as_record(row: VoteRecord | Mapping[str, Any], index: int) -> VoteRecord:
     if isinstance(row, VoteRecord):

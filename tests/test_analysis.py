@@ -21,7 +21,7 @@ from ray_certseg.certify import ABSTAIN, certify
 from ray_certseg.job.rundir import RunDir
 from ray_certseg.models.segmenters import Segmenter
 from ray_certseg.models.tiny import tiny_segnet
-from ray_certseg.results import plots, reduce
+from ray_certseg.results import drawing, plots, reduce, stream
 from ray_certseg.sampling import count_votes
 
 ALPHA = 0.1
@@ -249,7 +249,7 @@ def test_votes_and_metrics_load_from_s3_like_local(syn_votes, monkeypatch):
 
 
 def test_colourize_marks_abstain_white_and_ignore_black():
-    rgb = plots.colourize(np.array([[0, 1, ABSTAIN, IGNORE]]), 3, IGNORE)
+    rgb = drawing.colourize(np.array([[0, 1, ABSTAIN, IGNORE]]), 3, IGNORE)
     np.testing.assert_array_equal(rgb[0, 2], [1, 1, 1])
     np.testing.assert_array_equal(rgb[0, 3], [0, 0, 0])
     assert not np.allclose(rgb[0, 0], rgb[0, 1])
@@ -387,7 +387,7 @@ def test_plots_and_report_read_the_votes_a_chunk_or_one_strip_at_a_time(job, mon
     """Every reader of stored votes takes the chunked path: with chunks of one vote row, drawing every plot
     again and writing the report decode the maps of at most one image's rows at once (an example strip: 2
     methods x 2 sigmas), never the run's 16 rows."""
-    monkeypatch.setattr(reduce, "CHUNK_BYTES", 1)  # one vote row per chunk
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)  # one vote row per chunk
     reads = MapReads(monkeypatch)
     assert cli.main(["report", str(job["out"]), "--replot"]) == 0
     assert reads.rows and max(reads.rows) <= 4

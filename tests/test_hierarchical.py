@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from ray_certseg import analysis, certify, cli, votes
-from ray_certseg.certify import class_tree as hierarchy
+from ray_certseg.certify import class_tree
 from ray_certseg.certify.hierarchical import HierarchicalParams, certify_hierarchical, choose_level
 from ray_certseg.config import ConfigError, JobConfig, load_config
 from ray_certseg.job.preflight import check_hierarchies
+from ray_certseg.results import examples
 from ray_certseg.results.metrics import level_stats
 from ray_certseg.sampling import level_index, level_votes
 
@@ -33,7 +34,7 @@ TOY = {"name": "toy", "classes": ["a", "b", "c", "d"], "levels": [{"ab": ["a", "
 
 def test_the_shipped_hierarchies_partition_their_classes_at_every_level_and_nest():
     for name, classes in (("cityscapes", 19), ("pascal_context59", 59), ("demo", 7)):
-        h = hierarchy.load(name)
+        h = class_tree.load(name)
         assert h.num_classes == classes
         for level in range(1, h.num_levels):
             assert h.sizes(level).sum() == classes and (h.sizes(level) > 0).all()
@@ -41,8 +42,8 @@ def test_the_shipped_hierarchies_partition_their_classes_at_every_level_and_nest
             if level + 1 < h.num_levels:
                 for v in range(len(h.names[level])):
                     assert len(set(h.node[level + 1][h.node[level] == v])) == 1
-        assert hierarchy.from_dict(h.to_dict()).digest == h.digest
-    cs = hierarchy.load("cityscapes")
+        assert class_tree.from_dict(h.to_dict()).digest == h.digest
+    cs = class_tree.load("cityscapes")
     assert cs.names[1] == ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
     assert [cs.names[1][v] for v in cs.node[1][[0, 13, 14, 11]]] == ["flat", "vehicle", "vehicle", "human"]
 
@@ -65,14 +66,14 @@ def test_the_shipped_hierarchies_partition_their_classes_at_every_level_and_nest
 )
 def test_a_bad_hierarchy_file_is_refused_with_the_reason(levels, message):
     with pytest.raises(ValueError, match=message):
-        hierarchy.from_dict({**TOY, "levels": levels})
+        class_tree.from_dict({**TOY, "levels": levels})
 
 
 # --- votes per level ------------------------------------------------------------------------------------
 
 
 def test_level_votes_sum_fine_votes_per_node_and_break_ties_to_the_lowest_node():
-    h = hierarchy.from_dict(TOY)
+    h = class_tree.from_dict(TOY)
     rng = np.random.default_rng(3)
     counts0 = rng.integers(0, 6, (4, 200)).astype(np.int32)
     counts0[:, 0] = [1, 1, 2, 0]  # a tie at level 1: ab = cd = 2 -> node 0; fine margin 2 - 1 = 1
@@ -93,7 +94,7 @@ def test_choose_level_takes_the_finest_level_whose_threshold_the_margin_clears()
 
 
 def _record(
-    seed: int, h: hierarchy.Hierarchy, n0: int = 10, n: int = 100, size: int = 12
+    seed: int, h: class_tree.Hierarchy, n0: int = 10, n: int = 100, size: int = 12
 ) -> votes.VoteRecord:
     """A vote row with per-level votes counted from random (C, size, size) selection and estimation counts."""
     rng = np.random.default_rng(seed)
@@ -131,7 +132,7 @@ def _record(
 
 
 def test_the_procedure_with_zero_thresholds_is_segcertify_and_at_the_top_certifies_nodes():
-    h = hierarchy.load("demo")
+    h = class_tree.load("demo")
     rec = _record(0, h)
     seg = certify.certify(rec.c_hat, rec.k, n=rec.n, sigma=rec.sigma, tau=0.6, alpha=0.05)
     flat = certify_hierarchical(
@@ -154,7 +155,7 @@ def test_the_procedure_with_zero_thresholds_is_segcertify_and_at_the_top_certifi
 
 
 def test_the_procedure_refuses_votes_counted_without_its_hierarchy():
-    rec = _record(0, hierarchy.load("demo"))
+    rec = _record(0, class_tree.load("demo"))
     rec.hierarchy, rec.margin, rec.c_hat_levels, rec.k_levels = None, None, None, None
     with pytest.raises(ValueError, match="sample with dataset.hierarchy: demo"):
         certify_hierarchical(
@@ -163,7 +164,7 @@ def test_the_procedure_refuses_votes_counted_without_its_hierarchy():
 
 
 def test_the_information_gain_counts_correct_nodes_by_their_size():
-    h = hierarchy.from_dict(TOY)
+    h = class_tree.from_dict(TOY)
     node, sizes = h.tables
     label = np.array([[0, 1], [2, 255]])
     cert = np.array([[0, 0], [1, 1]])  # a fine; node ab (holds b); node cd (holds c); ignored
@@ -177,7 +178,7 @@ def test_the_information_gain_counts_correct_nodes_by_their_size():
 
 
 def test_segcertify_cig_equals_its_certified_accuracy_and_zero_thresholds_equal_segcertify():
-    h = hierarchy.load("demo")
+    h = class_tree.load("demo")
     frame = pd.DataFrame([vars(_record(s, h)) for s in range(4)])
     entries = [
         "segcertify",
@@ -200,7 +201,7 @@ def test_segcertify_cig_equals_its_certified_accuracy_and_zero_thresholds_equal_
 def test_the_procedure_curve_of_segcertify_is_its_certified_accuracy_curve():
     """For SegCertify the CIG is the certified accuracy, so its CIG-vs-radius envelope is the reducer's
     certified-accuracy envelope; the hierarchical curve comes from the same votes at the same tau(r, sigma)."""
-    h = hierarchy.load("demo")
+    h = class_tree.load("demo")
     frame = pd.DataFrame([vars(_record(s, h)) | {"sigma": sigma} for s in range(3) for sigma in (0.25, 0.5)])
     radii = [0.05, 0.15, 0.3]
     entries = [
@@ -216,7 +217,7 @@ def test_the_procedure_curve_of_segcertify_is_its_certified_accuracy_curve():
 
 
 def test_the_sweep_reports_per_candidate_and_on_a_held_out_split(caplog):
-    h = hierarchy.load("demo")
+    h = class_tree.load("demo")
     frame = pd.DataFrame([vars(_record(s, h)) for s in range(4)])
     table = analysis.sweep_thresholds(frame, [(0, 0, 0), (0.5, 0.3, 0)], hierarchy="demo", tau=0.6, alpha=0.1)
     assert table["thresholds"].tolist() == ["(0.0, 0.0, 0.0)", "(0.5, 0.3, 0.0)"]
@@ -241,7 +242,7 @@ def test_the_config_checks_the_hierarchy_against_the_dataset(tmp_path):
         ConfigError, match="dataset.hierarchy: hierarchy 'cityscapes' has 19 classes, the dataset 7"
     ):
         JobConfig.from_dict(_demo(hierarchy="cityscapes"))
-    swapped = hierarchy.load("demo").to_dict()
+    swapped = class_tree.load("demo").to_dict()
     swapped["classes"][1], swapped["classes"][2] = swapped["classes"][2], swapped["classes"][1]
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(swapped))
     with pytest.raises(ConfigError, match="lists class 1 as 'green_1_7', the dataset as 'red_0_8'"):
@@ -278,7 +279,7 @@ def test_the_job_stores_every_level_and_the_reducer_certifies_both_procedures(tm
     assert cli.main(["run", "--config", str(jobworld.write_config(tmp_path / "job.yaml", cfg))]) == 0
     assert votes.check_schema_version(str(tmp_path / "out" / "votes")) == 2
     recs = votes.read_votes(str(tmp_path / "out" / "votes"))
-    node = hierarchy.load(str(tmp_path / "toy3.yaml")).node[1]
+    node = class_tree.load(str(tmp_path / "toy3.yaml")).node[1]
     for rec in recs:  # each level's k is the S votes under its node (the stored full counts of S)
         assert rec.hierarchy.startswith("toy3-") and rec.c_hat_levels.shape == (1, rec.height, rec.width)
         under = np.stack([rec.counts[node == v].sum(0) for v in range(2)])
@@ -315,7 +316,7 @@ def test_the_job_stores_every_level_and_the_reducer_certifies_both_procedures(tm
 def test_the_hierarchical_guarantee_holds_on_an_analytic_model_under_both_corrections():
     """300 images with known per-node probabilities: the rate of images holding a false certificate stays
     within alpha (one-sided binomial test at 0.001), for Holm and Bonferroni."""
-    from ray_certseg.job.selftest import run_hierarchical_selftest
+    from ray_certseg.selftest import run_hierarchical_selftest
 
     report = run_hierarchical_selftest(images=300, alpha=0.2, seed=1)
     assert report.passed, report.to_markdown()
@@ -327,7 +328,7 @@ def test_the_hierarchical_guarantee_holds_on_an_analytic_model_under_both_correc
 def test_choosing_the_level_from_s_gives_more_false_certificates_than_from_s0():
     """The wrong variant on the same seeds of the boundary model: more images with a false certificate (within
     alpha there; the model where it fails is the next test's)."""
-    from ray_certseg.job.selftest import run_hierarchical_selftest
+    from ray_certseg.selftest import run_hierarchical_selftest
 
     right = run_hierarchical_selftest(images=300, alpha=0.2, seed=2, corrections=("holm",))
     wrong = run_hierarchical_selftest(images=300, alpha=0.2, seed=2, corrections=("holm",), level_from_s=True)
@@ -340,7 +341,7 @@ def test_choosing_the_level_from_s_fails_under_holm_where_s0_holds():
     lets only the nulls that S favours into Holm's family, and the self-test must fail; the procedure's S0
     rule holds on the same seeds under both corrections. Bonferroni's fixed threshold survives the mistake
     (docs/hierarchical.md)."""
-    from ray_certseg.job.selftest import run_hierarchical_selftest
+    from ray_certseg.selftest import run_hierarchical_selftest
 
     right = run_hierarchical_selftest(images=300, alpha=0.2, seed=3, model="coarse-sure")
     assert right.passed, right.to_markdown()
@@ -357,13 +358,11 @@ def test_the_levels_picture_has_a_legend_entry_for_every_level_of_its_hierarchy(
     """plots/examples/*_levels.png: pascal_context59 has 4 levels (the legend used to stop at 3); each gets one."""
     import pandas as pd
 
-    from ray_certseg.results import plots
-
-    h = hierarchy.load(tree)
+    h = class_tree.load(tree)
     assert h.num_levels == levels
     rec = _record(3, h)
     frame = pd.DataFrame([{f: getattr(rec, f) for f in rec.__dataclass_fields__}])
     point = HierarchicalParams(hierarchy=tree, thresholds=(0.9,) * (levels - 1) + (0,), tau=0.6, alpha=0.05)
-    fig = plots.plot_levels(frame, point)
+    fig = examples.plot_levels(frame, point)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == [f"level {lv}" for lv in range(levels)] + ["abstain"]

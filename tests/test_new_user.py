@@ -17,7 +17,7 @@ from ray_certseg.certify import can_certify, certify, max_tau, min_n
 from ray_certseg.config import ConfigError, DatasetConfig, JobConfig
 from ray_certseg.data import ItemError, list_items, load_item
 from ray_certseg.data.load import decode_image
-from ray_certseg.results import aggregate, plots, reduce
+from ray_certseg.results import aggregate, drawing, examples, image_records, tables
 
 
 def png_bytes(array: np.ndarray, path: Path) -> bytes:
@@ -128,12 +128,12 @@ def test_summary_marks_infeasible_rows_and_says_what_would_certify():
             clean_pred=label,
             sample_seconds=1.0,
         )
-        rows += reduce.image_rows(vr, reduce.Grid((0.75,), (0.001,), ("holm",)))
+        rows += image_records.image_rows(vr, image_records.Grid((0.75,), (0.001,), ("holm",)))
     per_image = pd.DataFrame(rows)
     assert per_image["certifiable"].tolist() == [False, True]
-    metrics = aggregate.pool(per_image)
+    metrics = aggregate.pool_records(per_image)
     assert metrics["infeasible_images"].tolist() == [1, 0]
-    text = reduce.summary_markdown(metrics)
+    text = tables.summary_markdown(metrics)
     assert "0.000 (infeasible)" in text and "1.000 |" in text
     assert "n = 50, tau = 0.75, alpha = 0.001, N = 12288 pixels" in text
     assert "Needs n >= 57" in text and "tau <= 0.721" in text
@@ -227,15 +227,15 @@ def test_plots_draw_a_class_named_red_in_red_and_honour_a_palette():
         "models": {"segmenters": {"s": {"kind": "torchscript", "path": "s.pt"}}},
         "methods": {"m": {"segmenter": "s"}},
     }
-    assert plots.palette_of(JobConfig.from_dict(base)) is None  # "road" is no colour: the defaults
+    assert drawing.palette_of(JobConfig.from_dict(base)) is None  # "road" is no colour: the defaults
     base["dataset"]["class_names"] = ["red", "blue", "green"]
     cfg = JobConfig.from_dict(base)
-    rgb = plots.colourize(np.array([[0, 1, 2]]), 3, 255, plots.palette_of(cfg))
+    rgb = drawing.colourize(np.array([[0, 1, 2]]), 3, 255, drawing.palette_of(cfg))
     np.testing.assert_allclose(rgb[0], [to_rgb("red"), to_rgb("blue"), to_rgb("green")])
     base["dataset"]["palette"] = ["#ff8800", [0, 0, 255], "tab:olive"]
     cfg = JobConfig.from_dict(base)
     assert cfg.dataset.palette == ("#ff8800", "#0000ff", "tab:olive")
-    np.testing.assert_allclose(plots.class_colours(3, plots.palette_of(cfg))[1], [0, 0, 1])
+    np.testing.assert_allclose(drawing.class_colours(3, drawing.palette_of(cfg))[1], [0, 0, 1])
     base["dataset"]["palette"] = ["red", "blue"]
     with pytest.raises(ConfigError, match="dataset.palette: must be null or a list of 3 colours"):
         JobConfig.from_dict(base)
@@ -260,7 +260,7 @@ def test_example_strip_legend_uses_the_palette():
         "c_hat": label,
         "k": np.full((2, 2), 10, np.uint16),
     }
-    fig = plots.plot_example(
+    fig = examples.plot_example(
         pd.DataFrame([row]),
         None,
         names=["red", "blue"],

@@ -17,7 +17,8 @@ import pytest
 
 from ray_certseg import analysis, cli, votes
 from ray_certseg.config import JobConfig
-from ray_certseg.job import pipeline
+from ray_certseg.job import output
+from ray_certseg.job.sampler import CALLS_PER_ACTOR, VoteSampler
 from ray_certseg.results import reduce
 
 pytestmark = pytest.mark.ray
@@ -219,10 +220,10 @@ def test_check_resumable_names_what_changed():
     new = json.loads(json.dumps(old))
     new["models"]["denoisers"]["ddpm"]["path"] = "other"
     with pytest.raises(ValueError, match="models.denoisers.ddpm"):
-        pipeline.check_resumable(old, new)
+        output.check_resumable(old, new)
     new = json.loads(json.dumps(old))
     new["sampling"]["sigmas"] = [0.25, 0.5, 1.0]  # more sigmas: resumable, only the new rows are sampled
-    pipeline.check_resumable(old, new)
+    output.check_resumable(old, new)
 
 
 @pytest.mark.parametrize(
@@ -245,12 +246,12 @@ def test_check_resumable_refuses_keys_that_change_votes(key, value):
     new = json.loads(json.dumps(old))
     new["sampling"][key] = value
     with pytest.raises(ValueError, match=f"sampling.{key}"):
-        pipeline.check_resumable(old, new)
+        output.check_resumable(old, new)
     from ray_certseg.config import SamplingConfig
 
     del old["sampling"][key]  # a config.json from before the key existed means its default
     new["sampling"][key] = SamplingConfig.model_fields[key].default
-    pipeline.check_resumable(old, new)
+    output.check_resumable(old, new)
 
 
 def test_check_resumable_allows_batch_size_with_a_warning(caplog):
@@ -262,7 +263,7 @@ def test_check_resumable_allows_batch_size_with_a_warning(caplog):
     new["sampling"]["batch_size"] = old["sampling"]["batch_size"] + 3
     new["sampling"]["store_counts"] = not old["sampling"]["store_counts"]
     with caplog.at_level("WARNING", logger="ray_certseg"):
-        pipeline.check_resumable(old, new)
+        output.check_resumable(old, new)
     assert "sampling.batch_size changed" in caplog.text and "store_counts" not in caplog.text
 
 
@@ -332,10 +333,10 @@ def test_check_resumable_reads_an_older_run_that_wrote_dataset_scale():
     )
     old, new = cfg.to_dict(), cfg.to_dict()
     old["dataset"]["scale"] = old["dataset"].pop("certify_at_scale")
-    pipeline.check_resumable(old, new)
+    output.check_resumable(old, new)
     old["dataset"]["scale"] = 0.5
     with pytest.raises(ValueError, match="dataset"):
-        pipeline.check_resumable(old, new)
+        output.check_resumable(old, new)
 
 
 def test_actor_calls_decode_while_another_samples_and_never_sample_at_once(world, tmp_path, monkeypatch):
@@ -347,9 +348,9 @@ def test_actor_calls_decode_while_another_samples_and_never_sample_at_once(world
 
     from ray_certseg import data
 
-    assert pipeline.CALLS_PER_ACTOR == 2
+    assert CALLS_PER_ACTOR == 2
     cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], tmp_path / "o"))
-    sampler = pipeline.VoteSampler(cfg.to_dict(redact=False))
+    sampler = VoteSampler(cfg.to_dict(redact=False))
     refs = data.list_items(cfg.dataset)
 
     def batch(part):
@@ -406,7 +407,7 @@ def test_actor_sets_the_tile_batches_of_a_tile_mode_denoiser_once(world, tmp_pat
     CPU keeps one tile position of every sample (batch_size = 8) per network call."""
     cfg = jobworld.config(world["manifest"], world["models"], tmp_path / "o", tile_pixels=tile_pixels)
     cfg["models"]["denoisers"]["ddpm"].update(resolution="tile", tile_overlap=4)
-    sampler = pipeline.VoteSampler(JobConfig.from_dict(cfg).to_dict(redact=False))
+    sampler = VoteSampler(JobConfig.from_dict(cfg).to_dict(redact=False))
     denoiser = sampler.denoisers["ddpm"]
     assert denoiser.sample_size == 16 and denoiser.tiles_per_call(8) == per_call
 
@@ -427,7 +428,7 @@ def test_a_failed_row_logs_its_own_traceback(world, tmp_path, monkeypatch, caplo
     from ray_certseg import data
 
     cfg = JobConfig.from_dict(jobworld.config(world["manifest"], world["models"], tmp_path / "o"))
-    sampler = pipeline.VoteSampler(cfg.to_dict(redact=False))
+    sampler = VoteSampler(cfg.to_dict(redact=False))
     ref = data.list_items(cfg.dataset)[0]
 
     def broken_sample(item, method, sigma):
@@ -471,7 +472,7 @@ def test_overwrite_may_remove_a_run_folder_or_an_empty_one(world, tmp_path):
             (out / marker).mkdir()
         if marker is not None:
             (out / "leftover.txt").write_text("from an earlier run")
-        pipeline.prepare_output(cfg, overwrite=True)
+        output.prepare_output(cfg, overwrite=True)
         assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # removed, then this run's config
         shutil.rmtree(out)
 
@@ -484,7 +485,7 @@ def test_resume_into_a_foreign_or_old_config_json_names_the_problem(recorded):
         jobworld.config(Path("m.csv"), {"seg": Path("s"), "ddpm": Path("d")}, Path("o"))
     )
     with pytest.raises(ValueError, match=r"config.json lacks .*models.*--overwrite to start over"):
-        pipeline.check_resumable(recorded, cfg.to_dict())
+        output.check_resumable(recorded, cfg.to_dict())
 
 
 def test_progress_counts_rows_before_the_first_vote_file_lands(world, tmp_path, ray_session):

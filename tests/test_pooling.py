@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from ray_certseg import votes
-from ray_certseg.results import aggregate, reduce
+from ray_certseg.results import aggregate, image_records, tables
 
-GRID = reduce.Grid((0.6,), (0.1,), ("holm",))
+GRID = image_records.Grid((0.6,), (0.1,), ("holm",))
 
 
 def record(image_id: str, method: str, sigma: float, seed: int) -> votes.VoteRecord:
@@ -52,7 +52,7 @@ def per_image() -> pd.DataFrame:
         for i in range(3)
         if (m, s, i) != ("b", 0.25, 2)
     ]
-    rows = [r for rec in recs for r in reduce.image_rows(rec, GRID)]
+    rows = [r for rec in recs for r in image_records.image_rows(rec, GRID)]
     return aggregate.deduplicate(pd.DataFrame(rows))
 
 
@@ -61,36 +61,36 @@ def test_default_pooling_compares_every_method_over_the_same_images(per_image):
     assert left.to_dict("records") == [
         {"dataset": "toy", "sigma": 0.25, "image_id": "img2", "has": "a", "lacks": "b"}
     ]
-    common = aggregate.pool(per_image).set_index(["method", "sigma"])
+    common = aggregate.pool_records(per_image).set_index(["method", "sigma"])
     assert common.loc[("a", 0.25), "images"] == common.loc[("b", 0.25), "images"] == 2
     assert common.loc[("a", 0.25), "images_left_out"] == 1 and common.loc[("b", 0.25), "images_left_out"] == 0
     assert (common.xs(0.5, level="sigma")["images"] == 3).all()  # nothing missing at sigma 0.5
     # a's pooled numbers at 0.25 are those of images 0 and 1 alone
     only = per_image[(per_image["method"] == "a") & (per_image["image_id"] != "img2")]
-    alone = aggregate.pool(only).set_index(["method", "sigma"])
+    alone = aggregate.pool_records(only).set_index(["method", "sigma"])
     assert common.loc[("a", 0.25), "certified_accuracy"] == alone.loc[("a", 0.25), "certified_accuracy"]
     assert (common["pooling"] == "common").all()
 
 
 def test_all_rows_pooling_is_kept_as_a_variant(per_image):
-    every = aggregate.pool(per_image, "all").set_index(["method", "sigma"])
+    every = aggregate.pool_records(per_image, "all").set_index(["method", "sigma"])
     assert every.loc[("a", 0.25), "images"] == 3 and every.loc[("b", 0.25), "images"] == 2
     assert (every["pooling"] == "all").all() and (every["images_left_out"] == 0).all()
     with pytest.raises(ValueError, match="pooling"):
-        aggregate.pool(per_image, "some")
+        aggregate.pool_records(per_image, "some")
 
 
 def test_summary_lists_what_was_left_out_and_the_bounds(per_image):
-    metrics = aggregate.pool(per_image)
-    text = reduce.summary_markdown(metrics, left=aggregate.left_out(per_image))
+    metrics = aggregate.pool_records(per_image)
+    text = tables.summary_markdown(metrics, left=aggregate.left_out(per_image))
     assert "Like for like" in text and "image `img2` (has a; lacks b)" in text
     assert "worst_miou" in text and "certified_dice" in text
-    everything = reduce.summary_markdown(aggregate.pool(per_image, "all"))
+    everything = tables.summary_markdown(aggregate.pool_records(per_image, "all"))
     assert "Every row pooled" in everything and "Like for like" not in everything
 
 
 def test_dataset_table_has_dice_and_worst_case_columns_in_order(per_image):
-    m = aggregate.pool(per_image)
+    m = aggregate.pool_records(per_image)
     assert (m["worst_miou"] <= m["miou"] + 1e-12).all() and (
         m["worst_dice"] <= m["certified_dice"] + 1e-12
     ).all()

@@ -15,7 +15,7 @@ import pytest
 
 from ray_certseg import analysis, certify, votes
 from ray_certseg.config import ConfigError, JobConfig
-from ray_certseg.results import reduce
+from ray_certseg.results import image_records, reduce
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,7 +172,9 @@ def test_the_config_records_its_procedures():
     )
     again = JobConfig.from_dict(cfg.to_dict())
     assert again.certify.procedures == cfg.certify.procedures
-    grid = reduce.Grid(cfg.certify.taus, cfg.certify.alphas, cfg.certify.corrections, cfg.certify.procedures)
+    grid = image_records.Grid(
+        cfg.certify.taus, cfg.certify.alphas, cfg.certify.corrections, cfg.certify.procedures
+    )
     assert [json.loads(p.key)["tau"] for p in grid.points()] == [0.75, 0.75, 0.9, 0.9]
 
 

@@ -11,7 +11,7 @@ from test_procedures import output, record  # noqa: F401 (output: a fixture)
 
 from ray_certseg import cli, votes
 from ray_certseg.job.rundir import RunDir
-from ray_certseg.results import reduce
+from ray_certseg.results import image_records, reduce, stream
 
 DEMO_TREE = "demo"
 
@@ -21,7 +21,7 @@ def hierarchical(thresholds: list[float]) -> dict:
 
 
 def test_reduction_names_are_readable_and_differ_by_every_parameter_of_the_grid():
-    grid = lambda *entries: reduce.Grid((0.75,), (0.001,), ("holm",), entries)
+    grid = lambda *entries: image_records.Grid((0.75,), (0.001,), ("holm",), entries)
     a = reduce.reduction_name(grid(hierarchical([0.5, 0.3, 0.0])))
     b = reduce.reduction_name(grid(hierarchical([0.7, 0.5, 0.0])))
     assert a != b  # thresholds are not in the readable part: the hash tells the grids apart
@@ -72,23 +72,23 @@ def test_replace_metrics_leaves_no_stale_up_to_date(output):  # noqa: F811
     config_inputs = reduce.inputs_of(run)
     reduce.reduce_output(run, engine="local")
     (output / "plots").mkdir()
-    reduce.record_plotted(run)  # as write_plots does last
-    assert reduce.is_current(run, config_inputs)
+    run.record_plotted()  # as write_plots does last
+    assert run.is_current(config_inputs)
 
     assert cli.main(["reduce", str(output), "--tau", "0.9", "--replace-metrics"]) == 0
     recorded = json.loads((output / "metrics" / "inputs.json").read_text())
     assert [json.loads(p)["tau"] for _, p in recorded["grid"]["points"]] == [0.9]  # refreshed
-    assert not reduce.is_current(run, config_inputs)
+    assert not run.is_current(config_inputs)
 
-    reduce.record_plotted(run)  # `report --replot`: plots/ now shows the 0.9 grid
+    run.record_plotted()  # `report --replot`: plots/ now shows the 0.9 grid
     assert cli.main(["reduce", str(output), "--replace-metrics"]) == 0  # the config's grid again
     assert json.loads((output / "metrics" / "inputs.json").read_text()) == config_inputs
-    assert not reduce.is_current(run, config_inputs)  # the plots still show the 0.9 grid's metrics
-    reduce.record_plotted(run)
-    assert reduce.is_current(run, config_inputs)
+    assert not run.is_current(config_inputs)  # the plots still show the 0.9 grid's metrics
+    run.record_plotted()
+    assert run.is_current(config_inputs)
 
     votes.write_votes([record("img9", seed=9)], str(output / "votes" / "part-1.parquet"))
-    assert not reduce.is_current(run, reduce.inputs_of(run))  # new votes
+    assert not run.is_current(reduce.inputs_of(run))  # new votes
 
 
 def test_a_failed_reduction_leaves_no_record(output, monkeypatch):  # noqa: F811
@@ -122,9 +122,9 @@ def hierarchical_run(root: Path, images: int = 6) -> Path:
     image, in files of 5 rows, and a config.json with SegCertify and a hierarchical entry."""
     from test_hierarchical import _record
 
-    from ray_certseg.certify import class_tree as hierarchy
+    from ray_certseg.certify import class_tree
 
-    h = hierarchy.load(DEMO_TREE)
+    h = class_tree.load(DEMO_TREE)
     recs = []
     for i in range(images):
         for j, (method, sigma) in enumerate([(m, s) for m in ("a", "b") for s in (0.25, 0.5)]):
@@ -153,7 +153,7 @@ def test_every_consumer_of_a_path_reads_one_chunk_of_vote_rows_at_a_time(tmp_pat
 
     out = hierarchical_run(tmp_path)
     frame = analysis.load_votes(out)
-    monkeypatch.setattr(reduce, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
     reads = MapReads(monkeypatch)
     procedures = ["segcertify", hierarchical([0.5, 0.3, 0.0])]
     radii = [0.05, 0.1, 0.2]
@@ -206,7 +206,7 @@ def test_segcertify_records_from_counts_equal_those_from_the_certified_map():
         rec.label[rng.random(rec.label.shape) < 0.2] = 255
         rec.k = rng.integers(0, rec.n + 1, rec.k.shape).astype(np.uint16)
         rec.k[0, 0] = rec.n
-        got, want = reduce.image_rows(rec, fast), reduce.image_rows(rec, slow)
+        got, want = image_records.image_rows(rec, fast), image_records.image_rows(rec, slow)
         assert len(got) == len(want) == 20
         for g, w in zip(got, want):
             assert g.pop("procedure") == "segcertify" and w.pop("procedure") == "segcertify-by-map"
@@ -217,4 +217,26 @@ def test_segcertify_records_from_counts_equal_those_from_the_certified_map():
     bad.c_hat = bad.c_hat.copy()
     bad.c_hat[0, 0] = 3  # num_classes = 3
     with pytest.raises(ValueError, match="c_hat holds classes outside"):
-        reduce.image_rows(bad, fast)
+        image_records.image_rows(bad, fast)
+
+
+def test_ray_certseg_analysis_exposes_every_name_the_docs_and_notebook_use():
+    """``ray_certseg.analysis`` is the documented pandas API: every ``analysis.NAME`` in the README, docs/ and
+    the notebook resolves, and each is the object of the results module that defines it."""
+    import re
+
+    from ray_certseg import analysis
+    from ray_certseg.results import analysis as loading
+    from ray_certseg.results import curves
+
+    root = Path(__file__).resolve().parent.parent
+    texts = [root / "README.md", root / "notebooks" / "analysis.ipynb", *sorted((root / "docs").glob("*.md"))]
+    used = {m for p in texts for m in re.findall(r"\banalysis\.([a-z_]+)\(", p.read_text())}
+    assert {"load_votes", "load_metrics", "recertify", "certified_accuracy_curve"} <= used
+    for name in sorted(used):
+        assert getattr(analysis, name) is getattr(loading, name, None) or getattr(analysis, name) is getattr(
+            curves, name
+        ), name
+    assert sorted(analysis.__all__) == sorted(
+        n for n in dir(analysis) if not n.startswith("_") and n != "annotations"
+    )

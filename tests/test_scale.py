@@ -64,15 +64,30 @@ def test_row_nbytes_is_within_a_fifth_of_a_real_rows_arrow_size(levels, store_co
     rng = np.random.default_rng(0)
     cls = lambda: rng.integers(0, c, (h, w)).astype(np.uint8)
     row = votes.VoteRecord(
-        image_id="a", dataset="d", method="m", denoiser="", segmenter="s", sigma=0.25, n0=10, n=100, seed=0,
-        num_classes=c, ignore_index=255, height=h, width=w, label=cls(), c_hat=cls(),
-        k=rng.integers(0, 100, (h, w)).astype(np.uint16), clean_pred=cls(), sample_seconds=1.0,
+        image_id="a",
+        dataset="d",
+        method="m",
+        denoiser="",
+        segmenter="s",
+        sigma=0.25,
+        n0=10,
+        n=100,
+        seed=0,
+        num_classes=c,
+        ignore_index=255,
+        height=h,
+        width=w,
+        label=cls(),
+        c_hat=cls(),
+        k=rng.integers(0, 100, (h, w)).astype(np.uint16),
+        clean_pred=cls(),
+        sample_seconds=1.0,
         counts=rng.integers(0, 100, (c, h, w)).astype(np.uint16) if store_counts else None,
         hierarchy="demo-0" if levels else None,
         margin=rng.integers(0, 10, (h, w)).astype(np.uint16) if levels else None,
         c_hat_levels=rng.integers(0, 3, (levels, h, w)).astype(np.uint8) if levels else None,
         k_levels=rng.integers(0, 100, (levels, h, w)).astype(np.uint16) if levels else None,
-    )  # fmt: skip
+    )
     real = votes.make_table([row]).nbytes
     estimate = votes.row_nbytes(h * w, c, levels=levels, store_counts=store_counts)
     assert 0.8 * real <= estimate <= 1.2 * real, (estimate, real)

@@ -9,7 +9,8 @@ import torch
 from scipy.stats import binom
 
 from ray_certseg import cli
-from ray_certseg.job.selftest import (
+from ray_certseg.sampling import count_votes
+from ray_certseg.selftest import (
     LinearThresholdSegmenter,
     SharedNoise,
     boundary_probabilities,
@@ -18,7 +19,6 @@ from ray_certseg.job.selftest import (
     run_selftest,
     selection_probabilities,
 )
-from ray_certseg.sampling import count_votes
 
 ALPHA = 0.2
 

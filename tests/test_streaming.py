@@ -15,7 +15,7 @@ import pytest
 from test_pooling import record
 
 from ray_certseg import analysis, votes
-from ray_certseg.results import aggregate, reduce
+from ray_certseg.results import aggregate, image_records, reduce, stream
 
 GRID = {"taus": [0.6, 0.75], "alphas": [0.1, 0.001], "corrections": ["holm", "bonferroni"]}
 
@@ -40,8 +40,8 @@ def write_run(root: Path, images: int, *, per_file: int = 7) -> Path:
 def in_memory(root: Path) -> reduce.ReduceResult:
     """Every record built and pooled at once (the reducer before it streamed)."""
     table = pq.read_table(root / "votes")
-    grid = reduce.Grid(tuple(GRID["taus"]), tuple(GRID["alphas"]), tuple(GRID["corrections"]))
-    return reduce.reduce_table(reduce.certify_table(table, grid))
+    grid = image_records.Grid(tuple(GRID["taus"]), tuple(GRID["alphas"]), tuple(GRID["corrections"]))
+    return reduce.reduce_table(image_records.certify_table(table, grid))
 
 
 def test_exact_sum_does_not_depend_on_order_or_chunking():
@@ -61,7 +61,7 @@ def test_exact_sum_does_not_depend_on_order_or_chunking():
 def test_streamed_reduction_equals_pooling_every_record_at_once(tmp_path, monkeypatch):
     root = write_run(tmp_path / "run", 12)
     want = in_memory(root)
-    monkeypatch.setattr(reduce, "CHUNK_BYTES", 1)  # one vote row per chunk: the most chunks there can be
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)  # one vote row per chunk: the most chunks there can be
     got = reduce.reduce_output(str(root), **GRID, engine="local")
     pd.testing.assert_frame_equal(got.metrics, want.metrics)
     assert got.summary_markdown == want.summary_markdown
@@ -82,7 +82,7 @@ def test_files_do_not_depend_on_the_chunk_size_or_the_file_layout(tmp_path, monk
     monkeypatch.setattr(reduce, "PER_IMAGE_GROUP_BYTES", 1)  # row groups of 64 records
     small = write_run(tmp_path / "small", 12, per_file=1000)
     for chunk_bytes in (1, 4096, 10**9):
-        monkeypatch.setattr(reduce, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(stream, "CHUNK_BYTES", chunk_bytes)
         reduce.reduce_output(str(small), **GRID, engine="local")
         first = (small / "metrics" / "per_image.parquet").read_bytes()
         assert pq.ParquetFile(small / "metrics" / "per_image.parquet").metadata.num_row_groups > 1
@@ -112,11 +112,11 @@ def test_the_pool_holds_sums_whose_size_does_not_grow_with_the_images(tmp_path):
     shapes = []
     for images in (6, 60):
         root = write_run(tmp_path / f"run{images}", images)
-        grid = reduce.Grid(tuple(GRID["taus"]), tuple(GRID["alphas"]), tuple(GRID["corrections"]))
-        records = reduce.GridRecords(grid)
-        plan = reduce.plan_run(reduce.RunDir.of(str(root)), records.per_row)
+        grid = image_records.Grid(tuple(GRID["taus"]), tuple(GRID["alphas"]), tuple(GRID["corrections"]))
+        records = image_records.GridRecords(grid)
+        plan = stream.plan_run(reduce.RunDir.of(str(root)), records.per_row)
         acc = aggregate.Pool("common", plan.left_out)
-        for chunk in reduce.chunks(reduce.RunDir.of(str(root)), plan, records):
+        for chunk in stream.chunks(reduce.RunDir.of(str(root)), plan, records):
             acc.add(chunk)
         shapes.append(
             (
@@ -124,13 +124,13 @@ def test_the_pool_holds_sums_whose_size_does_not_grow_with_the_images(tmp_path):
                 [
                     (
                         sorted((m, a.shape) for m, a in g.matrices.items()),
-                        max(len(s.partials) for s in g.floats.values()),
+                        max(len(s.partials) for s in g.sums.values()),
                     )
                     for g in acc.groups.values()
                 ],
             )
         )
-        assert {g.ints["images"] for g in acc.groups.values()} == {images - 1, images}
+        assert {g.counts["images"] for g in acc.groups.values()} == {images - 1, images}
     assert shapes[0][0] == shapes[1][0] and [s[0] for s in shapes[0][1]] == [s[0] for s in shapes[1][1]]
     assert max(p for _, p in shapes[1][1]) <= 4  # exact float sums: a handful of partials, not one per image
 

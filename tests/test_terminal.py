@@ -13,7 +13,7 @@ from pathlib import Path
 import jobworld
 import pytest
 
-from ray_certseg import cli
+from ray_certseg.job import session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,11 +24,13 @@ class Tty(io.StringIO):
 
 
 def test_interactive_terminal_decision():
-    assert cli.interactive_terminal(Tty(), {})
-    assert not cli.interactive_terminal(io.StringIO(), {})  # piped or redirected
-    assert not cli.interactive_terminal(Tty(), {cli.SUBMITTED_JOB_ENV: "{}"})  # a `ray job submit` driver
-    assert not cli.interactive_terminal(Tty(), {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
-    assert not cli.interactive_terminal(object(), {})
+    assert session.interactive_terminal(Tty(), {})
+    assert not session.interactive_terminal(io.StringIO(), {})  # piped or redirected
+    assert not session.interactive_terminal(
+        Tty(), {session.SUBMITTED_JOB_ENV: "{}"}
+    )  # a `ray job submit` driver
+    assert not session.interactive_terminal(Tty(), {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    assert not session.interactive_terminal(object(), {})
 
 
 def test_ray_job_submit_sets_the_variable_we_test_for():
@@ -37,7 +39,7 @@ def test_ray_job_submit_sets_the_variable_we_test_for():
     from ray.dashboard.modules.job import job_supervisor
 
     assert "RAY_JOB_ID" in ray_constants.RAY_INTERNAL_FLAGS
-    assert getattr(job_supervisor, "RAY_JOB_CONFIG_JSON_ENV_VAR", None) == cli.SUBMITTED_JOB_ENV
+    assert getattr(job_supervisor, "RAY_JOB_CONFIG_JSON_ENV_VAR", None) == session.SUBMITTED_JOB_ENV
 
 
 def _world(root: Path) -> Path:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from ray_certseg.certify import class_tree as hierarchies
+from ray_certseg.certify import class_tree
 from ray_certseg.certify.procedure import CertifiedMap, Params, Procedure
 from ray_certseg.certify.segcertify import can_certify, certify
 
@@ -69,8 +69,8 @@ class HierarchicalParams(Params):
 
 
 @lru_cache(maxsize=16)
-def _hierarchy(source: str) -> hierarchies.Hierarchy:
-    return hierarchies.load(source)
+def _hierarchy(source: str) -> class_tree.Hierarchy:
+    return class_tree.load(source)
 
 
 def choose_level(margin: np.ndarray, n0: int, thresholds: tuple[float, ...]) -> np.ndarray:
@@ -95,7 +95,7 @@ def certify_hierarchical(rec: Any, p: HierarchicalParams) -> CertifiedMap:
 
 def certify_levels(
     rec: Any,
-    h: hierarchies.Hierarchy,
+    h: class_tree.Hierarchy,
     thresholds: tuple[float, ...],
     *,
     tau: float,

@@ -9,14 +9,13 @@ from typing import Any
 from ray_certseg import storage
 from ray_certseg.data.config import DatasetConfig
 
-# Official Cityscapes label ids -> train ids (cityscapesscripts labels.py); None = the ignore index.
-# fmt: off
+#: the official Cityscapes label id of each train id 0..18 (cityscapesscripts labels.py)
+TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+#: label id -> train id; None = the ignore index
 LABEL_ID_TO_TRAIN_ID: dict[int, int | None] = {
     **{i: None for i in range(34)},
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    **{label: train for train, label in enumerate(TRAIN_LABEL_IDS)},
 }
-# fmt: on
 TRAIN_ID_FILE_MAP: dict[int, int | None] = {255: None}
 
 IMAGE_SUFFIX = "_leftImg8bit.png"

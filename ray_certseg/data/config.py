@@ -135,9 +135,9 @@ class DatasetConfig(Section):
     @field_validator("root", "manifest", "hierarchy")
     @classmethod
     def _paths(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from ray_certseg.certify import class_tree as hierarchy
+        from ray_certseg.certify import class_tree
 
-        if value is None or (info.field_name == "hierarchy" and value in hierarchy.SHIPPED):
+        if value is None or (info.field_name == "hierarchy" and value in class_tree.SHIPPED):
             return value
         return resolve_path(value, base_dir_of(info))
 
@@ -203,10 +203,10 @@ class DatasetConfig(Section):
                 rule = f"a class id in [0, {c}) or the ignore index {self.ignore_index}"
                 raise Invalid(f"label_map.{key}", requirement=rule, value=target)
         if self.hierarchy is not None:
-            from ray_certseg.certify import class_tree as hierarchy
+            from ray_certseg.certify import class_tree
 
             try:
-                hierarchy.check_classes(hierarchy.load(self.hierarchy), c, self.class_names)
+                class_tree.check_classes(class_tree.load(self.hierarchy), c, self.class_names)
             except (ValueError, FileNotFoundError) as exc:
                 raise Invalid("hierarchy", str(exc)) from None
         return self

@@ -60,7 +60,7 @@ def check_hierarchies(cfg: JobConfig) -> None:
     """A procedure that certifies at hierarchy levels needs votes counted for its hierarchy: the one named by
     ``dataset.hierarchy``, from which the sampler counts each level's c_hat and k."""
     from ray_certseg import certify
-    from ray_certseg.certify import class_tree as hierarchy
+    from ray_certseg.certify import class_tree
 
     shared = {"taus": cfg.certify.taus, "alphas": cfg.certify.alphas, "corrections": cfg.certify.corrections}
     for point in certify.points(cfg.certify.procedures, shared):
@@ -68,7 +68,7 @@ def check_hierarchies(cfg: JobConfig) -> None:
         if wanted is None:
             continue
         sampled = cfg.dataset.hierarchy
-        if sampled is None or hierarchy.load(sampled).digest != hierarchy.load(wanted).digest:
+        if sampled is None or class_tree.load(sampled).digest != class_tree.load(wanted).digest:
             raise ConfigError(
                 f"certify.procedures: {point.procedure.name} at hierarchy {wanted!r} needs votes counted for it: "
                 f"set dataset.hierarchy: {wanted} (now {sampled!r}), so the sampler stores every level's votes"

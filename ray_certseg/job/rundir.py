@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from ray_certseg import storage
 
 CONFIG, VOTES, ERROR_PARTS, ERRORS, PARTIAL = "config.json", "votes", "_errors", "errors.parquet", "_partial"
@@ -166,3 +168,46 @@ class RunDir:
         from ray_certseg import votes
 
         return votes.check_schema_version(self.votes, storage_options=self.storage_options)
+
+    # --------------------------------------------------------------------------------- "up to date" record
+    def inputs(self, grid: Mapping[str, Any]) -> dict[str, Any]:
+        """What a reduction of this run with ``grid`` (its record: points and pooling) and the plots drawn from it
+        are a function of: this package's version, the recorded job config (without ``ray``, ``output`` and
+        ``storage_options``, which change no result), the grid, and the vote files and errors.parquet by path and
+        size. A vote file is written once and never changed, so equal listings mean equal votes."""
+        from ray_certseg import __version__
+
+        config = self.read_json(CONFIG) if self.exists(CONFIG) else {}
+        recorded = {
+            "version": __version__,
+            "config": {k: v for k, v in config.items() if k not in ("ray", "output", "storage_options")},
+            "grid": dict(grid),
+            "vote_files": self.sizes(VOTES),
+            "errors": self.size(ERRORS),
+        }
+        return json.loads(json.dumps(recorded))
+
+    def is_current(self, inputs: Mapping[str, Any]) -> bool:
+        """Whether metrics/ (its summary too) and plots/ were both made from exactly ``inputs``: the reducer
+        writes ``metrics/inputs.json`` last, and the plots copy it to ``plots/inputs.json`` once drawn
+        (:meth:`record_plotted`)."""
+        wanted = ((METRICS, INPUTS), (METRICS, "summary.md"), (PLOTS, INPUTS))
+        if not all(self.exists(*parts) for parts in wanted):
+            return False
+        return all(self.read_json(part, INPUTS) == inputs for part in (METRICS, PLOTS))
+
+    def record_plotted(self) -> None:
+        """Note that plots/ now shows what metrics/ holds (its ``inputs.json``, copied); written last."""
+        if self.exists(METRICS, INPUTS):
+            self.write_json(self.read_json(METRICS, INPUTS), PLOTS, INPUTS)
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("method", pa.string()),
+        ("sigma", pa.float64()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+    ]
+)

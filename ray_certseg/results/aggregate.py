@@ -2,7 +2,7 @@
 
 A per-image record (:data:`ray_certseg.results.reduce.PER_IMAGE_SCHEMA`) holds one vote row certified at one grid point:
 its (C+1) x (C+1) confusion matrices (certified, clean, majority vote), pixel counts and per-level counts. A
-dataset row sums them per KEY group (dataset, method, denoiser, segmenter, sigma, point, n0, n):
+dataset row sums them per group of GROUP_KEY (dataset, method, denoiser, segmenter, sigma, point, n0, n):
 
     confusion = sum_i confusion_i,   abstain_rate = (1 / M) sum_i abstained_i / pixels_i,
     CIG = sum_i info_gain_i / (sum_i labelled_i * log C),
@@ -32,7 +32,7 @@ from ray_certseg.results.metrics import pooled_metrics
 
 log = logging.getLogger("ray_certseg")
 
-KEY = [
+GROUP_KEY = [
     "dataset",
     "method",
     "denoiser",
@@ -46,10 +46,13 @@ KEY = [
     "n0",
     "n",
 ]
-ID = ["image_id", "method", "sigma", "procedure", "params", "tau", "alpha", "correction"]
-ROW = ["image_id", "method", "sigma"]
+RECORD_KEY = ["image_id", "method", "sigma", "procedure", "params", "tau", "alpha", "correction"]
+VOTE_ROW_KEY = ["image_id", "method", "sigma"]
 """A vote row's key: one (image, method, sigma) is sampled once."""
-COMMON = ["dataset", "sigma"]  # like for like: within a (dataset, sigma), every method over the same images
+LIKE_FOR_LIKE = [
+    "dataset",
+    "sigma",
+]  # like for like: within a (dataset, sigma), every method over the same images
 POOLINGS = ("common", "all")
 MATRICES = ("confusion", "clean_confusion", "vote_confusion")
 LEVELS = ("level_pixels", "level_certified", "level_wrong")
@@ -89,7 +92,7 @@ PER_IMAGE_SCHEMA = pa.schema(
         ("sample_seconds", pa.float64()),
     ]
 )
-"""One vote row certified at one grid point (``metrics/per_image.parquet``; :func:`ray_certseg.results.reduce.image_rows`)."""
+"""One vote row certified at one grid point (``metrics/per_image.parquet``; :func:`ray_certseg.results.image_records.image_rows`)."""
 
 
 class ExactSum:
@@ -123,7 +126,7 @@ class ExactSum:
 def deduplicate(per_image: pd.DataFrame) -> pd.DataFrame:
     """Sort into a canonical order; a vote row present twice (a defect upstream) is counted once, loudly."""
     per_image = canonical_order(per_image)
-    dup = per_image.duplicated(ID)
+    dup = per_image.duplicated(RECORD_KEY)
     if dup.any():
         log.warning(
             "%d duplicated per-image rows (same image, method, sigma, grid point) ignored", int(dup.sum())
@@ -137,10 +140,10 @@ def left_out(keys: pd.DataFrame) -> pd.DataFrame:
     there has and another lacks (its row failed). ``keys``: per-image records or vote-row keys (columns
     dataset, sigma, image_id, method). Columns dataset, sigma, image_id, has, lacks (method names joined by
     ", ")."""
-    ids = keys[COMMON + ["image_id", "method"]].drop_duplicates()
-    methods = ids.groupby(COMMON, sort=True)["method"].agg(lambda m: sorted(set(m)))
+    ids = keys[LIKE_FOR_LIKE + ["image_id", "method"]].drop_duplicates()
+    methods = ids.groupby(LIKE_FOR_LIKE, sort=True)["method"].agg(lambda m: sorted(set(m)))
     rows = []
-    for (dataset, sigma, image_id), g in ids.groupby(COMMON + ["image_id"], sort=True):
+    for (dataset, sigma, image_id), g in ids.groupby(LIKE_FOR_LIKE + ["image_id"], sort=True):
         every = methods.loc[(dataset, sigma)]
         has = sorted(set(g["method"]))
         if has != every:
@@ -153,7 +156,7 @@ def left_out(keys: pd.DataFrame) -> pd.DataFrame:
                     "lacks": ", ".join(m for m in every if m not in has),
                 }
             )
-    return pd.DataFrame(rows, columns=COMMON + ["image_id", "has", "lacks"])
+    return pd.DataFrame(rows, columns=LIKE_FOR_LIKE + ["image_id", "has", "lacks"])
 
 
 def _left_out_of(skipped: pd.DataFrame, row: dict[str, Any]) -> int:
@@ -163,7 +166,7 @@ def _left_out_of(skipped: pd.DataFrame, row: dict[str, Any]) -> int:
 
 
 class _Group:
-    """The running sums of one KEY group."""
+    """The running sums of one group (one GROUP_KEY value)."""
 
     def __init__(self, first: dict[str, Any]):
         self.num_classes = int(first["num_classes"])
@@ -171,8 +174,8 @@ class _Group:
         side = self.num_classes + 1
         self.matrices = {m: np.zeros((side, side), dtype=np.int64) for m in MATRICES}
         self.levels = {m: np.zeros(len(first[m]), dtype=np.int64) for m in LEVELS}
-        self.ints = {"images": 0, "labelled": 0, "correct": 0, "infeasible": 0, "max_family_size": 0}
-        self.floats = {"abstained": ExactSum(), "info_gain": ExactSum(), "seconds": ExactSum()}
+        self.counts = {"images": 0, "labelled": 0, "correct": 0, "infeasible": 0, "max_family_size": 0}
+        self.sums = {"abstained": ExactSum(), "info_gain": ExactSum(), "seconds": ExactSum()}
 
     def add(self, chunk: pa.Table, index: np.ndarray) -> None:
         rows = pa.array(index)
@@ -185,27 +188,27 @@ class _Group:
             values = take(m).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             self.levels[m] += values.reshape(len(index), -1).sum(0)
         column = lambda name: take(name).to_numpy(zero_copy_only=False)
-        self.ints["images"] += len(index)
-        self.ints["labelled"] += int(column("num_labelled").sum())
-        self.ints["correct"] += int(column("num_correct").sum())
-        self.ints["infeasible"] += int((~column("certifiable")).sum())
-        self.ints["max_family_size"] = max(self.ints["max_family_size"], int(column("family_size").max()))
-        self.floats["abstained"].add(column("num_abstained") / column("num_pixels"))
-        self.floats["info_gain"].add(column("info_gain"))
-        self.floats["seconds"].add(column("sample_seconds"))
+        self.counts["images"] += len(index)
+        self.counts["labelled"] += int(column("num_labelled").sum())
+        self.counts["correct"] += int(column("num_correct").sum())
+        self.counts["infeasible"] += int((~column("certifiable")).sum())
+        self.counts["max_family_size"] = max(self.counts["max_family_size"], int(column("family_size").max()))
+        self.sums["abstained"].add(column("num_abstained") / column("num_pixels"))
+        self.sums["info_gain"].add(column("info_gain"))
+        self.sums["seconds"].add(column("sample_seconds"))
 
     def row(self, pooling: str, images_left_out: int) -> dict[str, Any]:
-        """The dataset row's metrics (after its KEY columns)."""
-        C, M = self.num_classes, self.ints["images"]
-        cert = pooled_metrics(self.matrices["confusion"], self.floats["abstained"].value / M, M)
+        """The dataset row's metrics (after its GROUP_KEY columns)."""
+        C, M = self.num_classes, self.counts["images"]
+        cert = pooled_metrics(self.matrices["confusion"], self.sums["abstained"].value / M, M)
         clean = pooled_metrics(self.matrices["clean_confusion"], 0.0, M)
         vote = pooled_metrics(self.matrices["vote_confusion"], 0.0, M)
-        labelled = self.ints["labelled"]
+        labelled = self.counts["labelled"]
         level_pixels, level_cert, level_wrong = (self.levels[m] for m in LEVELS)
         denominator = np.maximum(1, level_pixels)
         return {
-            "cig": self.floats["info_gain"].value / (labelled * math.log(C)) if labelled and C > 1 else 0.0,
-            "level_accuracy": self.ints["correct"] / labelled if labelled else 0.0,
+            "cig": self.sums["info_gain"].value / (labelled * math.log(C)) if labelled and C > 1 else 0.0,
+            "level_accuracy": self.counts["correct"] / labelled if labelled else 0.0,
             "level_share_per_level": (level_pixels / max(1, labelled)).tolist(),
             "certified_rate_per_level": (level_cert / denominator).tolist(),
             "abstain_rate_per_level": ((level_pixels - level_cert) / denominator).tolist(),
@@ -223,10 +226,10 @@ class _Group:
             "vote_accuracy": vote.accuracy,
             "vote_miou": vote.miou,
             "images": M,
-            "infeasible_images": self.ints["infeasible"],
-            "max_family_size": self.ints["max_family_size"],
+            "infeasible_images": self.counts["infeasible"],
+            "max_family_size": self.counts["max_family_size"],
             "pixels": cert.num_pixels,
-            "seconds_per_image": self.floats["seconds"].value / M,
+            "seconds_per_image": self.sums["seconds"].value / M,
             "certified_dice": cert.mdice,
             "dice_present": cert.mdice_present,
             "worst_accuracy": cert.worst_accuracy,
@@ -243,7 +246,7 @@ class _Group:
 
 
 def _sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """KEY tuples in pandas' ``groupby(sort=True, dropna=False)`` order: ascending, missing values last."""
+    """GROUP_KEY tuples in pandas' ``groupby(sort=True, dropna=False)`` order: ascending, missing values last."""
     return tuple((v is None, 0 if v is None else v) for v in key)
 
 
@@ -257,7 +260,9 @@ class Pool:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
-        self.left = left if left is not None else pd.DataFrame(columns=COMMON + ["image_id", "has", "lacks"])
+        self.left = (
+            left if left is not None else pd.DataFrame(columns=LIKE_FOR_LIKE + ["image_id", "has", "lacks"])
+        )
         self.drop = (
             set(zip(self.left["dataset"], self.left["sigma"].astype(float), self.left["image_id"]))
             if pooling == "common"
@@ -269,7 +274,7 @@ class Pool:
         """Fold a table of per-image records into the sums."""
         if not chunk.num_rows:
             return
-        keys = list(zip(*(chunk.column(c).to_pylist() for c in KEY)))
+        keys = list(zip(*(chunk.column(c).to_pylist() for c in GROUP_KEY)))
         if self.drop:
             ids = zip(
                 chunk.column("dataset").to_pylist(),
@@ -292,10 +297,10 @@ class Pool:
         return not self.groups
 
     def metrics(self) -> pd.DataFrame:
-        """One row per KEY group, sorted by KEY (as :func:`pool` of the same records)."""
+        """One row per group, sorted by GROUP_KEY (as :func:`pool_records` of the same records)."""
         out = []
         for key in sorted(self.groups, key=_sort_key):
-            row = dict(zip(KEY, key))
+            row = dict(zip(GROUP_KEY, key))
             skipped = _left_out_of(self.left, row) if self.pooling == "common" else 0
             row.update(self.groups[key].row(self.pooling, skipped))
             out.append(row)
@@ -306,7 +311,7 @@ class Pool:
         return frame
 
 
-def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
+def pool_records(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
     """Dataset rows of per-image records held in memory: :class:`Pool` over all of them, like for like by
     default (:func:`left_out` lists the images that leaves out; ``images_left_out`` counts them per row),
     every record with ``pooling="all"`` (methods may then cover different images)."""
@@ -319,5 +324,5 @@ def pool(per_image: pd.DataFrame, pooling: str = "common") -> pd.DataFrame:
 
 
 def canonical_order(per_image: pd.DataFrame) -> pd.DataFrame:
-    """Per-image records sorted by ID (image, method, sigma, point): the order a reader gets them in."""
-    return per_image.sort_values(ID, kind="stable").reset_index(drop=True)
+    """Per-image records sorted by RECORD_KEY (image, method, sigma, point): the order a reader gets them in."""
+    return per_image.sort_values(RECORD_KEY, kind="stable").reset_index(drop=True)

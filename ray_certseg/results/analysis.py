@@ -2,7 +2,7 @@
 correction) without resampling. Certified accuracy against the radius is in :mod:`ray_certseg.results.curves`;
 both are re-exported as :mod:`ray_certseg.analysis`.
 
-The metrics are the reducer's (:func:`ray_certseg.results.reduce.image_rows`,
+The metrics are the reducer's (:func:`ray_certseg.results.image_records.image_rows`,
 :class:`~ray_certseg.results.aggregate.Pool`): certified accuracy counts abstentions as wrong, confusion matrices are
 pooled over the images.
 """
@@ -24,7 +24,7 @@ from ray_certseg.certify import CORRECTIONS
 from ray_certseg.config import DatasetConfig, JobConfig
 from ray_certseg.job import rundir
 from ray_certseg.job.rundir import RunDir
-from ray_certseg.results import aggregate, reduce
+from ray_certseg.results import aggregate, image_records, reduce, stream, tables
 from ray_certseg.sampling import ESTIMATION, noise_seed, sample_seed, to_tensor_image
 
 log = logging.getLogger("ray_certseg")
@@ -36,12 +36,12 @@ CERTIFY_COLUMNS = ["label", "c_hat", "k", "clean_pred"]
 # ------------------------------------------------------------------------------------------------- loading
 def votes_dir(path: RunDir | str, storage_options: Mapping[str, Any] | None = None) -> str:
     """``<output>/votes`` for an output folder, else ``path`` itself (a votes folder or one Parquet file)."""
-    return reduce.votes_location(RunDir.of(path, storage_options))
+    return stream.votes_location(RunDir.of(path, storage_options))
 
 
 def _vote_files(run: RunDir) -> tuple[Any, list[str], str]:
     """(pyarrow filesystem, vote files, where they are) of an output folder, a votes folder or one file."""
-    fs, files = reduce.source_files(run)
+    fs, files = stream.source_files(run)
     return fs, files, votes_dir(run)
 
 
@@ -52,13 +52,17 @@ def load_votes(
     image_ids: Iterable[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Vote rows of an output folder, its ``votes/`` folder or one vote file (local or ``s3://``): one
-    DataFrame row per (image, method, sigma), the columns of :class:`~ray_certseg.votes.VoteRecord`.
+    """Vote rows as a DataFrame, one row per (image, method, sigma), the columns of
+    :class:`~ray_certseg.votes.VoteRecord`. For a run that fits in memory; the results steps stream instead.
 
-    Per-pixel columns (``label``, ``c_hat``, ``k``, ``clean_pred``: (H, W); ``counts``: (C, H, W) or None)
-    hold numpy arrays that are zero-copy, read-only views of the Arrow buffers (copy before changing one).
-    ``columns`` limits the per-pixel columns read (``[]``: ids and scalars only); ``image_ids`` reads only
-    those images (a Parquet filter, so other rows are never decoded)."""
+    Args:
+        path: an output folder, its ``votes/`` folder or one vote file (local or ``s3://``).
+        columns: the per-pixel columns to read (default all; ``[]``: ids and scalars only).
+        image_ids: read only these images (a Parquet filter: other rows are never decoded).
+
+    Returns:
+        The rows. Per-pixel columns (``label``, ``c_hat``, ``k``, ``clean_pred``: (H, W); ``counts``:
+        (C, H, W) or None) hold zero-copy, read-only numpy views of the Arrow buffers (copy before changing)."""
     wanted = list(votes.ARRAY_COLUMNS) if columns is None else list(columns)
     unknown = sorted(set(wanted) - set(votes.ARRAY_COLUMNS))
     if unknown:
@@ -90,11 +94,15 @@ def load_votes(
 def load_metrics(
     path: RunDir | str, *, per_image: bool = False, storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
-    """``metrics/metrics.parquet`` (one row per dataset, method, sigma and grid point) or, with
-    ``per_image``, ``metrics/per_image.parquet`` of an output folder (local or ``s3://``), in canonical order
-    (by image, method, sigma and point; the file keeps the order it was streamed in); ``path`` may also
-    be the metrics folder or the Parquet file. List columns (``iou_per_class``, ``confusion``...) hold numpy
-    arrays."""
+    """The dataset metrics of a run, or its per-image records.
+
+    Args:
+        path: an output folder (local or ``s3://``), its metrics folder or the Parquet file.
+        per_image: read ``per_image.parquet`` instead of ``metrics.parquet``.
+
+    Returns:
+        One row per dataset, method, sigma and grid point; with ``per_image`` one per image too, in canonical
+        order (image, method, sigma, point). List columns (``iou_per_class``, ``confusion``...) hold arrays."""
     run = RunDir.of(path, storage_options)
     name = "per_image.parquet" if per_image else "metrics.parquet"
     if run.url.endswith(".parquet"):
@@ -110,8 +118,15 @@ def load_metrics(
 
 
 def load_config(path: RunDir | str, *, storage_options: Mapping[str, Any] | None = None) -> JobConfig:
-    """The job configuration recorded in ``<output>/config.json``. Its secrets are redacted there, so the
-    folder's ``storage_options`` (if any) replace the recorded job-level ones (the dataset's reads use them)."""
+    """The job configuration recorded in ``<output>/config.json``.
+
+    Args:
+        path: the output folder.
+        storage_options: the folder's options; they replace the recorded job-level ones, which config.json
+            holds redacted (the dataset's reads use them).
+
+    Returns:
+        The validated :class:`~ray_certseg.config.JobConfig`."""
     run = RunDir.of(path, storage_options)
     if not run.exists(rundir.CONFIG):
         raise FileNotFoundError(f"no config.json in {run.url}: pass the output folder of a `ray-certseg run`")
@@ -135,9 +150,9 @@ def _values(name: str, value: float | str | Sequence[Any]) -> tuple[Any, ...]:
 
 
 def source_of(
-    votes_source: reduce.VoteSource, storage_options: Mapping[str, Any] | None
-) -> reduce.VoteSource:
-    """The vote source that :func:`ray_certseg.results.reduce.fold` reads: a DataFrame as it is, a path as its
+    votes_source: stream.VoteSource, storage_options: Mapping[str, Any] | None
+) -> stream.VoteSource:
+    """The vote source that :func:`ray_certseg.results.stream.fold` reads: a DataFrame as it is, a path as its
     RunDir (with ``storage_options``)."""
     if isinstance(votes_source, pd.DataFrame):
         return votes_source
@@ -147,7 +162,7 @@ def source_of(
 
 
 def recertify(
-    votes_source: reduce.VoteSource,
+    votes_source: stream.VoteSource,
     *,
     tau: float | Sequence[float] = 0.75,
     alpha: float | Sequence[float] = 0.001,
@@ -164,7 +179,7 @@ def recertify(
 
     Args:
         votes_source: a :func:`load_votes` DataFrame, or an output / votes folder / vote file (local or
-            ``s3://``), read chunk by chunk (:func:`ray_certseg.results.reduce.fold`): memory holds one chunk of
+            ``s3://``), read chunk by chunk (:func:`ray_certseg.results.stream.fold`): memory holds one chunk of
             vote rows, never the run.
         tau, alpha, correction: scalars or sequences; their product is the shared grid.
         procedures: entries as in the config's ``certify.procedures``.
@@ -177,7 +192,7 @@ def recertify(
     bad = [c for c in corrections if c not in CORRECTIONS]
     if bad:
         raise ValueError(f"correction {bad[0]!r} is not one of {CORRECTIONS}")
-    grid = reduce.Grid(
+    grid = image_records.Grid(
         tuple(float(t) for t in _values("tau", tau)),
         tuple(float(a) for a in _values("alpha", alpha)),
         corrections,
@@ -186,16 +201,19 @@ def recertify(
     if pooling not in aggregate.POOLINGS:
         raise ValueError(f"pooling must be one of {aggregate.POOLINGS}, got {pooling!r}")
     kept: list[pa.Table] = []  # per-image records (small: matrices, not maps)
-    pools, plan_ = reduce.fold(
-        source_of(votes_source, storage_options), reduce.GridRecords(grid), pooling=pooling, each=kept.append
+    pools, vote_plan = stream.fold(
+        source_of(votes_source, storage_options),
+        image_records.GridRecords(grid),
+        pooling=pooling,
+        each=kept.append,
     )
     acc = pools["all"]
-    metrics = acc.metrics() if not acc.empty else pd.DataFrame(columns=aggregate.KEY)
+    metrics = acc.metrics() if not acc.empty else pd.DataFrame(columns=aggregate.GROUP_KEY)
     per_image = aggregate.canonical_order(
         pa.concat_tables(kept).to_pandas() if kept else aggregate.PER_IMAGE_SCHEMA.empty_table().to_pandas()
     )
-    left = plan_.left_out if pooling == "common" and not acc.empty else None
-    return reduce.ReduceResult(per_image, metrics, reduce.summary_markdown(metrics, 0, left), left)
+    left = vote_plan.left_out if pooling == "common" and not acc.empty else None
+    return reduce.ReduceResult(per_image, metrics, tables.summary_markdown(metrics, 0, left), left)
 
 
 def noisy_sample(

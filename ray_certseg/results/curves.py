@@ -36,7 +36,7 @@ from scipy.stats import norm
 
 from ray_certseg import votes
 from ray_certseg.certify import CORRECTIONS
-from ray_certseg.results import aggregate, reduce
+from ray_certseg.results import aggregate, image_records, stream
 from ray_certseg.results.analysis import load_votes, source_of
 
 log = logging.getLogger("ray_certseg")
@@ -98,7 +98,7 @@ def _taus(radii: np.ndarray, sigma: float) -> tuple[float, ...]:
 class CurveRecords:
     """Vote rows -> their per-image records at every tau(r, sigma) = Phi(r / sigma), r in ``radii``, that the
     row's sigma can certify, for each procedure entry (its tau taken from that grid): the map of the curves on
-    the one chunked path (:func:`ray_certseg.results.reduce.fold`), every radius folded in the same pass."""
+    the one chunked path (:func:`ray_certseg.results.stream.fold`), every radius folded in the same pass."""
 
     def __init__(
         self, radii: np.ndarray, alpha: float, correction: str, procedures: Sequence[Any] = ("segcertify",)
@@ -106,18 +106,18 @@ class CurveRecords:
         self.radii, self.alpha, self.correction = radii, alpha, correction
         self.procedures = tuple(procedures)
         self.per_row = max(1, len(radii)) * len(self.procedures)
-        self.columns = reduce.record_columns(self._grid((0.75,)).points())
+        self.columns = image_records.record_columns(self._grid((0.75,)).points())
 
-    def _grid(self, taus: tuple[float, ...]) -> reduce.Grid:
-        return reduce.Grid(taus, (self.alpha,), (self.correction,), self.procedures)
+    def _grid(self, taus: tuple[float, ...]) -> image_records.Grid:
+        return image_records.Grid(taus, (self.alpha,), (self.correction,), self.procedures)
 
     def from_records(self, recs: Iterable[votes.VoteRecord]) -> pa.Table:
-        grids: dict[float, reduce.GridRecords] = {}
+        grids: dict[float, image_records.GridRecords] = {}
         tables = []
         for rec in recs:
             taus = _taus(self.radii, rec.sigma)
             if taus:
-                grid = grids.setdefault(rec.sigma, reduce.GridRecords(self._grid(taus)))
+                grid = grids.setdefault(rec.sigma, image_records.GridRecords(self._grid(taus)))
                 tables.append(grid.from_records([rec]))
         return pa.concat_tables(tables) if tables else aggregate.PER_IMAGE_SCHEMA.empty_table()
 
@@ -125,7 +125,7 @@ class CurveRecords:
         return self.from_records(votes.read_votes(batch, columns=self.columns))
 
 
-def _pooled_curve(source: reduce.VoteSource, records: CurveRecords, engine: str) -> pd.DataFrame:
+def _pooled_curve(source: stream.VoteSource, records: CurveRecords, engine: str) -> pd.DataFrame:
     """The curve's dataset rows at every tau(r, sigma) from one chunked pass over the votes: file by file in
     this process or as a Ray Data stage (``auto``: Ray when it is initialised and the work is large)."""
     if engine == "auto":
@@ -136,18 +136,18 @@ def _pooled_curve(source: reduce.VoteSource, records: CurveRecords, engine: str)
         else:
             work = 0.0
         engine = "ray" if work > RAY_MIN_EVALUATIONS else "local"
-    pools, _ = reduce.fold(source, records, engine=engine)
+    pools, _ = stream.fold(source, records, engine=engine)
     return pools["all"].metrics() if not pools["all"].empty else pd.DataFrame()
 
 
-def _groups(source: reduce.VoteSource) -> pd.DataFrame:
+def _groups(source: stream.VoteSource) -> pd.DataFrame:
     """The (dataset, method, sigma) of the vote rows, from their scalars alone."""
     frame = source if isinstance(source, pd.DataFrame) else load_votes(source, columns=[])
     return frame[["dataset", "method", "sigma"]].drop_duplicates()
 
 
 def certified_accuracy_curve(
-    votes_source: reduce.VoteSource,
+    votes_source: stream.VoteSource,
     radii: Sequence[float],
     *,
     alpha: float = 0.001,
@@ -226,7 +226,7 @@ PROCEDURE_CURVE_COLUMNS = ["dataset", "method", "procedure", "radius", "cig", "a
 
 
 def procedure_curve(
-    votes_source: reduce.VoteSource,
+    votes_source: stream.VoteSource,
     radii: Sequence[float],
     procedures: Sequence[Any],
     *,
@@ -274,7 +274,7 @@ SWEEP_COLUMNS = ["thresholds", "images", "cig", "abstain_rate", "level_accuracy"
 
 
 def sweep_thresholds(
-    votes_source: reduce.VoteSource,
+    votes_source: stream.VoteSource,
     candidates: Sequence[Sequence[float]],
     *,
     hierarchy: str,
@@ -287,7 +287,7 @@ def sweep_thresholds(
     """The threshold search of hierarchical certification from stored votes, without sampling again: per
     (dataset, method, sigma) and candidate threshold function (t_0 >= ... >= t_L), the pooled CIG, abstain
     rate, certified accuracy at the chosen level and certified error, every candidate folded in one chunked
-    pass over the votes (:func:`ray_certseg.results.reduce.fold`).
+    pass over the votes (:func:`ray_certseg.results.stream.fold`).
 
     Choosing the thresholds on the images they are then reported on is optimistic (a selection on the test
     set; every single point is still a valid certificate at level alpha, the maximum over candidates is not
@@ -312,13 +312,15 @@ def sweep_thresholds(
         {"procedure": "hierarchical", "params": {"hierarchy": hierarchy, "thresholds": list(map(float, c))}}
         for c in candidates
     ]
-    grid = reduce.Grid((float(tau),), (float(alpha),), (correction,), tuple(entries))
+    grid = image_records.Grid((float(tau),), (float(alpha),), (correction,), tuple(entries))
     if held is None:
         splits = {"all": None}
     else:
         in_held = lambda chunk: pc.is_in(chunk.column("image_id"), value_set=pa.array(held, pa.string()))
         splits = {"select": lambda chunk: pc.invert(in_held(chunk)), "held_out": in_held}
-    pools, _ = reduce.fold(source_of(votes_source, storage_options), reduce.GridRecords(grid), splits=splits)
+    pools, _ = stream.fold(
+        source_of(votes_source, storage_options), image_records.GridRecords(grid), splits=splits
+    )
     out = []
     for split, acc in pools.items():
         if acc.empty:

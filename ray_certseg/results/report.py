@@ -11,7 +11,7 @@ import pyarrow as pa
 from ray_certseg import storage
 from ray_certseg.job import rundir
 from ray_certseg.job.rundir import RunDir
-from ray_certseg.results import aggregate, analysis, plots, reduce
+from ray_certseg.results import aggregate, analysis, plots, tables
 
 CURVE_NOTE = (
     "Certified accuracy at radius r: for each sigma, CERTIFY at tau = Phi(r / sigma) (the tau whose radius "
@@ -72,7 +72,7 @@ def render(output: RunDir | str, *, storage_options: Mapping[str, Any] | None = 
         "",
         "## Results",
         "",
-        reduce.summary_markdown(metrics, errors.num_rows if errors else 0, left),
+        tables.summary_markdown(metrics, errors.num_rows if errors else 0, left),
         "",
     ]
     present = set(_plot_names(run, "*.png"))
@@ -110,7 +110,7 @@ def render(output: RunDir | str, *, storage_options: Mapping[str, Any] | None = 
         for name in examples:
             lines += [_image(name[:-4], f"plots/examples/{name}"), ""]
     if errors is not None and errors.num_rows:
-        lines += ["## Failed rows", "", reduce.errors_markdown(errors), ""]
+        lines += ["## Failed rows", "", tables.errors_markdown(errors), ""]
     return "\n".join(lines)
 
 
