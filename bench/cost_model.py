@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray_certseg.models.adm import ADM_PRESETS, ADMUNet, GroupNorm32
-from ray_certseg.models.denoisers import _tile_starts
+from ray_certseg.models.resolution import _tile_starts
 from ray_certseg.models.tiny import TinySegNet
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -74,6 +74,7 @@ def prepare_run(cfg: JobConfig, *, overwrite: bool = False) -> Plan:
     preflight.check_runtime_env(cfg)
     preflight.add_py_modules_to_path(cfg)
     preflight.check_model_builds(cfg)
+    preflight.check_noise_levels(cfg)
     prepare_output(cfg, overwrite=overwrite)
     refs = list_items(cfg.dataset)
     probe = probe_size(refs, cfg)

@@ -115,6 +115,26 @@ def check_model_builds(cfg: JobConfig) -> None:
             )
 
 
+def check_noise_levels(cfg: JobConfig) -> None:
+    """Every sigma of ``sampling.sigmas`` lies in the range each used continuous-sigma denoiser was trained for
+    (``models.loading.noise_range``: sigma_min / 2 to sigma_max / 2 of its scheduler), so an untrained noise
+    level fails on the driver, naming the range, instead of every row failing on the actors."""
+    from ray_certseg.models.loading import noise_range
+
+    for name in sorted(_used_models(cfg)["denoisers"]):
+        spec = cfg.models.denoisers[name]
+        if spec["kind"] != "diffusers":
+            continue
+        span = noise_range(spec)
+        outside = [s for s in cfg.sampling.sigmas if span is not None and not span[0] <= s <= span[1]]
+        if outside:
+            raise ConfigError(
+                f"sampling.sigmas: {outside} outside [{span[0]:g}, {span[1]:g}], the noise levels that "
+                f"models.denoisers.{name} was trained for (its scheduler's sigma_min / 2 to sigma_max / 2); "
+                "drop those sigmas or use another denoiser for them"
+            )
+
+
 def _used_models(cfg: JobConfig) -> dict[str, set[str]]:
     return {
         "segmenters": {m.segmenter for m in cfg.methods.values()},

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ray_certseg.models.adm import _DIFFUSION_FLAGS, ADM_PRESETS, ADMUNet, check_adm_unet, load_adm_unet
 from ray_certseg.models.denoisers import DiffusionDenoiser, IdentityDenoiser
+from ray_certseg.models.karras import KARRAS_SCHEDULERS, KarrasDenoiser, sigma_range
 from ray_certseg.models.schedule import adm_alphas_cumprod
 from ray_certseg.models.specs import DIFFUSERS_FOLDER_HELP, ADMDenoiserSpec
 from ray_certseg.models.util import resolve_dtype, short_hash
@@ -46,8 +47,11 @@ def load_diffusers(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     **kwargs: Any,
-) -> DiffusionDenoiser:
-    """Load a diffusers ``UNet2DModel`` and a DDPM-family scheduler config.
+) -> DiffusionDenoiser | KarrasDenoiser:
+    """Load a diffusers ``UNet2DModel`` and its scheduler config: a DDPM-family scheduler gives the one-shot
+    DDPM :class:`DiffusionDenoiser` (t*, ``models.schedule``), a continuous-sigma one
+    (``CMStochasticIterativeScheduler``, ``EDMEulerScheduler``) the :class:`KarrasDenoiser` at exactly
+    sigma_model = 2 sigma (``models.karras``).
 
     ``path``: a DDPMPipeline-style folder (``unet/``, ``scheduler/``) or a folder holding both configs
     (``config.json`` + ``scheduler_config.json``), or a hub id where a hub is reachable. ``unet`` /
@@ -55,7 +59,7 @@ def load_diffusers(
     only from safetensors. kwargs go to the constructor; prediction_type and sample_size default to the
     scheduler's and the UNet's config; name defaults to ``<folder>-<hash of configs and options>``.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     if path is None and unet is None:
         raise ValueError(
@@ -77,18 +81,23 @@ def load_diffusers(
         )
     else:
         unet_model = unet_src
-    sched = (
-        _from_pretrained(DDPMScheduler, sched_src, "scheduler", "scheduler_config.json")
-        if isinstance(sched_src, (str, os.PathLike))
-        else sched_src
-    )
-    if not hasattr(sched, "alphas_cumprod"):
+    if isinstance(sched_src, (str, os.PathLike)):
+        klass = scheduler_class(sched_src)
+        sched = _from_pretrained(klass, sched_src, "scheduler", "scheduler_config.json")
+    else:
+        sched = sched_src
+    karras = type(sched).__name__ in KARRAS_SCHEDULERS
+    if not karras and not hasattr(sched, "alphas_cumprod"):
         raise TypeError(
-            f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(sched).__name__}"
+            "scheduler must be a DDPM-family scheduler with alphas_cumprod or one of "
+            f"{KARRAS_SCHEDULERS} (continuous sigma), got {type(sched).__name__}"
         )
     cfg = dict(getattr(unet_model, "config", {}))
     _check_unet_config(cfg)
-    kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
+    if karras:
+        kwargs = _karras_options(kwargs, type(sched).__name__)
+    else:
+        kwargs.setdefault("prediction_type", sched.config.get("prediction_type", "epsilon"))
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)):
         size = size[0]
@@ -100,7 +109,55 @@ def load_diffusers(
     if any(p.dtype != dtype for p in unet_model.parameters()):  # loaded folders already are (torch_dtype)
         unet_model = unet_model.to(dtype=dtype)
     unet_model = unet_model.to(device=torch.device(device)).eval().requires_grad_(False)
+    if karras:
+        return KarrasDenoiser(DiffusersUNet(unet_model), sched, **kwargs)
     return DiffusionDenoiser(DiffusersUNet(unet_model), sched.alphas_cumprod, **kwargs)
+
+
+#: options of the DDPM denoiser that a continuous-sigma one has no use for, with their defaults
+DDPM_ONLY = {"multistep": 0, "multistep_seed": 0, "variance": "auto", "prediction_type": None}
+
+
+def _karras_options(kwargs: Mapping[str, Any], scheduler: str) -> dict[str, Any]:
+    """The options a :class:`KarrasDenoiser` takes; a DDPM-only option set to anything but its default is
+    refused (a one-shot continuous-sigma denoiser has no reverse chain and takes its preconditioning from
+    the scheduler)."""
+    changed = sorted(k for k, default in DDPM_ONLY.items() if kwargs.get(k, default) != default)
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} apply to DDPM schedulers; this folder's {scheduler} denoises in one shot at "
+            "the exact sigma (remove them)"
+        )
+    return {k: v for k, v in kwargs.items() if k not in DDPM_ONLY}
+
+
+def scheduler_class(source: str | os.PathLike) -> Any:
+    """The diffusers scheduler class that a folder's ``scheduler_config.json`` names when it is one of
+    :data:`KARRAS_SCHEDULERS`; else ``DDPMScheduler``, which reads every DDPM-family config (DDIM, PNDM...:
+    the same betas). A hub id gets ``DDPMScheduler``."""
+    import diffusers
+
+    try:
+        folder = _local_folder(diffusers.DDPMScheduler, source, "scheduler", "scheduler_config.json")
+    except (ValueError, FileNotFoundError):
+        return diffusers.DDPMScheduler
+    if folder is None:
+        return diffusers.DDPMScheduler
+    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "")
+    return getattr(diffusers, name) if name in KARRAS_SCHEDULERS else diffusers.DDPMScheduler
+
+
+def noise_range(spec: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The smoothing sigmas a local continuous-sigma diffusers folder denoises (:func:`karras.sigma_range`),
+    read from its scheduler config without loading the model; None for a DDPM scheduler or a hub id."""
+    source = spec.get("scheduler") or spec.get("path") or spec.get("unet")
+    if source is None:
+        return None
+    klass = scheduler_class(source)
+    if klass.__name__ not in KARRAS_SCHEDULERS:
+        return None
+    folder = _local_folder(klass, source, "scheduler", "scheduler_config.json")
+    return sigma_range(klass.from_config(klass.load_config(str(folder))).config)
 
 
 def _folder_name(source: Any) -> str:
@@ -177,7 +234,10 @@ def check_diffusers(spec: Mapping[str, Any]) -> None:
     sched_src = spec.get("scheduler") or path or unet_src
     sched_dir = _local_folder(DDPMScheduler, sched_src, "scheduler", "scheduler_config.json")
     if sched_dir is not None:
-        DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_dir)))
+        klass = scheduler_class(sched_src)
+        klass.from_config(klass.load_config(str(sched_dir)))
+        if klass.__name__ in KARRAS_SCHEDULERS:
+            _karras_options(spec, klass.__name__)
     unet_dir = _local_folder(UNet2DModel, unet_src, "unet", "config.json")
     if unet_dir is None:
         return
@@ -360,9 +420,9 @@ def build_identity(spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any =
 
 def build_diffusers(
     spec: Mapping[str, Any], *, device: Any = "cpu", dtype: Any = torch.float32
-) -> DiffusionDenoiser:
+) -> DiffusionDenoiser | KarrasDenoiser:
     """``{"kind": "diffusers", "path": DIR, ...}`` (or ``unet:``/``scheduler:`` folders): :func:`load_diffusers`
-    with the spec's other keys as ``DiffusionDenoiser`` options."""
+    with the spec's other keys as the denoiser's options."""
     options = {k: v for k, v in spec.items() if k not in ("kind", "path", "unet", "scheduler")}
     return load_diffusers(
         spec.get("path"),
