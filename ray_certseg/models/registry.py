@@ -63,7 +63,16 @@ KINDS: dict[str, dict[str, Kind]] = {
         "torchvision": Kind(
             specs.TorchvisionSegmenterSpec, "ray_certseg.models.segmenters:build_torchvision"
         ),
-        "segformer": Kind(specs.SegformerSegmenterSpec, "ray_certseg.models.segmenters:build_segformer"),
+        "transformers": Kind(
+            specs.TransformersSegmenterSpec,
+            "ray_certseg.models.hf_segmenters:build_transformers",
+            "ray_certseg.models.hf_segmenters:check_transformers",
+        ),
+        "segformer": Kind(
+            specs.SegformerSegmenterSpec,
+            "ray_certseg.models.hf_segmenters:build_transformers",
+            "ray_certseg.models.hf_segmenters:check_transformers",
+        ),
     },
     "denoisers": {
         "identity": Kind(specs.IdentityDenoiserSpec, "ray_certseg.models.loading:build_identity"),

@@ -17,7 +17,8 @@ or ``input_size``; checkpoints also ``state_dict_key``, ``strip_prefix``):
 * ``{"kind": "torchscript", "path": "m.pt", "num_classes": C}``
 * ``{"kind": "torchvision", "arch": "deeplabv3_mobilenet_v3_large", "num_classes": C, "weights": "w.pth"}``
   (ImageNet mean/std by default; the output dict's "out")
-* ``{"kind": "segformer", "path": DIR}`` (mean/std from preprocessor_config.json, else ImageNet)
+* ``{"kind": "transformers", "path": DIR}`` (alias ``segformer``): any transformers semantic or universal
+  segmentation folder (``models.hf_segmenters``; mean/std from preprocessor_config.json, else ImageNet)
 
 Checkpoints load only as safetensors or with ``torch.load(weights_only=True)``: pickles are never executed.
 """
@@ -25,7 +26,6 @@ Checkpoints load only as safetensors or with ``torch.load(weights_only=True)``: 
 from __future__ import annotations
 
 import importlib
-import json
 import pickle
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -134,17 +134,6 @@ class _OutputKey(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)[self.key]
-
-
-class _LogitsAttribute(nn.Module):
-    """net(pixel_values=x).logits: Hugging Face models (SegFormer logits are at 1/4 resolution)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(pixel_values=x).logits
 
 
 def load_state_dict(
@@ -346,30 +335,6 @@ def build_torchvision(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
         num_classes,
         (spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD)),
     )
-
-
-def build_segformer(spec: Mapping[str, Any]) -> tuple[nn.Module, int, Any]:
-    from transformers import SegformerForSemanticSegmentation
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in a job log
-
-    path = Path(spec.get("path", "")).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"SegFormer folder {path} must contain config.json and model.safetensors (save_pretrained output)"
-        )
-    try:
-        net = SegformerForSemanticSegmentation.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True
-        )
-    except OSError as exc:
-        raise ValueError(f"cannot load SegFormer from {path} (safetensors weights required): {exc}") from exc
-    processor = path / "preprocessor_config.json"
-    cfg = json.loads(processor.read_text()) if processor.is_file() else {}
-    mean = spec.get("mean", cfg.get("image_mean", IMAGENET_MEAN))
-    std = spec.get("std", cfg.get("image_std", IMAGENET_STD))
-    return _LogitsAttribute(net), int(net.config.num_labels), (mean, std)
 
 
 def assemble(

@@ -70,9 +70,20 @@ class TorchvisionSegmenterSpec(SegmenterSpec):
     weights: str
 
 
-class SegformerSegmenterSpec(SegmenterSpec):
-    kind: Literal["segformer"]
+class TransformersSegmenterSpec(SegmenterSpec):
+    """A transformers ``save_pretrained`` folder: a semantic or a universal segmentation model."""
+
+    files_help: ClassVar[str] = (
+        "path is a transformers save_pretrained folder (config.json, model.safetensors)"
+    )
+    kind: Literal["transformers"]
     path: str
+
+
+class SegformerSegmenterSpec(TransformersSegmenterSpec):
+    """``segformer``: the name this kind had when it loaded SegFormer only."""
+
+    kind: Literal["segformer"]
 
 
 # -------------------------------------------------------------------------------------------------- denoisers
