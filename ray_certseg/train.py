@@ -1,6 +1,6 @@
 """Ray Train loops for the demo models (and for users' own domain segmenters / denoisers).
 
-Three recipes share one data path (any dataset config ``ray_certseg.data`` reads) and one driver (``fit``):
+Four recipes share one data path (any dataset config ``ray_certseg.data`` reads) and one driver (``fit``):
 
 * ``segmenter`` with ``noise_sigmas = []``: the off-the-shelf segmenter f, trained on clean images with
   per-pixel cross-entropy (ignore_index dropped);
@@ -9,13 +9,19 @@ Three recipes share one data path (any dataset config ``ray_certseg.data`` reads
 * ``ddpm``: a diffusers ``UNet2DModel`` with the DDPM epsilon objective on x0 = 2x - 1 in [-1,1]:
   t ~ U{0..max_timestep-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = ||eps_theta(x_t, t) - eps||^2,
   1000-step linear beta schedule. ``max_timestep < 1000`` trains only the low-noise end that one-shot denoising uses
-  (t*(sigma) = min{t : (1 - abar_t)/abar_t >= (2 sigma)^2}, 0-based: 145 at sigma 0.25, 259 at 0.5, 396 at 1.0).
+  (t*(sigma) = min{t : (1 - abar_t)/abar_t >= (2 sigma)^2}, 0-based: 145 at sigma 0.25, 259 at 0.5, 396 at 1.0);
+* ``edm``: the same ``UNet2DModel`` as F of an EDM-preconditioned denoiser (Karras et al. 2022) on x0 = 2x - 1:
+  s log-uniform on [sigma_min, sigma_max] (the model's units: twice the smoothing sigma), y = x0 + s n,
+  D(y; s) = c_skip(s) y + c_out(s) F(c_in(s) y, c_noise(s)) with ``EDMEulerScheduler``'s preconditioning
+  (sigma_data 0.5), loss = lambda(s) ||D(y; s) - x0||^2 with EDM's lambda = 1 / c_out(s)^2. It loads as the
+  one-shot continuous-sigma denoiser (``models.karras``), which evaluates D at exactly s = 2 sigma.
 
 Each worker reads its shard ``list_items(data)[rank::world_size]``; rank 0 writes the artefacts into a fresh
 directory and reports it as the Ray Train checkpoint; ``fit`` copies that checkpoint to ``out``.
 Artefacts: segmenter -> ``model.safetensors`` + ``segmenter.json`` (a ``load_segmenter`` module spec: factory,
 kwargs, weights = ``out/model.safetensors``, num_classes, mean, std); ddpm -> the
-``DDPMPipeline(unet, scheduler).save_pretrained`` layout; both -> ``train_log.json`` (config and loss curve).
+``DDPMPipeline(unet, scheduler).save_pretrained`` layout; edm -> ``unet/`` + ``scheduler/`` (an
+``EDMEulerScheduler`` config holding the trained sigma range); all -> ``train_log.json`` (config and loss curve).
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-KINDS = ("segmenter", "ddpm")
+KINDS = ("segmenter", "ddpm", "edm")
 DEFAULT_FACTORIES = {
     "segmenter": "ray_certseg.models.tiny:tiny_segnet",
     "ddpm": "ray_certseg.models.tiny:tiny_ddpm_unet",
+    "edm": "ray_certseg.models.tiny:tiny_ddpm_unet",
 }
 LOG_NAME = "train_log.json"
 SEGMENTER_SPEC_NAME = "segmenter.json"
@@ -72,6 +79,9 @@ class TrainConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     # ddpm
     max_timestep: int = 1000
+    # edm: the noise levels trained, in the model's [-1, 1] units (twice the smoothing sigma)
+    sigma_min: float = 0.1
+    sigma_max: float = 2.5
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -96,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0 (0 = Ray Train local mode), got {self.num_workers}")
         if any(s < 0 for s in self.noise_sigmas):
             raise ValueError(f"noise_sigmas must be >= 0, got {self.noise_sigmas}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if not 1 <= self.max_timestep <= 1000:
             raise ValueError(f"max_timestep must be in [1, 1000], got {self.max_timestep}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -332,6 +344,39 @@ def ddpm_loop(config: dict[str, Any]) -> None:
     )
 
 
+def edm_scheduler(cfg: TrainConfig):
+    """The EDM preconditioning of the trained range (sigma_data 0.5, epsilon-type c_out)."""
+    from diffusers import EDMEulerScheduler
+
+    return EDMEulerScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=0.5)
+
+
+def edm_loss(net, x: torch.Tensor, scheduler: Any, gen: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+    """EDM's weighted denoising loss, mean of ||D(y; s) - x0||^2 / c_out(s)^2, s log-uniform on the range."""
+    x0 = 2.0 * x - 1.0
+    u = torch.rand((x0.shape[0], 1, 1, 1), generator=gen, device=x0.device, dtype=x0.dtype)
+    s = cfg.sigma_min * (cfg.sigma_max / cfg.sigma_min) ** u
+    y = x0 + s * torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    out = net(scheduler.precondition_inputs(y, s), scheduler.precondition_noise(s.flatten())).sample
+    sd = scheduler.config.sigma_data
+    c_out = s * sd / (s**2 + sd**2).sqrt()
+    return (((scheduler.precondition_outputs(y, out, s) - x0) / c_out) ** 2).mean()
+
+
+def edm_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop for ``kind == 'edm'``: the UNet factory gets ``sample_size = crop`` unless given."""
+    cfg = TrainConfig.from_dict(config)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    unet = _load_factory(cfg.factory)(**{"sample_size": cfg.crop, **cfg.model_kwargs})
+    scheduler = edm_scheduler(cfg)
+
+    def save(net: torch.nn.Module, out: Path) -> None:
+        net.save_pretrained(str(out / "unet"))
+        scheduler.save_pretrained(str(out / "scheduler"))
+
+    _run(cfg, unet, lambda net, x, y, gen: edm_loss(net, x, scheduler, gen, cfg), save)
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 
@@ -344,7 +389,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    loop = segmenter_loop if cfg.kind == "segmenter" else ddpm_loop
+    loop = {"segmenter": segmenter_loop, "ddpm": ddpm_loop, "edm": edm_loop}[cfg.kind]
     trainer = TorchTrainer(
         loop,
         train_loop_config=dataclasses.asdict(cfg),

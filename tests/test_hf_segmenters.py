@@ -72,37 +72,33 @@ def mask2former():
     return transformers.Mask2FormerForUniversalSegmentation(config).eval()
 
 
-def test_a_semantic_folder_gives_logits_whose_argmax_is_the_processors(tmp_path):
-    net = upernet()
-    spec = save(net, tmp_path / "upernet")
+def label_maps(net, folder, x, post_process, num_classes):
+    """(the segmenter's argmax, the processor's label maps) for images x, after the driver-side check."""
+    spec = save(net, folder)
     check_transformers(spec)
     seg = load_segmenter(spec)
-    assert seg.num_classes == 4
-    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits = seg(x)
+        scores = seg(x)
         outputs = net(pixel_values=normalised(x))
-    assert logits.shape == (2, 4, 64, 48)
+    assert seg.num_classes == num_classes and scores.shape == (x.shape[0], num_classes, *x.shape[-2:])
+    return scores.argmax(1), torch.stack(post_process(outputs))
+
+
+def test_a_semantic_folder_gives_logits_whose_argmax_is_the_processors(tmp_path):
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1))
     processor = transformers.SegformerImageProcessor()
-    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(64, 48)] * 2)
-    assert torch.equal(logits.argmax(1), torch.stack(expected))
+    post = lambda outputs: processor.post_process_semantic_segmentation(outputs, target_sizes=[(64, 48)] * 2)
+    got, expected = label_maps(upernet(), tmp_path / "upernet", x, post, num_classes=4)
+    assert torch.equal(got, expected)
 
 
 def test_a_universal_folder_gives_class_scores_whose_argmax_is_the_processors(tmp_path):
     """Mask2Former at its processor's 384 x 384 input: softmax classes (no null class) times sigmoid masks,
     summed over queries; the argmax is post_process_semantic_segmentation's map."""
-    net = mask2former()
-    spec = save(net, tmp_path / "m2f")
-    check_transformers(spec)
-    seg = load_segmenter(spec)
-    assert seg.num_classes == 3
     x = torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        scores = seg(x)
-        outputs = net(pixel_values=normalised(x))
-    assert scores.shape == (1, 3, 384, 384)
-    (expected,) = transformers.Mask2FormerImageProcessorPil().post_process_semantic_segmentation(outputs)
-    assert torch.equal(scores.argmax(1)[0], expected)
+    post = transformers.Mask2FormerImageProcessorPil().post_process_semantic_segmentation
+    got, expected = label_maps(mask2former(), tmp_path / "m2f", x, post, num_classes=3)
+    assert torch.equal(got, expected)
 
 
 def test_segformer_is_an_alias_and_the_driver_check_finds_weights_of_another_config(tmp_path):

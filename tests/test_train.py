@@ -132,6 +132,23 @@ def test_ddpm_local_mode_learns_and_saves_a_diffusers_pipeline(ray_local, data_c
 
 
 @pytest.mark.ray
+def test_edm_local_mode_learns_and_saves_a_continuous_sigma_folder(ray_local, data_cfg, tmp_path) -> None:
+    """The EDM recipe: its weighted loss falls, and the folder (unet/ + an EDMEulerScheduler holding the trained
+    range) loads as the one-shot continuous-sigma denoiser over sigmas sigma_min / 2 .. sigma_max / 2."""
+    from ray_certseg.models.karras import KarrasDenoiser
+    from ray_certseg.models.loading import load_diffusers
+
+    out = tmp_path / "edm"
+    fit(_ddpm_cfg(data_cfg, out, kind="edm", sigma_min=0.2, sigma_max=2.0))
+    losses = _losses(out)
+    assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
+    denoiser = load_diffusers(str(out))
+    assert isinstance(denoiser, KarrasDenoiser) and denoiser.sigma_range == (0.1, 1.0)
+    x = denoiser(torch.rand(2, 3, 32, 32), 0.25)
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+
+
+@pytest.mark.ray
 def test_one_worker_process(ray_local, data_cfg, tmp_path) -> None:
     """The same recipe through a real Ray Train worker actor (num_workers=1), checkpoint persisted to storage."""
     out = tmp_path / "seg1"
@@ -150,6 +167,7 @@ def test_one_worker_process(ray_local, data_cfg, tmp_path) -> None:
         ({"num_workers": -1}, "num_workers"),
         ({"noise_sigmas": [-0.1]}, "noise_sigmas"),
         ({"max_timestep": 1001}, "max_timestep"),
+        ({"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_min < sigma_max"),
         ({"std": [0.2, 0.0, 0.2]}, "std"),
     ],
 )

@@ -55,7 +55,8 @@ class KarrasDenoiser(ImageDenoiser):
 
     ``model(y, c_noise)``: the network F, (B, 3, h, w) and a float tensor (B,) -> (B, 3, h, w).
     ``scheduler``: a diffusers scheduler of :data:`KARRAS_SCHEDULERS`, whose functions precondition (see the
-    module docstring). The resolution options are :class:`ImageDenoiser`'s. ``name`` is recorded in outputs;
+    module docstring). ``placement``: where the network runs, :class:`ImageDenoiser`'s options (resolution,
+    sample_size, tile_overlap, multiple_of, tile_pixels). ``name`` is recorded in outputs;
     when empty, ``"karras-<hash of the scheduler config and options>"``."""
 
     def __init__(
@@ -63,35 +64,19 @@ class KarrasDenoiser(ImageDenoiser):
         model: Callable[[Tensor, Tensor], Tensor],
         scheduler: Any,
         *,
-        resolution: str = "native",
-        sample_size: int | None = None,
-        tile_overlap: int = 16,
-        multiple_of: int = 8,
-        tile_pixels: int | None = None,
         name: str = "",
+        **placement: Any,
     ):
         kind = type(scheduler).__name__
         if kind not in KARRAS_SCHEDULERS:
             raise TypeError(f"scheduler must be one of {KARRAS_SCHEDULERS}, got {kind}")
-        super().__init__(
-            model,
-            resolution=resolution,
-            sample_size=sample_size,
-            tile_overlap=tile_overlap,
-            multiple_of=multiple_of,
-            tile_pixels=tile_pixels,
-        )
+        super().__init__(model, **placement)
         self.scheduler, self.kind = scheduler, kind
         self.sigma_data = float(scheduler.config.sigma_data)
         self.sigma_range = sigma_range(scheduler.config)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-        options = {
-            "resolution": resolution,
-            "sample_size": sample_size,
-            "tile_overlap": tile_overlap,
-            "multiple_of": multiple_of,
-            "scheduler": [kind, config],
-        }
+        where = ("resolution", "sample_size", "tile_overlap", "multiple_of")
+        options = {**{k: getattr(self, k) for k in where}, "scheduler": [kind, config]}
         self.name = name or f"karras-{short_hash(options)}"
 
     def check_sigma(self, sigma_eff: float) -> None:
