@@ -106,3 +106,10 @@ def test_ddpm_only_options_are_refused_for_a_continuous_sigma_folder(folders):
     root, _ = folders
     with pytest.raises(ValueError, match="multistep apply to DDPM schedulers"):
         load_diffusers(root / "cm", multistep=2)
+
+
+def test_the_memory_probe_denoises_at_a_sigma_the_model_accepts():
+    """probe_tile_bytes denoises at ``probe_sigma``: 0.25, or the nearest end of the model's range."""
+    high = KarrasDenoiser(lambda y, c: y, diffusers.EDMEulerScheduler(sigma_min=1.0, sigma_max=4.0))
+    assert high.probe_sigma == 0.5
+    assert high._denoise(torch.full((1, 3, 8, 8), 0.5), high.probe_sigma).shape == (1, 3, 8, 8)

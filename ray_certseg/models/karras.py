@@ -74,6 +74,7 @@ class KarrasDenoiser(ImageDenoiser):
         self.scheduler, self.kind = scheduler, kind
         self.sigma_data = float(scheduler.config.sigma_data)
         self.sigma_range = sigma_range(scheduler.config)
+        self.probe_sigma = min(max(self.probe_sigma, self.sigma_range[0]), self.sigma_range[1])
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         where = ("resolution", "sample_size", "tile_overlap", "multiple_of")
         options = {**{k: getattr(self, k) for k in where}, "scheduler": [kind, config]}

@@ -231,7 +231,7 @@ class ImageDenoiser(nn.Module):
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-                self._denoise(torch.full((k, 3, s, s), 0.5, device=device), 0.25)
+                self._denoise(torch.full((k, 3, s, s), 0.5, device=device), self.probe_sigma)
                 torch.cuda.synchronize(device)
                 peaks.append(torch.cuda.max_memory_allocated(device) - base)
         return max(peaks[1] - peaks[0], 1)
@@ -283,6 +283,9 @@ class ImageDenoiser(nn.Module):
             if fh * fw > 1
             else denoised
         )
+
+    #: the noise level of the memory probe (the network's activations do not depend on it)
+    probe_sigma = 0.25
 
     def _denoise(self, x: Tensor, sigma_eff: float) -> Tensor:
         """[0,1] noisy images at the model's input size (i.i.d. noise of std sigma_eff) -> [0,1] denoised."""
