@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ray_certseg.models.segmenters import IMAGENET_MEAN, IMAGENET_STD
+
 #: ``model_type`` of the universal models loaded through ``AutoModelForUniversalSegmentation``
 UNIVERSAL = ("mask2former", "maskformer")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SemanticLogits(nn.Module):
