@@ -177,6 +177,61 @@ def test_the_information_gain_counts_correct_nodes_by_their_size():
     assert (wrong.num_correct, wrong.info_gain, wrong.wrong.tolist()) == (0, 0.0, [1, 2])
 
 
+@pytest.mark.parametrize("tree", ["demo", "cityscapes"])
+def test_hierarchical_records_from_counts_equal_those_from_the_certified_map(tree, monkeypatch):
+    """The vote histograms of a row (results.counts) give the records that certify_hierarchical's map gives
+    through image_stats and level_stats, field for field and float for float: ignore labels, thresholds on
+    the margin grid (m / n0 = t exactly) and between it, every pixel at one level, Holm and Bonferroni, many
+    taus; SegCertify's records summed from the level-0 histogram equal its own counts. A row whose histograms
+    would pass MAX_BINS takes the map path, with the same records."""
+    import dataclasses
+
+    from ray_certseg.certify.hierarchical import HIERARCHICAL
+    from ray_certseg.results import counts, image_records
+
+    h = class_tree.load(tree)
+    generic = dataclasses.replace(HIERARCHICAL, name="hierarchical-by-map")  # the map path, same maths
+    thresholds = [[0.3, 0.1, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.95, 0.42, 0.0]]
+    entries = [
+        "segcertify",
+        *({"procedure": "hierarchical", "params": {"hierarchy": tree, "thresholds": t}} for t in thresholds),
+    ]
+    shared = {"taus": (0.55, 0.75, 0.9), "alphas": (0.001, 0.2), "corrections": ("holm", "bonferroni")}
+    fast = certify.points(entries, shared)
+    slow = [certify.Point(generic, p.params) if p.procedure is HIERARCHICAL else p for p in fast]
+    seg_only = certify.points(["segcertify"], shared)
+    for seed in range(3):
+        rec = _record(seed, h, n0=[10, 4, 20][seed], n=[100, 30, 50][seed], size=16)
+        rng = np.random.default_rng(seed)
+        rec.label = rec.label.copy()
+        rec.label[rng.random(rec.label.shape) < 0.2] = 255
+        rec.k = rec.k.copy()
+        rec.k[0, 0] = rec.n
+        got, want = image_records.image_rows(rec, fast), image_records.image_rows(rec, slow)
+        assert len(got) == len(want) == 12 * len(entries)
+        assert any(g["num_certified"] for g in got if g["procedure"] == "hierarchical")
+        for g, w in zip(got, want):
+            assert g.pop("procedure") == w.pop("procedure").replace("-by-map", "")
+            assert g.keys() == w.keys()
+            for key in g:
+                np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+        plain = image_records.image_rows(rec, seg_only)  # SegCertify's own counts, no histogram per level
+        assert [r["confusion"].tolist() for r in plain] == [r["confusion"].tolist() for r in got[:12]]
+        monkeypatch.setattr(counts, "MAX_BINS", 10)
+        assert not counts.HierarchicalCounts.fits(rec, h)
+        again = image_records.image_rows(rec, fast)
+        monkeypatch.undo()
+        for g, a in zip(got, again):
+            for key in a:
+                if key != "procedure":
+                    np.testing.assert_array_equal(a[key], g[key], err_msg=key)
+    bad = _record(9, h, size=16)
+    bad.margin = bad.margin.copy()
+    bad.margin[0, 0] = bad.n0 + 1
+    with pytest.raises(ValueError, match=r"margin holds values outside \[0, n0 = 10\]"):
+        image_records.image_rows(bad, fast)
+
+
 def test_segcertify_cig_equals_its_certified_accuracy_and_zero_thresholds_equal_segcertify():
     h = class_tree.load("demo")
     frame = pd.DataFrame([vars(_record(s, h)) for s in range(4)])

@@ -84,13 +84,29 @@ def choose_level(margin: np.ndarray, n0: int, thresholds: tuple[float, ...]) -> 
 
 def certify_hierarchical(rec: Any, p: HierarchicalParams) -> CertifiedMap:
     """CERTIFY of one vote row at the levels :func:`choose_level` picks from S0 (see the module docstring)."""
+    h = row_hierarchy(rec, p)
+    return certify_levels(rec, h, p.thresholds, tau=p.tau, alpha=p.alpha, correction=p.correction)
+
+
+def row_hierarchy(rec: Any, p: HierarchicalParams) -> class_tree.Hierarchy:
+    """The hierarchy of ``p``, checked against the one the row's votes were counted for."""
     h = _hierarchy(p.hierarchy)
     if rec.hierarchy != h.digest or rec.c_hat_levels is None:
         raise ValueError(
             f"vote row {rec.image_id} ({rec.method}, sigma {rec.sigma:g}) was counted for hierarchy "
             f"{rec.hierarchy!r}, not {h.digest!r}: sample with dataset.hierarchy: {p.hierarchy} to certify it"
         )
-    return certify_levels(rec, h, p.thresholds, tau=p.tau, alpha=p.alpha, correction=p.correction)
+    check_thresholds(h, p.thresholds)
+    return h
+
+
+def check_thresholds(h: class_tree.Hierarchy, thresholds: tuple[float, ...]) -> None:
+    """One threshold per level of ``h``."""
+    if len(thresholds) != h.num_levels:
+        raise ValueError(
+            f"hierarchy {h.name!r} has {h.num_levels} levels (0..{h.num_levels - 1}): give one threshold per "
+            f"level, got {len(thresholds)}"
+        )
 
 
 def certify_levels(
@@ -104,11 +120,7 @@ def certify_levels(
 ) -> CertifiedMap:
     """The procedure's arithmetic on a row's stored votes: level from the margin, then c, k at that level,
     then SegCertify's test and correction over all pixels."""
-    if len(thresholds) != h.num_levels:
-        raise ValueError(
-            f"hierarchy {h.name!r} has {h.num_levels} levels (0..{h.num_levels - 1}): give one threshold per "
-            f"level, got {len(thresholds)}"
-        )
+    check_thresholds(h, thresholds)
     level = choose_level(rec.margin, rec.n0, thresholds)
     c_all = np.concatenate([np.asarray(rec.c_hat)[None].astype(np.int32), rec.c_hat_levels.astype(np.int32)])
     k_all = np.concatenate([np.asarray(rec.k)[None], rec.k_levels])

@@ -12,8 +12,10 @@ import pyarrow as pa
 
 from ray_certseg import certify, votes
 from ray_certseg.certify import ABSTAIN
+from ray_certseg.certify.hierarchical import HIERARCHICAL
 from ray_certseg.results.aggregate import PER_IMAGE_SCHEMA
-from ray_certseg.results.metrics import ImageStats, flat_level_stats, image_stats, level_stats
+from ray_certseg.results.counts import RowCounts
+from ray_certseg.results.metrics import flat_level_stats, image_stats, level_stats
 
 POINT_COLUMNS = ("tau", "alpha", "correction")
 """Parameters copied from a point into their own columns (null where the procedure has no such parameter), so
@@ -39,64 +41,32 @@ class Grid:
         return iter(self.points())
 
 
-class SegCertifyCounts:
-    """One vote row's labelled pixels counted by (true class g, c_hat, k), H[g, c, j], and every pixel by k,
-    h[j]. SegCertify certifies a pixel by its k alone (``certify.reject_by_votes``: reject[j] from h), so at
-    any (tau, alpha, correction) the confusion matrix of its certified map is
-
-        M[g, c] = sum_j H[g, c, j] reject[j]   (c < C),      M[g, C] = sum_{c, j} H[g, c, j] (1 - reject[j]),
-
-    with (C+1) x (C+1) sums and no pass over the pixels per point: a grid or a curve of many taus costs one
-    pass per row. Equal, integer for integer, to :func:`image_stats` of ``certify()``'s map (tested)."""
-
-    def __init__(self, rec: votes.VoteRecord):
-        C, n = rec.num_classes, rec.n
-        label, c_hat, k = (np.asarray(a).reshape(-1) for a in (rec.label, rec.c_hat, rec.k))
-        certify.check_votes(c_hat, k, n=n, num_classes=C)
-        self.n, self.num_pixels, self.num_classes = n, k.size, C
-        keep = label != rec.ignore_index
-        index = (label[keep].astype(np.int64) * C + c_hat[keep]) * (n + 1) + k[keep]
-        self.counts = np.bincount(index, minlength=C * C * (n + 1)).reshape(C, C, n + 1)
-        self.histogram = certify.vote_histogram(k, n)
-
-    def vote_stats(self) -> ImageStats:
-        """:func:`image_stats` of c_hat itself (the majority vote)."""
-        return self._stats(self.counts.sum(axis=2), np.zeros(self.num_classes, dtype=np.int64), 0)
-
-    def stats(self, params: certify.SegCertifyParams) -> tuple[ImageStats, int]:
-        """(:func:`image_stats` of the certified map, its certified pixel count) at ``params``."""
-        p = params
-        reject = certify.reject_by_votes(
-            self.histogram, n=self.n, tau=p.tau, alpha=p.alpha, correction=p.correction
-        )
-        certified = self.counts @ reject.astype(np.int64)
-        abstained = (self.counts @ (~reject).astype(np.int64)).sum(axis=1)
-        num_certified = int(self.histogram[reject].sum())
-        return self._stats(certified, abstained, self.num_pixels - num_certified), num_certified
-
-    def _stats(self, certified: np.ndarray, abstained: np.ndarray, num_abstained: int) -> ImageStats:
-        C = self.num_classes
-        confusion = np.zeros((C + 1, C + 1), dtype=np.int64)
-        confusion[:C, :C], confusion[:C, C] = certified, abstained
-        return ImageStats(confusion=confusion, num_pixels=self.num_pixels, num_abstained=num_abstained)
-
-
 def image_rows(rec: votes.VoteRecord, grid: Grid | Sequence[certify.Point]) -> list[dict[str, Any]]:
     """One record per point for one vote row: the point's certified map and the confusion matrices of the
-    certified map, of the clean prediction and of the majority vote c_hat. SegCertify's points are counted
-    from :class:`SegCertifyCounts` (one pass over the row for all of them), the others from their map."""
+    certified map, of the clean prediction and of the majority vote c_hat. SegCertify's and hierarchical
+    certification's points are counted from the row's vote histograms (:mod:`ray_certseg.results.counts`: one
+    pass over the row for all of them), the others from their map."""
     C, ignore = rec.num_classes, rec.ignore_index
     points = tuple(grid)
     clean = image_stats(rec.label, rec.clean_pred, C, ignore)  # checks the labels first
-    counted = SegCertifyCounts(rec) if any(p.procedure is certify.SEGCERTIFY for p in points) else None
-    vote = counted.vote_stats() if counted is not None else image_stats(rec.label, rec.c_hat, C, ignore)
+    counted = RowCounts(rec, points)
+    with_segcertify = any(p.procedure is certify.SEGCERTIFY for p in points)
+    vote = (
+        counted.segcertify().vote_stats() if with_segcertify else image_stats(rec.label, rec.c_hat, C, ignore)
+    )
     rows = []
     flat = (np.arange(C)[None], np.ones((1, C), dtype=np.int64))
     for point in points:
+        by_level = counted.hierarchical(point.params) if point.procedure is HIERARCHICAL else None
         if point.procedure is certify.SEGCERTIFY:
-            st, num_certified = counted.stats(point.params)
+            st, num_certified = counted.segcertify().stats(point.params)
             radius = certify.radius(rec.sigma, point.params.tau)
             lv, num_abstained = flat_level_stats(st.confusion), st.num_abstained
+        elif by_level is not None:
+            counts = by_level.stats(point.params)
+            st, lv, num_certified = counts.image, counts.levels, counts.num_certified
+            radius = certify.radius(rec.sigma, point.params.tau)
+            num_abstained = st.num_pixels - num_certified
         else:
             cert = point.run(rec)
             radius, num_certified = cert.radius, cert.num_certified

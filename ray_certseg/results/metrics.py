@@ -261,30 +261,38 @@ def level_stats(
     lv = np.zeros_like(y) if level is None else np.asarray(level)[keep].astype(np.intp)
     is_cert = c != ABSTAIN
     correct = is_cert & (c == node[lv, y])
-    gain = math.log(num_classes) - np.log(sizes[lv[correct], c[correct]])
+    width = sizes.shape[1]
+    gained = np.bincount(lv[correct] * width + c[correct], minlength=levels * width).reshape(levels, width)
     count = lambda mask: np.bincount(lv[mask], minlength=levels).astype(np.int64)
     return LevelStats(
         num_labelled=int(y.size),
         num_correct=int(correct.sum()),
-        info_gain=float(gain.sum()),
+        info_gain=info_gain(gained, sizes, num_classes),
         pixels=count(np.ones_like(is_cert)),
         certified=count(is_cert),
         wrong=count(is_cert & ~correct),
     )
 
 
+def info_gain(gained: np.ndarray, sizes: np.ndarray, num_classes: int) -> float:
+    """sum_{l, v} gained[l, v] (log C - log sizes[l, v]): the certified information gain of the pixels
+    certified correctly with node v of level l, ``gained[l, v]`` of them. One formula for every path (pixels,
+    confusion matrix, vote histograms), so that each gives the same float."""
+    return float(np.sum(gained * (math.log(num_classes) - np.log(sizes))))
+
+
 def flat_level_stats(confusion: np.ndarray) -> LevelStats:
     """:func:`level_stats` of a flat certificate (level 0 everywhere, every node one class) from its
     (C+1) x (C+1) confusion matrix alone, without another pass over the pixels: the labelled pixels are the
     matrix's sum, the correct ones its diagonal over the C classes, the certified ones its first C columns;
-    each correct pixel gains log C - log 1 (summed as the per-pixel pass sums them, so the float is the same)."""
+    each correct pixel gains log C - log 1 (:func:`info_gain`, so the float is the per-pixel pass's)."""
     C = confusion.shape[0] - 1
     labelled, correct = int(confusion.sum()), int(np.trace(confusion[:C, :C]))
     certified = int(confusion[:, :C].sum())
     return LevelStats(
         num_labelled=labelled,
         num_correct=correct,
-        info_gain=float(np.full(correct, math.log(C) - np.log(1.0)).sum()),
+        info_gain=info_gain(np.diag(confusion)[None, :C], np.ones((1, C), dtype=np.int64), C),
         pixels=np.array([labelled], dtype=np.int64),
         certified=np.array([certified], dtype=np.int64),
         wrong=np.array([certified - correct], dtype=np.int64),
