@@ -11,7 +11,7 @@ from test_procedures import output, record  # noqa: F401 (output: a fixture)
 
 from ray_certseg import cli, votes
 from ray_certseg.job.rundir import RunDir
-from ray_certseg.results import image_records, reduce, stream
+from ray_certseg.results import curves, image_records, reduce, stream
 
 DEMO_TREE = "demo"
 
@@ -178,6 +178,22 @@ def test_every_consumer_of_a_path_reads_one_chunk_of_vote_rows_at_a_time(tmp_pat
         assert reads.rows and max(reads.rows) == 1, name
         assert sum(reads.rows) == 24, name  # every vote row read once: one pass for every point
         pd.testing.assert_frame_equal(streamed, call(frame), obj=name)
+    for entries in (
+        procedures,
+        procedures[1:],
+    ):  # the plots' one pass for both curves, with SegCertify or not
+        reads.rows.clear()
+        accuracy, by_procedure = curves.radius_curves(str(out), radii, entries, alpha=0.05, engine="local")
+        assert sum(reads.rows) == 24 and max(reads.rows) == 1
+        pd.testing.assert_frame_equal(
+            accuracy, analysis.certified_accuracy_curve(frame, radii, alpha=0.05, per_sigma=True)
+        )
+        pd.testing.assert_frame_equal(
+            by_procedure, analysis.procedure_curve(frame, radii, entries, alpha=0.05)
+        )
+        assert set(by_procedure["procedure"]) == {
+            e if isinstance(e, str) else e["procedure"] for e in entries
+        }
 
 
 def test_segcertify_records_from_counts_equal_those_from_the_certified_map():

@@ -177,12 +177,12 @@ def certified_accuracy_curve(
         raise ValueError(f"alpha must be a family-wise error level in (0, 1), got {alpha!r}")
     source = source_of(votes_source, storage_options)
     pooled = _pooled_curve(source, CurveRecords(r, float(alpha), correction), engine)
-    curve = _curve_table(pooled, r)
+    curve = _accuracy_table(pooled, r)
     return curve if per_sigma else envelope(curve, r, _groups(source))
 
 
-def _curve_table(pooled: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
-    """The per-sigma curve from the dataset rows at every tau(r, sigma)."""
+def _accuracy_table(pooled: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
+    """The per-sigma curve from SegCertify's dataset rows at every tau(r, sigma)."""
     if not len(pooled):
         return pd.DataFrame(columns=CURVE_COLUMNS)
     pooled = pooled.rename(columns={"radius": "certified_radius"})
@@ -248,18 +248,63 @@ def procedure_curve(
     Returns:
         Columns :data:`PROCEDURE_CURVE_COLUMNS`."""
     r = check_radii(radii)
-    open_tau = [e for e in procedures if not (isinstance(e, Mapping) and "tau" in (e.get("params") or {}))]
+    open_tau = _open_tau(procedures)
     if not open_tau:
         return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
     source = source_of(votes_source, storage_options)
     pooled = _pooled_curve(source, CurveRecords(r, float(alpha), correction, open_tau), engine)
+    return _procedure_table(pooled, r)
+
+
+def radius_curves(
+    votes_source: stream.VoteSource,
+    radii: Sequence[float],
+    procedures: Sequence[Any],
+    *,
+    alpha: float = 0.001,
+    correction: str = "holm",
+    storage_options: Mapping[str, Any] | None = None,
+    engine: str = "auto",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(``certified_accuracy_curve(..., per_sigma=True)``, ``procedure_curve(...)``) from one chunked pass
+    over the votes: SegCertify's points and those of every entry, at every radius, folded together (what
+    the plots draw). Each frame equals the one of its own function."""
+    r = check_radii(radii)
+    open_tau = _open_tau(procedures)
+    records = CurveRecords(r, float(alpha), correction, ["segcertify", *open_tau])
+    pooled = _pooled_curve(source_of(votes_source, storage_options), records, engine)
+    if not len(pooled):
+        return _accuracy_table(pooled, r), _procedure_table(pooled, r)
+    taus = tuple(sorted({t for s in pooled["sigma"].unique() for t in _taus(r, s)}))
+
+    def rows_of(entries: Sequence[Any]) -> pd.DataFrame:
+        grid = image_records.Grid(taus, (float(alpha),), (correction,), tuple(entries))
+        keys = pd.DataFrame(
+            [(p.procedure.name, p.key) for p in grid.points()], columns=["procedure", "params"]
+        )
+        return pooled.merge(keys, on=["procedure", "params"], how="inner")
+
+    accuracy = _accuracy_table(rows_of(["segcertify"]), r)
+    return accuracy, _procedure_table(rows_of(open_tau), r) if open_tau else pd.DataFrame(
+        columns=PROCEDURE_CURVE_COLUMNS
+    )
+
+
+def _open_tau(procedures: Sequence[Any]) -> list[Any]:
+    """The entries that leave tau open (an entry that fixes tau has one radius, no curve)."""
+    return [e for e in procedures if not (isinstance(e, Mapping) and "tau" in (e.get("params") or {}))]
+
+
+def _procedure_table(pooled: pd.DataFrame, radii: np.ndarray) -> pd.DataFrame:
+    """Per (dataset, method, procedure, radius) the sigma with the largest CIG, from the dataset rows at every
+    tau(r, sigma)."""
     if not len(pooled):
         return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
     lookup = pd.DataFrame(
         [
             (s, x, tau_for_radius(x, s))
             for s in pooled["sigma"].unique()
-            for x in r
+            for x in radii
             if 0.5 < tau_for_radius(x, s) < 1
         ],
         columns=["sigma", "radius", "tau"],

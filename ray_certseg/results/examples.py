@@ -212,14 +212,17 @@ def write_examples(
     point: tuple[float, float, str],
     max_sample_pixels: int,
 ) -> list[str]:
-    """One strip per image id: ``plots/examples/<image_id>.png``; noisy / denoised panels only for images of
-    at most ``max_sample_pixels`` pixels."""
+    """Per image id the strip ``plots/examples/<image_id>.png`` (noisy / denoised panels only for images of
+    at most ``max_sample_pixels`` pixels) and, for the run's first hierarchical entry at the pictures' point,
+    ``<image_id>_levels.png``: one image's vote rows read at a time, once for both pictures."""
     tau, alpha, correction = point
+    levels = levels_point(cfg, point)
+    columns = analysis.CERTIFY_COLUMNS + (["margin", "c_hat_levels", "k_levels"] if levels else [])
     images = load_images(cfg, ids)
     sampler = ExampleSampler(cfg)
     written = []
-    for image_id in ids:  # one image's rows at a time: only what this strip draws
-        rows = analysis.load_votes(run, columns=analysis.CERTIFY_COLUMNS, image_ids=[image_id])
+    for image_id in ids:
+        rows = analysis.load_votes(run, columns=columns, image_ids=[image_id])
         image = images.get(image_id)
         if image is None:
             log.warning(
@@ -247,6 +250,9 @@ def write_examples(
             palette=palette_of(cfg),
         )
         written.append(save_figure(fig, run, "examples", f"{image_id}.png"))
+        if levels is not None:
+            fig = plot_levels(rows, levels, palette=palette_of(cfg))
+            written.append(save_figure(fig, run, "examples", f"{image_id}_levels.png"))
     return written
 
 
@@ -319,22 +325,15 @@ def plot_levels(rows: pd.DataFrame, point: Any, *, palette: Sequence[str] | None
     return fig
 
 
-def write_levels(
-    run: RunDir, cfg: JobConfig, ids: Sequence[str], point: tuple[float, float, str]
-) -> list[str]:
-    """``plots/examples/<image_id>_levels.png`` for the run's first hierarchical entry, at the pictures' point."""
+def levels_point(cfg: JobConfig, point: tuple[float, float, str]) -> Any:
+    """The ``HierarchicalParams`` the levels maps show: the run's first hierarchical entry at the pictures'
+    (tau, alpha, correction); None without one (or when that entry fixes another tau or alpha)."""
+    if cfg.dataset.hierarchy is None:
+        return None
     tau, alpha, correction = point
     shared = {"taus": (tau,), "alphas": (alpha,), "corrections": (correction,)}
     entries = [
         e for e in cfg.certify.procedures if isinstance(e, Mapping) and e.get("procedure") == "hierarchical"
     ]
     found = [p for p in certify.points(entries[:1], shared) if (p.params.tau, p.params.alpha) == (tau, alpha)]
-    if not found:
-        return []
-    columns = analysis.CERTIFY_COLUMNS + ["margin", "c_hat_levels", "k_levels"]
-    written = []
-    for image_id in ids:  # one image's rows at a time
-        rows = analysis.load_votes(run, columns=columns, image_ids=[image_id])
-        fig = plot_levels(rows, found[0].params, palette=palette_of(cfg))
-        written.append(save_figure(fig, run, "examples", f"{image_id}_levels.png"))
-    return written
+    return found[0].params if found else None

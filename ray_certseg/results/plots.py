@@ -35,7 +35,7 @@ from ray_certseg.job import rundir
 from ray_certseg.job.rundir import RunDir
 from ray_certseg.results import analysis, curves
 from ray_certseg.results.drawing import DPI, class_names, save_figure, write_file
-from ray_certseg.results.examples import MAX_SAMPLE_PIXELS, example_ids, write_examples, write_levels
+from ray_certseg.results.examples import MAX_SAMPLE_PIXELS, example_ids, write_examples
 
 log = logging.getLogger("ray_certseg")
 
@@ -216,8 +216,14 @@ def write_plots(
             alpha,
             int((scalars["height"] * scalars["width"]).min()),
         )
-    per_sigma = curves.certified_accuracy_curve(
-        run, radii, alpha=alpha, correction=correction, per_sigma=True, engine=engine
+    hierarchical = any(e != "segcertify" for e in cfg.certify.procedures)
+    per_sigma, by_procedure = curves.radius_curves(  # one pass over the votes for both
+        run,
+        radii,
+        cfg.certify.procedures if hierarchical else [],
+        alpha=alpha,
+        correction=correction,
+        engine=engine,
     )
     curve = curves.envelope(
         per_sigma, curves.check_radii(radii), scalars[["dataset", "method"]].drop_duplicates()
@@ -233,8 +239,8 @@ def write_plots(
         ),
     ):
         written.append(save_figure(fig, run, name))
-    if any(e != "segcertify" for e in cfg.certify.procedures):
-        written += _write_procedure_curve(run, cfg, radii, alpha, correction)
+    if hierarchical:
+        written += _write_procedure_curve(run, by_procedure, alpha, correction)
     names = class_names(cfg, cfg.dataset.num_classes)
     written.append(
         save_figure(
@@ -245,19 +251,14 @@ def write_plots(
     )
     ids = example_ids(scalars, examples)
     written += write_examples(run, cfg, ids, names, (tau, alpha, correction), max_sample_pixels)
-    if cfg.dataset.hierarchy is not None:
-        written += write_levels(run, cfg, ids, (tau, alpha, correction))
     shown = {"tau": tau, "alpha": alpha, "correction": correction, "radii": [float(r) for r in radii]}
     written.append(write_file(run, json.dumps(shown, indent=1).encode(), "plots.json"))
     run.record_plotted()  # last: plots/ now shows what metrics/ holds
     return written
 
 
-def _write_procedure_curve(
-    run: RunDir, cfg: JobConfig, radii: Sequence[float], alpha: float, correction: str
-) -> list[str]:
-    """``procedures_vs_radius.png`` and ``.csv`` from the votes (one chunked pass, every radius)."""
-    curve = curves.procedure_curve(run, radii, cfg.certify.procedures, alpha=alpha, correction=correction)
+def _write_procedure_curve(run: RunDir, curve: pd.DataFrame, alpha: float, correction: str) -> list[str]:
+    """``procedures_vs_radius.png`` and ``.csv`` (``curves.procedure_curve``'s frame)."""
     csv = write_file(run, curve.to_csv(index=False, float_format="%.6g").encode(), "procedures_vs_radius.csv")
     fig = plot_procedures_vs_radius(curve, alpha=alpha, correction=correction)
     return [csv, save_figure(fig, run, "procedures_vs_radius.png")]
