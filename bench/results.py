@@ -21,7 +21,8 @@ Steps, each in a fresh process (its peak RSS its own), in this order:
 Per step: wall seconds, peak RSS (``ru_maxrss``) and the ratio of its wall time to its I/O floor: one plain
 ``pyarrow.parquet.read_table`` of the vote columns that the step needs (also in a fresh process). With
 ``--before REV`` the ``plots`` and ``sweep`` steps also run on the package at git revision REV (a temporary
-worktree), side by side, where they load every vote row into memory.
+worktree), side by side on the same files (04bf494: they load every vote row into memory; c36d5c8: they stream,
+but certify every hierarchical point with a pass over the pixels).
 
 Run: ``python bench/results.py --images 10`` (``--quick``: 2 images of 64 x 128, every step in this process,
 a smoke run).
@@ -30,6 +31,7 @@ a smoke run).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -160,7 +162,8 @@ def step(name: str, out: str, before: bool) -> float:
     elif name == "plots":
         plots.write_plots(out, engine="local")
     elif name == "sweep":
-        source = analysis.load_votes(out) if before else out  # the former code path took a frame only
+        takes_frame = "votes_frame" in inspect.signature(analysis.sweep_thresholds).parameters  # 04bf494
+        source = analysis.load_votes(out) if before and takes_frame else out
         analysis.sweep_thresholds(source, CANDIDATES, hierarchy=TREE, tau=0.75, alpha=0.001)
     elif name == "report":
         report.write_report(out)
