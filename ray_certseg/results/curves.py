@@ -285,9 +285,9 @@ def radius_curves(
         return pooled.merge(keys, on=["procedure", "params"], how="inner")
 
     accuracy = _accuracy_table(rows_of(["segcertify"]), r)
-    return accuracy, _procedure_table(rows_of(open_tau), r) if open_tau else pd.DataFrame(
-        columns=PROCEDURE_CURVE_COLUMNS
-    )
+    if not open_tau:
+        return accuracy, pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
+    return accuracy, _procedure_table(rows_of(open_tau), r)
 
 
 def _open_tau(procedures: Sequence[Any]) -> list[Any]:
