@@ -247,13 +247,17 @@ def procedure_curve(
 
     Returns:
         Columns :data:`PROCEDURE_CURVE_COLUMNS`."""
-    r = check_radii(radii)
-    open_tau = _open_tau(procedures)
-    if not open_tau:
+    if not _open_tau(procedures):
         return pd.DataFrame(columns=PROCEDURE_CURVE_COLUMNS)
-    source = source_of(votes_source, storage_options)
-    pooled = _pooled_curve(source, CurveRecords(r, float(alpha), correction, open_tau), engine)
-    return _procedure_table(pooled, r)
+    return radius_curves(
+        votes_source,
+        radii,
+        procedures,
+        alpha=alpha,
+        correction=correction,
+        storage_options=storage_options,
+        engine=engine,
+    )[1]
 
 
 def radius_curves(
