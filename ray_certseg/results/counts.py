@@ -103,7 +103,6 @@ class HierarchicalCounts:
                 f"vote row {rec.image_id} has {C} classes, hierarchy {tree.name!r} {tree.num_classes}"
             )
         self.tree, self.n, self.n0, self.num_classes = tree, n, n0, C
-        self.widths = [len(names) for names in tree.names]
         label = np.asarray(rec.label).reshape(-1)
         margin = np.asarray(rec.margin).reshape(-1)
         if margin.size and (int(margin.min()) < 0 or int(margin.max()) > n0):
@@ -117,7 +116,7 @@ class HierarchicalCounts:
         nodes = [np.asarray(rec.c_hat), *np.asarray(rec.c_hat_levels)]
         ks = [np.asarray(rec.k), *np.asarray(rec.k_levels)]
         self.counts = []
-        for width, c_l, k_l in zip(self.widths, nodes, ks):
+        for width, c_l, k_l in zip((len(names) for names in tree.names), nodes, ks):
             c_l, k_l = c_l.reshape(-1), k_l.reshape(-1)
             certify.check_votes(c_l, k_l, n=n, num_classes=width)
             key = base * width
@@ -128,7 +127,7 @@ class HierarchicalCounts:
             self.counts.append(np.bincount(key, minlength=int(np.prod(shape))).reshape(shape))
         self.num_pixels = int(label.size)
         self.labelled = self.counts[0][:, :C].sum(axis=(0, 2, 3))  # per true class
-        self._by_level: dict[bytes, list[np.ndarray]] = {}
+        self._by_level: dict[bytes, _Levels] = {}
 
     @staticmethod
     def fits(rec: votes.VoteRecord, tree: class_tree.Hierarchy) -> bool:
@@ -139,8 +138,8 @@ class HierarchicalCounts:
     def stats(self, p: HierarchicalParams) -> HierarchicalStats:
         """The record of ``certify_hierarchical(rec, p)``'s map, from the histograms."""
         C, (node, sizes) = self.num_classes, self.tree.tables
-        by_level = self._level_counts(choose_level(np.arange(self.n0 + 1), self.n0, p.thresholds))
-        histogram = sum(a.sum(axis=(0, 1)) for a in by_level)
+        levels_of = self._levels(choose_level(np.arange(self.n0 + 1), self.n0, p.thresholds))
+        by_level, histogram = levels_of.counts, levels_of.histogram
         reject = certify.reject_by_votes(
             histogram, n=self.n, tau=p.tau, alpha=p.alpha, correction=p.correction
         ).astype(np.int64)
@@ -159,7 +158,7 @@ class HierarchicalCounts:
             num_labelled=int(self.labelled.sum()),
             num_correct=int(level_correct.sum()),
             info_gain=info_gain(gained, sizes, C),
-            pixels=np.array([a[:C].sum() for a in by_level], dtype=np.int64),
+            pixels=levels_of.pixels,
             certified=level_certified,
             wrong=level_certified - level_correct,
         )
@@ -167,12 +166,26 @@ class HierarchicalCounts:
         fine = ImageStats(confusion, self.num_pixels, self.num_pixels - fine_certified)
         return HierarchicalStats(fine, levels, num_certified)
 
-    def _level_counts(self, level_of: np.ndarray) -> list[np.ndarray]:
-        """A_l for every level l, given lambda(m) for m = 0..n0 (kept: a curve's taus share the thresholds)."""
+    def _levels(self, level_of: np.ndarray) -> _Levels:
+        """A_l, h and the labelled pixels per level, given lambda(m) for m = 0..n0; kept, as a curve's taus
+        share the thresholds."""
         key = level_of.tobytes()
         if key not in self._by_level:
-            self._by_level[key] = [h[level_of == lv].sum(axis=0) for lv, h in enumerate(self.counts)]
+            counts = [h[level_of == lv].sum(axis=0) for lv, h in enumerate(self.counts)]
+            histogram = sum(a.sum(axis=(0, 1)) for a in counts)
+            pixels = np.array([a[: self.num_classes].sum() for a in counts], dtype=np.int64)
+            self._by_level[key] = _Levels(counts, histogram, pixels)
         return self._by_level[key]
+
+
+@dataclass(frozen=True, eq=False)
+class _Levels:
+    """What a level assignment lambda fixes, whatever tau, alpha and correction: A_l per level, the family's
+    vote histogram h and the labelled pixels per level."""
+
+    counts: list[np.ndarray]
+    histogram: np.ndarray
+    pixels: np.ndarray
 
 
 class RowCounts:

@@ -176,8 +176,7 @@ def certified_accuracy_curve(
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise ValueError(f"alpha must be a family-wise error level in (0, 1), got {alpha!r}")
     source = source_of(votes_source, storage_options)
-    pooled = _pooled_curve(source, CurveRecords(r, float(alpha), correction), engine)
-    curve = _accuracy_table(pooled, r)
+    curve = radius_curves(source, r, [], alpha=float(alpha), correction=correction, engine=engine)[0]
     return curve if per_sigma else envelope(curve, r, _groups(source))
 
 
